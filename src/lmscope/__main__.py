@@ -1,0 +1,3 @@
+from lmscope.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""``LM``: a loaded model with the verbs users call (``trace``, ``generate``, ``load_trace``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from lmscope._output import Output
+from lmscope.capture import (
+    check_length,
+    encode,
+    generate_ids,
+    model_info,
+    trace_ids,
+)
+from lmscope.capture import load_trace as read_trace
+from lmscope.errors import LmscopeError
+from lmscope.models import LoadedModel, Unembed, load_model
+
+__all__ = ["LM", "from_pretrained", "load_trace", "wrap"]
+
+Sites = Iterable[str] | str | None
+Layers = Iterable[int] | int | slice | None
+
+
+class LM:
+    """A model and its tokenizer, ready to trace.
+
+    ``max_tokens`` caps input length beyond the model's own context (the web app sets it).
+    """
+
+    def __init__(self, loaded: LoadedModel, max_tokens: int | None = None):
+        self.loaded = loaded
+        self.max_tokens = max_tokens
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def arch(self) -> Any:
+        return self.loaded.arch
+
+    @cached_property
+    def unembed(self) -> Unembed:
+        return Unembed.from_model(self.loaded)
+
+    def __repr__(self) -> str:
+        arch = self.arch
+        return (
+            f"LM({self.name!r}, family={arch.family.name}, layers={arch.n_layers}, "
+            f"heads={arch.n_heads}/{arch.n_kv_heads}, d_model={arch.d_model}, "
+            f"device={self.loaded.device}, dtype={str(self.loaded.dtype).removeprefix('torch.')})"
+        )
+
+    def encode(self, text: str | Sequence[int]) -> torch.Tensor:
+        """Token ids ``[pos]`` of a text (or given ids), checked for emptiness and length."""
+        if isinstance(text, str):
+            return encode(self.loaded, text, self.max_tokens)
+        ids = torch.as_tensor(list(text), dtype=torch.long)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise LmscopeError("token ids must be a non-empty flat sequence of integers")
+        vocab = int(self.model.config.vocab_size)
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise LmscopeError(f"token ids must lie in 0..{vocab - 1}")
+        check_length(self.loaded, len(ids), self.max_tokens)
+        return ids
+
+    def trace(self, text: str | Sequence[int], *, sites: Sites = None, layers: Layers = None) -> Output:
+        """One forward pass over ``text`` with capture; no generation."""
+        ids = self.encode(text)
+        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers), self)
+
+    def generate(
+        self,
+        text: str | Sequence[int],
+        generate: int = 1,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        sites: Sites = None,
+        layers: Layers = None,
+    ) -> Output:
+        """Generate ``generate`` tokens after ``text`` (Ecco's signature), then trace the whole sequence."""
+        ids = self.encode(text)
+        if self.max_tokens is not None:
+            check_length(self.loaded, len(ids) + generate, self.max_tokens)
+        full = generate_ids(
+            self.loaded,
+            ids,
+            generate=generate,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers), self)
+
+    def load_trace(self, path: str | os.PathLike[str]) -> Output:
+        """A saved trace, checked to come from this model, with the model attached."""
+        trace = read_trace(path)
+        mismatch = model_info(self.loaded).mismatch(trace.model)
+        if mismatch:
+            raise LmscopeError(
+                f"{path} was traced with {trace.model.name!r}, not {self.name!r} ({mismatch}): "
+                "load it with that model, or without a model"
+            )
+        return Output(trace, self)
+
+
+def from_pretrained(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    max_tokens: int | None = None,
+    **kwargs: Any,
+) -> LM:
+    """Load a model for lmscope.
+
+    ``name`` is one of: nothing (the embedded SmolLM2-135M-Instruct), ``"minilm-l6"``,
+    ``"tiny-<family>"`` (seeded random models), a local model directory, a ``.gguf`` file, or a
+    Hugging Face id. ``dtype``, ``device`` and ``device_map`` pass through to transformers;
+    ``trust_remote_code`` stays off unless asked for here.
+    """
+    loaded = load_model(
+        name,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    return LM(loaded, max_tokens=max_tokens)
+
+
+def wrap(model: Any, tokenizer: Any, name: str | None = None, max_tokens: int | None = None) -> LM:
+    """An ``LM`` around a model object the caller already has (the model is not modified)."""
+    from lmscope.models import architecture_of
+
+    label = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+    model.eval()
+    return LM(LoadedModel(label, model, tokenizer, architecture_of(model)), max_tokens=max_tokens)
+
+
+def load_trace(path: str | os.PathLike[str]) -> Output:
+    """A saved trace without a model: analyses that need only captured tensors work on it."""
+    return Output(read_trace(path))

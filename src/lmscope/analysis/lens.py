@@ -1,0 +1,89 @@
+"""Logit lens: what the residual stream would predict if the model stopped at a layer.
+
+nostalgebraist (2020), "interpreting GPT: the logit lens": project a residual state ``h`` through
+the model's final norm and unembedding, ``p = softmax(W_U · final_norm(h))``. Ecco calls this
+``layer_predictions``. Applied to the last block's output it is exactly the model's own
+next-token distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmscope.analysis._result import Result
+from lmscope.capture import Trace
+from lmscope.errors import LmscopeError
+from lmscope.models import Unembed
+
+__all__ = ["LayerPredictions", "layer_predictions", "lens_logits"]
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+@dataclass(frozen=True)
+class LayerPredictions(Result):
+    """Top-k next-token predictions of the logit lens at one position, one row per layer.
+
+    ``tokens[i][j]`` and ``probs[i, j]`` are the ``j``-th most likely token after ``layers[i]``.
+    """
+
+    _view = "lmscope.views.lens"
+
+    position: int
+    site: str
+    norm: bool
+    layers: tuple[int, ...]
+    tokens: tuple[tuple[str, ...], ...]  # [layer][k]
+    token_ids: np.ndarray  # [layer, k]
+    probs: np.ndarray  # [layer, k]
+    input_tokens: tuple[str, ...]
+
+
+def lens_logits(
+    trace: Trace,
+    unembed: Unembed,
+    site: str = "resid_post",
+    position: int | slice = slice(None),
+    norm: bool = True,
+) -> torch.Tensor:
+    """Lens logits ``[layer, ..., vocab]`` (float32) of ``site`` at ``position`` for every captured layer."""
+    if site not in RESIDUAL_SITES:
+        raise LmscopeError(f"the logit lens reads residual states: site must be one of {', '.join(RESIDUAL_SITES)}")
+    hidden = trace.get(site)[:, position]  # [layer, (pos,) d_model]
+    return unembed(hidden, norm=norm)
+
+
+def layer_predictions(
+    trace: Trace,
+    unembed: Unembed,
+    position: int = -1,
+    layer: int | None = None,
+    topk: int = 10,
+    norm: bool = True,
+    site: str = "resid_post",
+) -> LayerPredictions:
+    """Top-``topk`` lens predictions at ``position`` after every captured layer (or one ``layer``)."""
+    pos = trace.position(position)
+    if topk < 1:
+        raise LmscopeError(f"topk must be at least 1, not {topk}")
+    logits = lens_logits(trace, unembed, site, pos, norm)  # [layer, vocab]
+    layers = trace.layers
+    if layer is not None:
+        index = trace.layer_index(layer)
+        logits, layers = logits[index : index + 1], (trace.layers[index],)
+    probs = torch.softmax(logits, dim=-1)
+    top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    ids = top.indices.cpu().numpy()
+    return LayerPredictions(
+        position=pos,
+        site=site,
+        norm=norm,
+        layers=tuple(layers),
+        tokens=tuple(unembed.token_strings(row) for row in ids),
+        token_ids=ids,
+        probs=top.values.cpu().numpy(),
+        input_tokens=trace.tokens,
+    )

@@ -1,0 +1,32 @@
+"""Run a model with scoped hooks and record a :class:`Trace` (axis vocabulary in ``Trace``'s module)."""
+
+from lmscope.capture._hooks import Recorder, recording, resolve_layers, resolve_sites
+from lmscope.capture._run import (
+    check_length,
+    context_length,
+    encode,
+    generate_ids,
+    model_info,
+    token_strings,
+    trace_ids,
+)
+from lmscope.capture._trace import ALL_SITES, DEFAULT_SITES, ModelInfo, Trace, load_trace
+
+__all__ = [
+    "ALL_SITES",
+    "DEFAULT_SITES",
+    "ModelInfo",
+    "Recorder",
+    "Trace",
+    "check_length",
+    "context_length",
+    "encode",
+    "generate_ids",
+    "load_trace",
+    "model_info",
+    "recording",
+    "resolve_layers",
+    "resolve_sites",
+    "token_strings",
+    "trace_ids",
+]

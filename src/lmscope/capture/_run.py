@@ -1,0 +1,144 @@
+"""Running a model with capture: one traced forward pass, or generation then one traced pass.
+
+Generation uses the model's KV cache (Hugging Face ``generate``) and captures nothing; the whole
+sequence, prompt and generated tokens, is then run once under capture, so every token, the last
+generated one included, has its internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from lmscope.capture._hooks import recording, resolve_layers, resolve_sites
+from lmscope.capture._trace import DEFAULT_SITES, ModelInfo, Trace
+from lmscope.errors import LmscopeError
+from lmscope.models import LoadedModel
+
+__all__ = [
+    "check_length",
+    "context_length",
+    "encode",
+    "generate_ids",
+    "model_info",
+    "token_strings",
+    "trace_ids",
+]
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """The longest input the model accepts, if its config says."""
+    config = lm.model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa reserves positions for padding_idx + 1.
+            return value - 2 if config.model_type in ("roberta", "xlm-roberta") else value
+    return None
+
+
+def encode(lm: LoadedModel, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``[pos]`` for ``text``, with the tokenizer's special tokens, checked for length."""
+    if not isinstance(text, str):
+        raise LmscopeError(f"text must be a string, not {type(text).__name__}")
+    if not text.strip():
+        raise LmscopeError("the text is empty: give some text to run the model on")
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    check_length(lm, len(ids), max_tokens)
+    return ids
+
+
+def check_length(lm: LoadedModel, n: int, max_tokens: int | None = None) -> None:
+    limit = context_length(lm)
+    if limit is not None and n > limit:
+        raise LmscopeError(f"the text is {n} tokens, more than {lm.name}'s context of {limit}: shorten it")
+    if max_tokens is not None and n > max_tokens:
+        raise LmscopeError(f"the text is {n} tokens, more than the limit of {max_tokens}: shorten it")
+
+
+def token_strings(lm: LoadedModel, ids: Iterable[int]) -> tuple[str, ...]:
+    """Each token decoded on its own, as Ecco shows them (`` keys``, not ``Ġkeys``)."""
+    return tuple(lm.tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False))
+
+
+def model_info(lm: LoadedModel) -> ModelInfo:
+    arch = lm.arch
+    return ModelInfo(
+        name=lm.name,
+        model_type=lm.model.config.model_type,
+        family=arch.family.name,
+        n_layers=arch.n_layers,
+        n_heads=arch.n_heads,
+        n_kv_heads=arch.n_kv_heads,
+        d_model=arch.d_model,
+        d_head=arch.d_head,
+        vocab_size=int(lm.model.config.vocab_size),
+        parallel=arch.parallel,
+        post_norm=arch.family.post_norm,
+        dtype=str(lm.dtype).removeprefix("torch."),
+    )
+
+
+@torch.no_grad()
+def trace_ids(
+    lm: LoadedModel,
+    ids: torch.Tensor,  # [pos]
+    *,
+    n_input: int | None = None,
+    sites: Iterable[str] | str | None = None,
+    layers: Iterable[int] | int | slice | None = None,
+) -> Trace:
+    """One forward pass over ``ids`` under capture."""
+    if ids.ndim != 1 or len(ids) == 0:
+        raise LmscopeError("expected a non-empty 1-D sequence of token ids")
+    chosen_sites = resolve_sites(sites, DEFAULT_SITES)
+    chosen_layers = resolve_layers(layers, lm.arch.n_layers)
+    batch = ids[None].to(lm.device)  # [batch=1, pos]
+    with recording(lm, chosen_sites, chosen_layers) as recorder:
+        output = lm.model(input_ids=batch, use_cache=False)
+    logits = getattr(output, "logits", None)  # None for models without an LM head
+    tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
+    if logits is not None:
+        tensors["logits"] = logits[0]  # [pos, vocab]
+    return Trace(
+        token_ids=ids.cpu(),
+        tokens=token_strings(lm, ids.tolist()),
+        n_input=len(ids) if n_input is None else n_input,
+        model=model_info(lm),
+        layers=chosen_layers,
+        tensors=tensors,
+    )
+
+
+@torch.no_grad()
+def generate_ids(
+    lm: LoadedModel,
+    ids: torch.Tensor,  # [pos]
+    *,
+    generate: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:  # [pos + new]
+    """Extend ``ids`` by up to ``generate`` tokens with the model's KV-cached generation."""
+    if lm.arch.lm_head is None or not lm.model.can_generate():
+        raise LmscopeError(f"{lm.name} cannot generate text: use trace() for a forward pass")
+    if generate < 1:
+        raise LmscopeError(f"generate must be at least 1, not {generate}")
+    check_length(lm, len(ids) + generate)
+    from transformers import GenerationConfig
+
+    tokenizer = lm.tokenizer
+    settings = dict(max_new_tokens=generate, do_sample=do_sample, num_beams=1)
+    if do_sample:
+        settings.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(**settings, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    if seed is not None:
+        torch.manual_seed(seed)
+    batch = ids[None].to(lm.device)
+    out = lm.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=config)
+    return out[0].cpu()

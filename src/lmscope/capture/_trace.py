@@ -1,0 +1,211 @@
+"""The Trace: one record of a model run behind every analysis and view.
+
+Axis vocabulary, used in shape comments and in saved tensor names::
+
+    layer     a Transformer block (the captured ones, in ``Trace.layers`` order)
+    pos       a token position in the sequence (prompt, then generated tokens)
+    head      a query head
+    kv_head   a key/value head (fewer than ``head`` under grouped-query attention)
+    d_model   the residual stream
+    d_head    one head's query/key/value dimension
+    neuron    an MLP hidden unit (the input of the MLP's output projection)
+    vocab     the tokenizer's vocabulary
+
+Sites and their shapes (per captured layer; stacked over layers in the Trace)::
+
+    resid_pre, resid_mid, resid_post   [layer, pos, d_model]
+    attn_out, mlp_out                  [layer, pos, d_model]
+    attn_probs                         [layer, head, pos_q, pos_k]
+    q                                  [layer, pos, head, d_head]   (after rotary embedding)
+    k, v                               [layer, pos, kv_head, d_head] (k after rotary embedding)
+    mlp_act                            [layer, pos, neuron]
+    logits                             [pos, vocab]                 (not per layer)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from lmscope.errors import LmscopeError
+
+__all__ = ["ALL_SITES", "DEFAULT_SITES", "ModelInfo", "Trace", "load_trace"]
+
+DEFAULT_SITES: tuple[str, ...] = (
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "attn_probs",
+    "v",
+    "mlp_act",
+)
+ALL_SITES: tuple[str, ...] = (*DEFAULT_SITES, "q", "k")
+
+_FORMAT = "lmscope-trace"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a Trace needs to know about the model that produced it."""
+
+    name: str
+    model_type: str
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    vocab_size: int
+    parallel: bool
+    post_norm: bool
+    dtype: str
+
+    def mismatch(self, other: ModelInfo) -> str | None:
+        """A description of how ``other`` differs in ways that matter, or ``None``."""
+        keys = ("model_type", "n_layers", "n_heads", "d_model", "vocab_size")
+        diffs = [
+            f"{k} {getattr(self, k)} vs {getattr(other, k)}" for k in keys if getattr(self, k) != getattr(other, k)
+        ]
+        return ", ".join(diffs) or None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Token ids and strings, model identity, and captured tensors of one run.
+
+    ``tensors`` maps a site name (see the module docstring) to a tensor whose first axis runs
+    over ``layers``; ``logits`` is ``[pos, vocab]``. Tensors stay on the device they were
+    captured on; :meth:`save` moves copies to the CPU.
+    """
+
+    token_ids: torch.Tensor  # [pos]
+    tokens: tuple[str, ...]
+    n_input: int
+    model: ModelInfo
+    layers: tuple[int, ...]
+    tensors: Mapping[str, torch.Tensor] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(s for s in self.tensors if s != "logits")
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.get("logits")
+
+    def get(self, site: str) -> torch.Tensor:
+        """The tensor of ``site`` over all captured layers, or a clear error if not captured."""
+        if site not in self.tensors:
+            captured = ", ".join(self.tensors) or "nothing"
+            raise LmscopeError(
+                f"this trace did not capture {site!r} (it has {captured}): trace again with sites including {site!r}"
+            )
+        return self.tensors[site]
+
+    def layer_index(self, layer: int) -> int:
+        """Index into the stacked layer axis for model layer ``layer`` (negative counts back)."""
+        if layer < 0:
+            layer += self.model.n_layers
+        if layer not in self.layers:
+            raise LmscopeError(
+                f"layer {layer} is out of range or was not captured "
+                f"(captured layers: {_ranges(self.layers)} of {self.model.n_layers})"
+            )
+        return self.layers.index(layer)
+
+    def at(self, site: str, layer: int) -> torch.Tensor:
+        """One layer of a site: ``trace.at("resid_post", 3)`` is ``[pos, d_model]``."""
+        return self.get(site)[self.layer_index(layer)]
+
+    def position(self, position: int) -> int:
+        """A position made non-negative and checked against the sequence."""
+        n = self.n_pos
+        if not -n <= position < n:
+            raise LmscopeError(f"position {position} is out of range for {n} tokens (use 0..{n - 1} or -1)")
+        return position % n
+
+    def nbytes(self) -> int:
+        """Memory held by the captured tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file: the tensors, plus JSON metadata with tokens and model info."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
+        tensors["token_ids"] = self.token_ids.detach().cpu().contiguous()
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "tokens": list(self.tokens),
+            "n_input": self.n_input,
+            "layers": list(self.layers),
+            "model": asdict(self.model),
+        }
+        save_file(tensors, str(path), metadata={"lmscope": json.dumps(meta)})
+        return path
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a Trace written by :meth:`Trace.save`, without the model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmscopeError(f"trace file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("lmscope")
+            if raw is None:
+                raise LmscopeError(f"{path} is a safetensors file but not an lmscope trace")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except LmscopeError:
+        raise
+    except Exception as error:  # safetensors reports corruption with several error types
+        raise LmscopeError(f"{path} is not a readable lmscope trace file ({error})") from error
+    try:
+        meta: dict[str, Any] = json.loads(raw)
+        if meta.get("format") != _FORMAT:
+            raise ValueError("wrong format marker")
+        if meta.get("version", 0) > _VERSION:
+            raise LmscopeError(f"{path} was written by a newer lmscope (trace format {meta['version']})")
+        token_ids = tensors.pop("token_ids")
+        return Trace(
+            token_ids=token_ids,
+            tokens=tuple(meta["tokens"]),
+            n_input=int(meta["n_input"]),
+            model=ModelInfo(**meta["model"]),
+            layers=tuple(meta["layers"]),
+            tensors=tensors,
+        )
+    except LmscopeError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise LmscopeError(f"{path} has damaged lmscope metadata ({error})") from error
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    if not values:
+        return "none"
+    if list(values) == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
