@@ -38,3 +38,6 @@ def any_family(request: pytest.FixtureRequest) -> lmscope.LM:
 @pytest.fixture(params=CAUSAL_FAMILIES)
 def causal_family(request: pytest.FixtureRequest) -> lmscope.LM:
     return tiny(request.param)
+
+
+from browser import browser  # noqa: E402, F401  (session fixture: headless Chromium)

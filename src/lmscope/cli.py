@@ -41,6 +41,12 @@ def _emit(result: Any, args: argparse.Namespace) -> None:
         print(result)
 
 
+def _add_models(commands: Any) -> None:
+    parser = commands.add_parser("models", help="list embedded and tiny models")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=_cmd_models)
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from lmscope import available_models
 
@@ -53,6 +59,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name.ljust(width)}  {description}")
 
 
+def _add_lens(commands: Any) -> None:
+    parser = commands.add_parser("lens", help="logit lens: top tokens after every layer at a position")
+    parser.add_argument("text")
+    parser.add_argument("--position", type=int, default=-1)
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--no-norm", action="store_true", help="skip the final norm before unembedding")
+    _model_args(parser)
+    _output_args(parser)
+    parser.set_defaults(run=_cmd_lens)
+
+
 def _cmd_lens(args: argparse.Namespace) -> None:
     lm = _load(args)
     out = lm.trace(args.text, sites=["resid_post"])
@@ -60,23 +78,18 @@ def _cmd_lens(args: argparse.Namespace) -> None:
     _emit(result, args)
 
 
+# One entry per subcommand, in the order `lmscope --help` lists them.
+_COMMANDS: tuple[Callable[[Any], None], ...] = (
+    _add_models,
+    _add_lens,
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmscope", description="See inside Transformer language models.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    models = commands.add_parser("models", help="list embedded and tiny models")
-    models.add_argument("--json", action="store_true")
-    models.set_defaults(run=_cmd_models)
-
-    lens = commands.add_parser("lens", help="logit lens: top tokens after every layer at a position")
-    lens.add_argument("text")
-    lens.add_argument("--position", type=int, default=-1)
-    lens.add_argument("--layer", type=int, default=None)
-    lens.add_argument("--topk", type=int, default=5)
-    lens.add_argument("--no-norm", action="store_true", help="skip the final norm before unembedding")
-    _model_args(lens)
-    _output_args(lens)
-    lens.set_defaults(run=_cmd_lens)
+    for add in _COMMANDS:
+        add(commands)
     return parser
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 
+from lmscope.views._html import asset, fragment, json_for_script
 from lmscope.views._text import percent, table, visible
 
-__all__ = ["page", "percent", "table", "visible"]
+__all__ = ["asset", "fragment", "json_for_script", "page", "percent", "table", "visible"]
 
 
 def page(body: str, title: str = "lmscope") -> str:

@@ -1,0 +1,73 @@
+/* lmscope: shared view runtime. Views register render functions in window.lmscope.views;
+   mount() reads a fragment's JSON data and calls its view. Text reaches the DOM only through
+   textContent, never innerHTML, so token strings can never become markup. */
+(function () {
+  "use strict";
+  var lms = (window.lmscope = window.lmscope || {});
+  lms.views = lms.views || {};
+  if (lms.version) { return; }
+  lms.version = 1;
+
+  var WS = { " ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d" };
+
+  /** A token with whitespace made visible (· for spaces, ↵ for newlines). */
+  lms.visible = function (token) {
+    if (token === "") { return "\u2205"; }
+    var out = "";
+    for (var i = 0; i < token.length; i++) { var c = token[i]; out += WS[c] || c; }
+    return out;
+  };
+
+  /** Create an element; attrs is an object of attributes, text (optional) becomes a text node. */
+  lms.el = function (tag, attrs, text) {
+    var node = document.createElement(tag);
+    if (attrs) {
+      Object.keys(attrs).forEach(function (k) {
+        if (k === "style" && typeof attrs[k] === "object") { Object.assign(node.style, attrs[k]); }
+        else if (k === "className") { node.className = attrs[k]; }
+        else { node.setAttribute(k, attrs[k]); }
+      });
+    }
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  };
+
+  /** An SVG element (attributes set with setAttribute). */
+  lms.svg = function (tag, attrs) {
+    var node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  };
+
+  /** A token chip: visible whitespace, the raw string in the tooltip. */
+  lms.token = function (token, extraClass) {
+    var chip = lms.el("span", { className: "lms-token" + (extraClass ? " " + extraClass : "") }, lms.visible(token));
+    chip.title = JSON.stringify(token);
+    return chip;
+  };
+
+  /** Probability as a percentage; below 0.01% shows "<0.01%", never 0. */
+  lms.percent = function (p) {
+    if (p !== p || p === null) { return "nan"; }
+    if (p < 1e-4) { return "<0.01%"; }
+    return (100 * p).toFixed(2) + "%";
+  };
+
+  /** rgba() of a base "r, g, b" triple with alpha in [0, 1]. */
+  lms.rgba = function (rgb, alpha) {
+    return "rgba(" + rgb + ", " + Math.max(0, Math.min(1, alpha)).toFixed(3) + ")";
+  };
+
+  /** Render the fragment with id uid using view name. */
+  lms.mount = function (uid, view) {
+    var root = document.getElementById(uid);
+    if (!root || root.getAttribute("data-mounted")) { return; }
+    var data = JSON.parse(root.querySelector("script.lmscope-data").textContent);
+    var render = lms.views[view];
+    if (!render) { throw new Error("lmscope: no view named " + view); }
+    var body = lms.el("div", { className: "lms-body" });
+    root.appendChild(body);
+    render(body, data, root);
+    root.setAttribute("data-mounted", "1");
+  };
+})();
