@@ -13,6 +13,7 @@ from lmscope._output import Output
 from lmscope.capture import (
     check_length,
     encode,
+    encode_pair,
     generate_ids,
     model_info,
     trace_ids,
@@ -65,8 +66,14 @@ class LM:
             f"device={self.loaded.device}, dtype={str(self.loaded.dtype).removeprefix('torch.')})"
         )
 
-    def encode(self, text: str | Sequence[int]) -> torch.Tensor:
-        """Token ids ``[pos]`` of a text (or given ids), checked for emptiness and length."""
+    def encode(self, text: str | Sequence[int], text_pair: str | None = None) -> torch.Tensor:
+        """Token ids ``[pos]`` of a text (or given ids), checked for emptiness and length.
+
+        ``text_pair`` joins a second text as the tokenizer does for sentence pairs (BERT's
+        ``[CLS] A [SEP] B [SEP]``).
+        """
+        if text_pair is not None:
+            return encode_pair(self.loaded, text, text_pair, self.max_tokens)[0]
         if isinstance(text, str):
             return encode(self.loaded, text, self.max_tokens)
         ids = torch.as_tensor(list(text), dtype=torch.long)
@@ -78,10 +85,25 @@ class LM:
         check_length(self.loaded, len(ids), self.max_tokens)
         return ids
 
-    def trace(self, text: str | Sequence[int], *, sites: Sites = None, layers: Layers = None) -> Output:
-        """One forward pass over ``text`` with capture; no generation."""
-        ids = self.encode(text)
-        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers), self)
+    def trace(
+        self,
+        text: str | Sequence[int],
+        *,
+        text_pair: str | None = None,
+        sites: Sites = None,
+        layers: Layers = None,
+    ) -> Output:
+        """One forward pass over ``text`` with capture; no generation.
+
+        ``text_pair``: a second text (sentence pairs, BERT's segment B); the Trace records where it
+        begins (``segment_b``) and models with segment embeddings get the matching token types.
+        """
+        segment_b = None
+        if text_pair is not None:
+            ids, segment_b = encode_pair(self.loaded, text, text_pair, self.max_tokens)
+        else:
+            ids = self.encode(text)
+        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b), self)
 
     def generate(
         self,

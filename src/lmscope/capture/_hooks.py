@@ -62,6 +62,8 @@ class Recorder:
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
         self._attn_layer = {id(lm.arch.attn(layer)): layer for layer in layers}
+        self.attn_scaling: dict[int, float] = {}  # the scaling the attention function applied
+        self.attn_softcap: dict[int, float | None] = {}
 
     def put(self, site: str, layer: int, tensor: torch.Tensor) -> None:
         if tensor.ndim == 2 and self.batch_pos is not None:
@@ -73,6 +75,9 @@ class Recorder:
         layer = self._attn_layer.get(id(module))
         if layer is None:
             return
+        scaling = kwargs.get("scaling")
+        self.attn_scaling[layer] = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        self.attn_softcap[layer] = kwargs.get("softcap") or None
         if "attn_probs" in self.sites:
             probs = attention_probs(module, query.detach(), key.detach(), mask, kwargs)
             self.put("attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos_q, pos_k]

@@ -20,6 +20,7 @@ __all__ = [
     "check_length",
     "context_length",
     "encode",
+    "encode_pair",
     "generate_ids",
     "model_info",
     "token_strings",
@@ -47,6 +48,24 @@ def encode(lm: LoadedModel, text: str, max_tokens: int | None = None) -> torch.T
     ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
     check_length(lm, len(ids), max_tokens)
     return ids
+
+
+def encode_pair(lm: LoadedModel, text: str, text_pair: str, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Token ids ``[pos]`` of a sentence pair as the tokenizer joins them, and where ``text_pair`` begins."""
+    for part in (text, text_pair):
+        if not isinstance(part, str) or not part.strip():
+            raise LmscopeError("both texts of a sentence pair must be non-empty strings")
+    encoding = lm.tokenizer(text, text_pair, return_tensors="pt")
+    ids = encoding["input_ids"][0]
+    check_length(lm, len(ids), max_tokens)
+    if encoding.get("token_type_ids") is not None and int(encoding["token_type_ids"].max()) > 0:
+        segment_b = int(encoding["token_type_ids"][0].argmax())
+    elif getattr(lm.tokenizer, "is_fast", False):
+        sequence = encoding.sequence_ids(0)
+        segment_b = sequence.index(1)
+    else:
+        raise LmscopeError(f"{lm.name}'s tokenizer does not say where the second text begins: use a fast tokenizer")
+    return ids, segment_b
 
 
 def check_length(lm: LoadedModel, n: int, max_tokens: int | None = None) -> None:
@@ -88,19 +107,29 @@ def trace_ids(
     n_input: int | None = None,
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | int | slice | None = None,
+    segment_b: int | None = None,
 ) -> Trace:
-    """One forward pass over ``ids`` under capture."""
+    """One forward pass over ``ids`` under capture.
+
+    ``segment_b`` is where the second text of a sentence pair begins (see :func:`encode_pair`);
+    models with segment embeddings get the matching ``token_type_ids``.
+    """
     if ids.ndim != 1 or len(ids) == 0:
         raise LmscopeError("expected a non-empty 1-D sequence of token ids")
     chosen_sites = resolve_sites(sites, DEFAULT_SITES)
     chosen_layers = resolve_layers(layers, lm.arch.n_layers)
     batch = ids[None].to(lm.device)  # [batch=1, pos]
+    extra = {}
+    if segment_b is not None and getattr(lm.model.config, "type_vocab_size", 0) > 1:
+        # BERT's segment embeddings: type 0 for [CLS] A [SEP], type 1 for B [SEP].
+        extra["token_type_ids"] = (torch.arange(len(ids), device=lm.device) >= segment_b).long()[None]
     with recording(lm, chosen_sites, chosen_layers) as recorder:
-        output = lm.model(input_ids=batch, use_cache=False)
+        output = lm.model(input_ids=batch, use_cache=False, **extra)
     logits = getattr(output, "logits", None)  # None for models without an LM head
     tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
     if logits is not None:
         tensors["logits"] = logits[0]  # [pos, vocab]
+    attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
     return Trace(
         token_ids=ids.cpu(),
         tokens=token_strings(lm, ids.tolist()),
@@ -108,6 +137,9 @@ def trace_ids(
         model=model_info(lm),
         layers=chosen_layers,
         tensors=tensors,
+        attn_scaling=tuple(recorder.attn_scaling[layer] for layer in attn),
+        attn_softcap=tuple(recorder.attn_softcap[layer] for layer in attn),
+        segment_b=segment_b,
     )
 
 

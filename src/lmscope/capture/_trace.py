@@ -95,6 +95,13 @@ class Trace:
     model: ModelInfo
     layers: tuple[int, ...]
     tensors: Mapping[str, torch.Tensor] = field(repr=False)
+    # The factor the attention function multiplied q·kᵀ by, per captured layer (empty when no
+    # attention site was captured): head_dim^-0.5 on most families, 1.0 where q comes pre-scaled (OPT).
+    attn_scaling: tuple[float, ...] = ()
+    # Logit soft-capping per captured layer (Gemma 2: tanh(s / c) · c), None where not used.
+    attn_softcap: tuple[float | None, ...] = ()
+    # Where the second text of a sentence pair (``text_pair``, BERT's segment B) begins, if any.
+    segment_b: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
@@ -160,6 +167,9 @@ class Trace:
             "n_input": self.n_input,
             "layers": list(self.layers),
             "model": asdict(self.model),
+            "attn_scaling": list(self.attn_scaling),
+            "attn_softcap": list(self.attn_softcap),
+            "segment_b": self.segment_b,
         }
         save_file(tensors, str(path), metadata={"lmscope": json.dumps(meta)})
         return path
@@ -196,6 +206,9 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
             model=ModelInfo(**meta["model"]),
             layers=tuple(meta["layers"]),
             tensors=tensors,
+            attn_scaling=tuple(meta.get("attn_scaling", ())),
+            attn_softcap=tuple(meta.get("attn_softcap", ())),
+            segment_b=meta.get("segment_b"),
         )
     except LmscopeError:
         raise
