@@ -40,6 +40,7 @@ class LayerPredictions(Result):
     token_ids: np.ndarray  # [layer, k]
     probs: np.ndarray  # [layer, k]
     input_tokens: tuple[str, ...]
+    n_input: int | None = None  # tokens before generated ones (None: all input)
 
 
 def lens_logits(
@@ -86,4 +87,5 @@ def layer_predictions(
         token_ids=ids,
         probs=top.values.cpu().numpy(),
         input_tokens=trace.tokens,
+        n_input=trace.n_input,
     )

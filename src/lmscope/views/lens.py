@@ -1,36 +1,49 @@
-"""Views of the logit lens (``LayerPredictions``)."""
+"""Views of the logit lens (``LayerPredictions``): one row per layer, the top tokens as boxes.
+
+As in Ecco's ``layer_predictions`` figure: each row is a layer, each box a predicted token with a
+bar showing its probability. Probabilities below 0.01% show as ``<0.01%``, never 0.
+"""
 
 from __future__ import annotations
 
-import html
+from typing import Any
 
 from lmscope.analysis.lens import LayerPredictions
+from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
 
-__all__ = ["to_html", "to_text"]
+__all__ = ["to_html", "to_text", "view_data"]
+
+
+def _title(result: LayerPredictions) -> str:
+    token = visible(result.input_tokens[result.position])
+    norm = "" if result.norm else ", no final norm"
+    return f"Logit lens at position {result.position} ({token!r}), {result.site}{norm}"
 
 
 def to_text(result: LayerPredictions) -> str:
-    token = visible(result.input_tokens[result.position])
-    norm = "" if result.norm else ", no final norm"
-    head = f"Logit lens at position {result.position} ({token!r}), {result.site}{norm}"
+    """The title, then one row per layer: the top tokens with their probabilities."""
     rows = [
         [str(layer), *(f"{visible(t)} {percent(p)}" for t, p in zip(toks, probs, strict=True))]
         for layer, toks, probs in zip(result.layers, result.tokens, result.probs, strict=True)
     ]
     k = result.probs.shape[1]
-    return head + "\n" + table(["layer", *(f"top {i + 1}" for i in range(k))], rows)
+    return _title(result) + "\n" + table(["layer", *(f"top {i + 1}" for i in range(k))], rows)
+
+
+def view_data(result: LayerPredictions) -> dict[str, Any]:
+    """The JSON the page's ``lens`` view draws (probabilities to 4 significant digits)."""
+    return {
+        "title": _title(result),
+        "input": list(result.input_tokens),
+        "n_input": len(result.input_tokens) if result.n_input is None else result.n_input,
+        "position": result.position,
+        "layers": list(result.layers),
+        "tokens": [list(row) for row in result.tokens],
+        "ids": result.token_ids.tolist(),
+        "probs": [[float(f"{p:.4g}") for p in row] for row in result.probs.tolist()],
+    }
 
 
 def to_html(result: LayerPredictions) -> str:
-    rows = "".join(
-        "<tr><th>{}</th>{}</tr>".format(
-            layer,
-            "".join(
-                f"<td>{html.escape(visible(t))} <small>{percent(p)}</small></td>"
-                for t, p in zip(toks, probs, strict=True)
-            ),
-        )
-        for layer, toks, probs in zip(result.layers, result.tokens, result.probs, strict=True)
-    )
-    return f'<table class="lmscope lmscope-lens">{rows}</table>'
+    return fragment("lens", view_data(result), scripts=("lens.js",), styles=("lens.css",), text=to_text(result))

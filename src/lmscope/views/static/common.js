@@ -58,6 +58,29 @@
     return "rgba(" + rgb + ", " + Math.max(0, Math.min(1, alpha)).toFixed(3) + ")";
   };
 
+  /** A theme colour from a CSS custom property on root (e.g. "--lms-cool" -> "31, 119, 180"). */
+  lms.cssVar = function (root, name, fallback) {
+    var value = root ? window.getComputedStyle(root).getPropertyValue(name).trim() : "";
+    return value || fallback;
+  };
+
+  /** A row of token chips for a sequence. opts: nInput (later tokens get "lms-generated"),
+      mark (positions to outline with "lms-mark"). Each chip's tooltip names its position. */
+  lms.tokenRow = function (tokens, opts) {
+    opts = opts || {};
+    var nInput = opts.nInput === undefined ? tokens.length : opts.nInput;
+    var mark = opts.mark || [];
+    var row = lms.el("div", { className: "lms-token-row" });
+    tokens.forEach(function (token, i) {
+      var cls = (i >= nInput ? "lms-generated" : "") + (mark.indexOf(i) >= 0 ? " lms-mark" : "");
+      var chip = lms.token(token, cls.trim());
+      chip.title = "position " + i + ": " + JSON.stringify(token);
+      chip.setAttribute("data-pos", String(i));
+      row.appendChild(chip);
+    });
+    return row;
+  };
+
   /** Render the fragment with id uid using view name. */
   lms.mount = function (uid, view) {
     var root = document.getElementById(uid);

@@ -1,0 +1,233 @@
+"""Rankings: where a token stands in the logit lens after every layer.
+
+Alammar (2021), "Finding the words to say: hidden state visualizations for language models"
+(Ecco's ``rankings`` and ``rankings_watch``). For a residual state ``h_l`` after layer ``l`` at a
+position, the logit lens gives ``z_l = W_U · final_norm(h_l)`` (see :mod:`lmscope.analysis.lens`),
+and the rank of token ``t`` is
+
+    rank_l(t) = 1 + #{v in vocab : z_l[v] > z_l[t]}        (rank 1 = the top prediction)
+
+Ranks are counted, never sorted: one comparison pass over the vocabulary per (layer, pos) row,
+instead of an ``O(vocab log vocab)`` sort. Rows are unembedded in chunks of about
+``CHUNK_ELEMENTS`` logits, so ``[layer, pos, vocab]`` is never held at once (a 128-token input on a
+30-layer, 49k-vocabulary model would be 755 MB of float32 logits). Chunks stay large because each
+one reads all of ``W_U``: small chunks would make the unembedding memory-bound.
+
+``rankings`` ranks each output token: in a causal LM the token at ``pos + 1`` among the
+predictions at ``pos`` (the generated tokens after ``generate``, every next token after a plain
+``trace``); in a masked LM the token at ``pos`` among the predictions at ``pos``.
+``rankings_watch`` ranks chosen tokens among the predictions at one position.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmscope.analysis._result import Result
+from lmscope.analysis.lens import RESIDUAL_SITES
+from lmscope.capture import Trace
+from lmscope.errors import LmscopeError
+from lmscope.models import Unembed
+
+__all__ = ["CHUNK_ELEMENTS", "Rankings", "RankingsWatch", "rank_rows", "rankings", "rankings_watch", "watch_token"]
+
+CHUNK_ELEMENTS = 24 * 2**20  # logits per unembedding chunk: 96 MB of float32 (512 rows of a 49k vocabulary)
+
+
+class _RankTable(Result):
+    """What both rank results share: ``ranks [layer, column]`` and a static figure."""
+
+    _view = "lmscope.views.rankings"
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A matplotlib ``Figure`` of the heatmap (log colour scale), for ``savefig`` as PNG or SVG."""
+        return self._view_module().plot(self, **kwargs)
+
+
+@dataclass(frozen=True)
+class Rankings(_RankTable):
+    """The rank of every output token after every layer.
+
+    ``columns[j]`` (id ``column_ids[j]``) is the token at sequence position ``targets[j]``, ranked
+    among the lens predictions at position ``positions[j]``; ``ranks[i, j]`` is its rank after
+    ``layers[i]`` (1 = top, ``vocab_size`` = bottom).
+    """
+
+    layers: tuple[int, ...]
+    columns: tuple[str, ...]
+    column_ids: np.ndarray  # [column]
+    positions: tuple[int, ...]  # [column] where the prediction is read
+    targets: tuple[int, ...]  # [column] where the ranked token sits
+    ranks: np.ndarray  # [layer, column]
+    input_tokens: tuple[str, ...]
+    n_input: int
+    vocab_size: int
+    site: str
+    norm: bool
+
+
+@dataclass(frozen=True)
+class RankingsWatch(_RankTable):
+    """The rank of chosen tokens among the lens predictions at one position, after every layer.
+
+    ``words`` are the words as asked; ``columns`` the tokens actually ranked (a word that is
+    several tokens is ranked by its first); ``ranks[i, j]`` is the rank of ``columns[j]`` after
+    ``layers[i]``.
+    """
+
+    position: int
+    words: tuple[str, ...]
+    layers: tuple[int, ...]
+    columns: tuple[str, ...]
+    column_ids: np.ndarray  # [column]
+    ranks: np.ndarray  # [layer, column]
+    input_tokens: tuple[str, ...]
+    n_input: int
+    vocab_size: int
+    site: str
+    norm: bool
+
+
+@torch.no_grad()
+def rank_rows(
+    hidden: torch.Tensor,  # [row, d_model]
+    targets: torch.Tensor,  # [row, column]
+    unembed: Unembed,
+    vocab_size: int,
+    norm: bool = True,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:  # [row, column] int64
+    """``1 + #{v : z[row, v] > z[row, targets[row, c]]}`` with ``z = unembed(hidden)``, chunked over rows."""
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab_size)
+    ranks = torch.empty(targets.shape, dtype=torch.long)
+    for start in range(0, hidden.shape[0], step):
+        logits = unembed(hidden[start : start + step], norm=norm)  # [row, vocab]
+        index = targets[start : start + step].to(logits.device)  # [row, column]
+        target = logits.gather(-1, index)  # [row, column]
+        for c in range(index.shape[1]):  # one [row, vocab] comparison at a time
+            above = (logits > target[:, c, None]).sum(-1, dtype=torch.int32)  # [row]
+            ranks[start : start + step, c] = above.cpu() + 1
+        del logits  # free this chunk before the next is allocated
+    return ranks
+
+
+def rankings(
+    trace: Trace,
+    unembed: Unembed,
+    site: str = "resid_post",
+    norm: bool = True,
+    next_token: bool = True,
+) -> Rankings:
+    """Rank of each output token after every captured layer.
+
+    Args:
+        next_token: the model predicts the next token (causal LM). ``False`` for a masked LM,
+            which predicts the token at the same position.
+    """
+    hidden = _residual(trace, site)  # [layer, pos, d_model]
+    n = trace.n_pos
+    if next_token:
+        first = trace.n_input if trace.n_input < n else 1  # generated tokens, else every next one
+        if first >= n:
+            raise LmscopeError("rankings need at least two tokens: a single token has no next token to rank")
+        targets = list(range(first, n))
+        positions = [t - 1 for t in targets]
+    else:
+        targets = positions = list(range(n))
+    ids = trace.token_ids[targets]  # [column]
+    picked = hidden[:, positions]  # [layer, column, d_model]
+    layers = picked.shape[0]
+    flat_targets = ids.repeat(layers)[:, None]  # [layer·column, 1]
+    ranks = rank_rows(picked.reshape(-1, picked.shape[-1]), flat_targets, unembed, trace.model.vocab_size, norm)
+    return Rankings(
+        layers=tuple(trace.layers),
+        columns=tuple(trace.tokens[t] for t in targets),
+        column_ids=ids.numpy(),
+        positions=tuple(positions),
+        targets=tuple(targets),
+        ranks=ranks.reshape(layers, len(targets)).numpy(),
+        input_tokens=trace.tokens,
+        n_input=trace.n_input,
+        vocab_size=trace.model.vocab_size,
+        site=site,
+        norm=norm,
+    )
+
+
+def rankings_watch(
+    trace: Trace,
+    unembed: Unembed,
+    watch: Sequence[str | int],
+    position: int = -1,
+    site: str = "resid_post",
+    norm: bool = True,
+) -> RankingsWatch:
+    """Rank of each watched word (or token id) among the lens predictions at ``position``, per layer.
+
+    ``position`` is where the prediction is read: ``-1`` ranks candidates for the token after the
+    last one (Ecco's ``position`` names the predicted token instead, one further on).
+    """
+    hidden = _residual(trace, site)  # [layer, pos, d_model]
+    pos = trace.position(position)
+    if isinstance(watch, (str, int)) or len(watch) == 0:
+        raise LmscopeError('watch must be a non-empty list of words or token ids, e.g. watch=[" is", " are"]')
+    ids = []
+    for word in watch:  # a loop, not a comprehension, so warnings point at the caller
+        ids.append(watch_token(unembed, word, trace.model.vocab_size))
+    targets = torch.tensor(ids, dtype=torch.long)  # [column]
+    picked = hidden[:, pos]  # [layer, d_model]
+    targets = targets.expand(picked.shape[0], -1)  # [layer, column]
+    ranks = rank_rows(picked, targets, unembed, trace.model.vocab_size, norm)  # [layer, column]
+    return RankingsWatch(
+        position=pos,
+        words=tuple(w if isinstance(w, str) else unembed.token_strings([w])[0] for w in watch),
+        layers=tuple(trace.layers),
+        columns=unembed.token_strings(ids),
+        column_ids=np.array(ids, dtype=np.int64),
+        ranks=ranks.numpy(),
+        input_tokens=trace.tokens,
+        n_input=trace.n_input,
+        vocab_size=trace.model.vocab_size,
+        site=site,
+        norm=norm,
+    )
+
+
+def watch_token(unembed: Unembed, word: str | int, vocab_size: int) -> int:
+    """The token id to rank for one watched word: the word's only token, or its first with a warning."""
+    if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
+        if not 0 <= int(word) < vocab_size:
+            raise LmscopeError(f"watched token id {word} is outside the vocabulary (0..{vocab_size - 1})")
+        return int(word)
+    if not isinstance(word, str):
+        raise LmscopeError(f"watch words must be strings or token ids, not {type(word).__name__}")
+    tokenizer = unembed.tokenizer
+    if tokenizer is None:
+        raise LmscopeError("this model has no tokenizer to encode watch words: pass token ids instead")
+    ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
+    unk = tokenizer.unk_token_id
+    if not ids or (unk is not None and unk in ids):
+        raise LmscopeError(
+            f"the tokenizer cannot encode the watch word {word!r}: pick a word from the model's vocabulary"
+        )
+    if len(ids) > 1:
+        split = ", ".join(repr(t) for t in unembed.token_strings(ids))
+        first = unembed.token_strings(ids[:1])[0]
+        warnings.warn(
+            f"watch word {word!r} is {len(ids)} tokens ({split}): ranking its first token {first!r}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return ids[0]
+
+
+def _residual(trace: Trace, site: str) -> torch.Tensor:
+    if site not in RESIDUAL_SITES:
+        raise LmscopeError(f"rankings read residual states: site must be one of {', '.join(RESIDUAL_SITES)}")
+    return trace.get(site)
