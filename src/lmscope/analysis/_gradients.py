@@ -1,0 +1,218 @@
+"""Gradients of many next-token targets w.r.t. the input embeddings, from one forward pass.
+
+Saliency needs ``∂f_t/∂e_s`` for every output position ``t`` and every input position ``s < t``,
+where ``e [pos, d_model]`` are the input embeddings (``inputs_embeds``: what the model's forward
+receives, before any scaling the model applies inside, e.g. Gemma's ``√d_model``) and ``f_t`` is
+a function of the logits that predict token ``t`` (at position ``t - 1``).
+
+The straightforward way (Ecco's) runs a forward and a backward pass over each prefix ``[0, t)``.
+Under the causal mask one forward pass over the whole sequence already computes every
+``logits[t - 1]`` from exactly its prefix, so ``∂f_t/∂e_s`` is zero for ``s ≥ t`` and equal to the
+prefix computation for ``s < t``. The ``N`` targets are then ``N`` vector-Jacobian products
+through the same graph, done at once as one batched backward pass
+(``torch.autograd.grad(..., is_grads_batched=True)``, which vmaps the backward over ``N``
+cotangents; see :func:`_vjps` for how the vocabulary-sized head is kept out of the batch). Targets
+are chunked so that a batched backward carries at most ``rows`` token positions, which bounds
+memory. Cost: one forward pass over the sequence plus backward work for ``N × pos`` positions,
+against ``Σ_t 2t`` positions in small, inefficient passes for the per-prefix loop.
+
+Gradients are taken w.r.t. the embeddings only. Callers consume these generators inside
+:func:`frozen_parameters`, so no parameter gradient is computed, stored or left behind, and the
+forward passes do not keep the activations that only parameter gradients would need.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from lmscope.models import LoadedModel
+
+__all__ = [
+    "Targets",
+    "frozen_parameters",
+    "gauss_legendre",
+    "gradients",
+    "input_embeddings",
+    "integrated_gradients",
+    "scores",
+]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What is differentiated for each output position ``t`` (``token`` is the token at ``t``).
+
+    ``f_t = p(token_t)`` (``kind="prob"``), ``logit(token_t)`` (``"logit"``), or, with ``foil``,
+    the contrast ``logit(token_t) − logit(foil_t)`` (Yin & Neubig 2022).
+    """
+
+    positions: torch.Tensor  # [n] output positions t, each >= 1
+    token: torch.Tensor  # [n] token id at t
+    foil: torch.Tensor | None = None  # [n] contrast token ids
+    kind: str = "prob"
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def chunk(self, sl: slice) -> Targets:
+        foil = None if self.foil is None else self.foil[sl]
+        return Targets(self.positions[sl], self.token[sl], foil, self.kind)
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter, restoring each flag afterwards, even on error."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def input_embeddings(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The model's input embeddings ``[pos, d_model]`` of token ids ``[pos]`` (what ``inputs_embeds`` takes)."""
+    return lm.model.get_input_embeddings()(ids[None].to(lm.device))[0]
+
+
+class _HeadInput:
+    """The input of the LM head ``[batch, n or pos, d_model]`` seen during one forward pass."""
+
+    value: torch.Tensor | None = None
+
+
+@contextmanager
+def _head_input(lm: LoadedModel) -> Iterator[_HeadInput]:
+    box = _HeadInput()
+
+    def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        box.value = args[0]
+
+    handle = lm.arch.lm_head.register_forward_pre_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _vjps(lm: LoadedModel, x: torch.Tensor, chunk: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂f_i/∂x [n, *x.shape], f [batch, n])`` for input embeddings ``x [batch, pos, d_model]``.
+
+    Two stages. The head is row-wise (``f_i`` depends only on the final hidden state ``h_i`` at
+    its predicting position), so one ordinary backward pass of ``Σ f`` gives every ``∂f_i/∂h_i``.
+    These become ``n`` cotangents of ``h`` (target ``i``'s is zero except at its own row), pulled
+    back to ``x`` in one batched backward pass: the vocabulary-sized head is never differentiated
+    ``n`` times.
+    """
+    n = len(chunk)
+    with _head_input(lm) as head:
+        values = scores(lm, x, chunk)  # [batch, n]
+    h = head.value  # [batch, n, d_model] (or [batch, pos, d_model] without logits_to_keep)
+    (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)  # [batch, n or pos, d_model]
+    rows = torch.arange(n, device=h.device)
+    index = rows if h.shape[1] == n else (chunk.positions - 1).to(h.device)
+    cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, n or pos, d_model]
+    cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
+    (grads,) = torch.autograd.grad(h, x, grad_outputs=cotangents, is_grads_batched=True)  # [n, *x.shape]
+    return grads, values.detach()
+
+
+@cache
+def _keeps_logits(forward_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
+
+
+def scores(lm: LoadedModel, embeds: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """``f_t`` for every target, ``[batch, n]`` (float32), from ``embeds [batch, pos, d_model]``.
+
+    Only the ``n`` predicting positions go through the LM head (``logits_to_keep``), so the head's
+    cost does not grow with the sequence.
+    """
+    model = lm.model
+    prev = (targets.positions - 1).to(embeds.device)  # [n] the positions that predict the targets
+    if _keeps_logits(type(model)):
+        logits = model(inputs_embeds=embeds, logits_to_keep=prev, use_cache=False).logits  # [batch, n, vocab]
+    else:
+        logits = model(inputs_embeds=embeds, use_cache=False).logits[:, prev]
+    logits = logits.float()
+    rows = torch.arange(len(targets), device=logits.device)
+    token = targets.token.to(logits.device)
+    if targets.foil is not None:
+        return logits[:, rows, token] - logits[:, rows, targets.foil.to(logits.device)]
+    if targets.kind == "logit":
+        return logits[:, rows, token]
+    return torch.log_softmax(logits, dim=-1)[:, rows, token].exp()
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def gradients(
+    lm: LoadedModel, embeds: torch.Tensor, targets: Targets, rows: int = 2048
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(chunk, grads [n, pos', d_model], values [n])`` over chunks of the targets.
+
+    ``grads[i, s] = ∂f_t/∂e_s`` for the chunk's ``i``-th target ``t``; ``pos'`` is the chunk's
+    longest prefix (positions beyond it cannot influence the chunk's targets), and rows at
+    ``s ≥ t`` are exactly zero. One forward pass and one batched backward pass per chunk.
+    """
+    size = max(1, rows // len(embeds))
+    for sl in _chunks(len(targets), size):
+        chunk = targets.chunk(sl)
+        length = int(chunk.positions.max())  # the last predicting position is length - 1
+        with torch.enable_grad():
+            e = embeds[None, :length].detach().clone().requires_grad_(True)  # [1, pos', d_model]
+            grads, values = _vjps(lm, e, chunk)  # [n, 1, pos', d_model], [1, n]
+        yield sl, grads[:, 0].float(), values[0]
+
+
+def gauss_legendre(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``α_k ∈ (0, 1)`` and weights ``w_k`` (summing to 1) of ``steps``-point Gauss-Legendre quadrature."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    return (nodes + 1) / 2, weights / 2
+
+
+def integrated_gradients(
+    lm: LoadedModel,
+    embeds: torch.Tensor,
+    baseline: torch.Tensor,
+    targets: Targets,
+    steps: int,
+    rows: int = 2048,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(chunk, path_grads [n, pos', d_model])``: ``∫₀¹ ∂f_t/∂e (b + α(e − b)) dα`` for each target.
+
+    The integral is approximated by ``steps``-point Gauss-Legendre quadrature. The interpolated
+    sequences of several steps form one batch; each batch is one forward pass and one backward
+    pass batched over the chunk's targets, with at most ``rows`` positions per backward.
+    """
+    alphas, weights = gauss_legendre(steps)
+    n_chunk = max(1, min(len(targets), rows // len(embeds)))
+    for sl in _chunks(len(targets), n_chunk):
+        chunk = targets.chunk(sl)
+        n, length = len(chunk), int(chunk.positions.max())
+        e, b = embeds[:length].detach(), baseline[:length].detach()  # [pos', d_model]
+        per_batch = max(1, rows // (n * length))
+        total = torch.zeros(n, length, e.shape[-1], dtype=torch.float32, device=e.device)
+        for steps_sl in _chunks(steps, per_batch):
+            alpha = torch.as_tensor(alphas[steps_sl], dtype=e.dtype, device=e.device)  # [batch]
+            weight = torch.as_tensor(weights[steps_sl], dtype=torch.float32, device=e.device)  # [batch]
+            with torch.enable_grad():
+                # The sequences in a batch are independent, so target i's cotangent, spread over
+                # the batch, gives its gradient at every step in the same batched backward.
+                x = (b + alpha[:, None, None] * (e - b)).requires_grad_(True)  # [batch, pos', d_model]
+                grads, _ = _vjps(lm, x, chunk)  # [n, batch, pos', d_model]
+            total += torch.einsum("b,nbpd->npd", weight, grads.float())  # [n, pos', d_model]
+        yield sl, total

@@ -1,0 +1,58 @@
+"""Views of input saliency (``Saliency``): Ecco's minimal and detailed views, and a text twin.
+
+Minimal: the whole text; hovering (or focusing) an output token colours every token before it by
+its attribution. Detailed: the same, with a bar and a percentage under every input token. Signed
+methods colour positive attributions warm and negative ones cool.
+"""
+
+from __future__ import annotations
+
+from lmscope.analysis.saliency import Saliency
+from lmscope.views._html import fragment
+from lmscope.views._text import percent, table, visible
+
+__all__ = ["to_html", "to_text"]
+
+_TARGETS = {"prob": "probability", "logit": "logit", "contrast": "logit difference"}
+
+
+def _value(result: Saliency, value: float) -> str:
+    return f"{value:+.3g}" if result.signed else percent(value)
+
+
+def _target_value(result: Saliency, value: float) -> str:
+    return percent(value) if result.target == "prob" else f"{value:.3f}"
+
+
+def to_text(result: Saliency, k: int = 5) -> str:
+    """One row per output token: its target value and its top ``k`` input tokens."""
+    head = (
+        f"Saliency: {result.method} of each output token's {_TARGETS[result.target]}, "
+        f"{len(result.positions)} output token(s)"
+    )
+    if result.steps is not None and result.completeness_error is not None:
+        head += f"; {result.steps} steps, max completeness error {float(result.completeness_error.max()):.2e}"
+    rows = []
+    for i, t in enumerate(result.positions):
+        output = f"{t} {visible(result.tokens[t])!r}"
+        if result.contrast is not None:
+            output += f" vs {visible(result.contrast[i])!r}"
+        tops = "  ".join(f"{visible(result.tokens[s])!r} {_value(result, v)}" for s, v in result.top(i, k))
+        rows.append([output, _target_value(result, float(result.values[i])), tops])
+    return head + "\n" + table(["output", _TARGETS[result.target], f"top {k} input tokens"], rows)
+
+
+def to_html(result: Saliency) -> str:
+    data = {
+        "tokens": list(result.tokens),
+        "n_input": result.n_input,
+        "positions": list(result.positions),
+        "attributions": [[float(v) for v in row] for row in result.attributions],
+        "values": [float(v) for v in result.values],
+        "contrast": None if result.contrast is None else list(result.contrast),
+        "method": result.method,
+        "target": _TARGETS[result.target],
+        "signed": result.signed,
+        "style": result.style,
+    }
+    return fragment("saliency", data, scripts=("saliency.js",), styles=("saliency.css",), text=to_text(result))
