@@ -1,0 +1,318 @@
+"""Components behind the flow graph: heads, contribution maps, neurons, promoted/suppressed tokens.
+
+Computed on demand from a Trace and the model's weights, as in the LM Transparency Tool (Tufanov
+et al. 2024): each head's share of an attention edge or of a block output; per head its attention
+map next to its contribution map (``c[h, q, k]``, the proximity share of the term
+``A[h,q,k] · u[k,h]`` in the block output at ``q``); per FFN block the neurons contributing most
+(parts ``mlp_act[q, n] · W_out[:, n]``, signed by the activation, plus the output bias and the
+rest of the sum); and for any update (attention block, head, edge, FFN block, neuron) the tokens
+it promotes and suppresses, ``W_U · update`` (optionally through the final norm, as LM-TT does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lmscope.analysis._contributions import block_contributions, check_decomposable, head_updates, proximity
+from lmscope.analysis._result import Result
+from lmscope.capture import Trace
+from lmscope.errors import LmscopeError
+from lmscope.models import Architecture, Unembed
+
+if TYPE_CHECKING:
+    from lmscope.analysis.flow import Details, Edge, Node
+
+__all__ = [
+    "ContributionMap",
+    "HeadShares",
+    "Promoted",
+    "TopNeurons",
+    "contribution_map",
+    "graph_details",
+    "head_shares",
+    "neuron_contributions",
+    "promoted",
+    "top_neurons",
+    "update_vector",
+]
+
+
+@dataclass(frozen=True)
+class ContributionMap(Result):
+    """Attention maps and contribution maps ``[head, pos_q, pos_k]`` of one layer."""
+
+    _view = "lmscope.views.components"
+
+    layer: int
+    tokens: tuple[str, ...]
+    attention: np.ndarray  # [head, pos_q, pos_k]
+    contributions: np.ndarray  # [head, pos_q, pos_k]: share of each term in the block output at q
+
+
+@dataclass(frozen=True)
+class HeadShares(Result):
+    """Each head's contribution to an attention edge ``source -> position`` (or to the whole block output)."""
+
+    _view = "lmscope.views.components"
+
+    layer: int
+    position: int
+    source: int | None
+    tokens: tuple[str, ...]
+    contributions: np.ndarray  # [head]: contribution to the block output at position
+    shares: np.ndarray  # [head]: contributions normalized to sum 1
+
+
+@dataclass(frozen=True)
+class TopNeurons(Result):
+    """The FFN neurons contributing most to the block output at ``position``."""
+
+    _view = "lmscope.views.components"
+
+    layer: int
+    position: int
+    tokens: tuple[str, ...]
+    neurons: np.ndarray  # [k] neuron indices
+    contributions: np.ndarray  # [k]
+    activations: np.ndarray  # [k] mlp_act (the sign of the neuron's update)
+
+
+@dataclass(frozen=True)
+class Promoted(Result):
+    """Tokens an update raises and lowers most: the top and bottom of ``W_U · update``."""
+
+    _view = "lmscope.views.components"
+
+    layer: int
+    position: int
+    component: str
+    norm: bool
+    tokens: tuple[str, ...]
+    promoted: tuple[str, ...]
+    promoted_logits: np.ndarray  # [k]
+    suppressed: tuple[str, ...]
+    suppressed_logits: np.ndarray  # [k]
+
+
+def contribution_map(trace: Trace, arch: Architecture, layer: int, tolerance: float = 0.0) -> ContributionMap:
+    """Attention and contribution maps of every head at ``layer``."""
+    c = block_contributions(trace, arch, layer, tolerance)
+    return ContributionMap(
+        layer=trace.layers[trace.layer_index(layer)],
+        tokens=trace.tokens,
+        attention=trace.at("attn_probs", layer).float().cpu().numpy(),
+        contributions=c.attention.permute(2, 0, 1).cpu().numpy(),
+    )
+
+
+def head_shares(trace: Trace, arch: Architecture, layer: int, position: int, source: int | None = None) -> HeadShares:
+    """Each head's contribution to the edge ``source -> position`` (all sources when ``None``)."""
+    q = trace.position(position)
+    c = block_contributions(trace, arch, layer).attention[q]  # [pos_k, head]
+    if source is None:
+        per_head = c.sum(0)
+    else:
+        k = trace.position(source)
+        if k > q and bool((c[k] == 0).all()):
+            raise LmscopeError(f"position {q} does not attend to the later position {k}")
+        per_head = c[k]
+    total = per_head.sum()
+    shares = per_head / total if total > 0 else torch.zeros_like(per_head)
+    return HeadShares(
+        layer=trace.layers[trace.layer_index(layer)],
+        position=q,
+        source=None if source is None else trace.position(source),
+        tokens=trace.tokens,
+        contributions=per_head.cpu().numpy(),
+        shares=shares.cpu().numpy(),
+    )
+
+
+def neuron_contributions(
+    trace: Trace, arch: Architecture, layer: int, position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contributions ``[neuron]`` of each neuron to the block output at ``position``, and activations.
+
+    Parts: every ``mlp_act[q, n] · W_out[:, n]``, the output bias, and the rest of the block's sum
+    (``resid_mid``, or ``resid_pre + attn_out`` for parallel blocks); they sum to ``resid_post``.
+    """
+    check_decomposable(arch)
+    q = trace.position(position)
+    act = trace.at("mlp_act", layer)[q].float()  # [neuron]
+    module = arch.mlp_down(layer)
+    weight = arch.linear_weight(module).detach().float().to(act.device)  # [d_model, neuron]
+    parts = act[:, None] * weight.T  # [neuron, d_model]
+    whole = trace.at("resid_post", layer)[q].float()
+    rest = whole - trace.at("mlp_out", layer)[q].float()
+    bias = getattr(module, "bias", None)
+    extra = [rest] if bias is None else [bias.detach().float().to(act.device), rest]
+    c = proximity(torch.cat([parts, torch.stack(extra)]), whole)
+    return c[: len(act)], act
+
+
+def top_neurons(trace: Trace, arch: Architecture, layer: int, position: int, topk: int = 10) -> TopNeurons:
+    """The ``topk`` neurons with the largest contribution to the FFN block output at ``position``."""
+    if topk < 1:
+        raise LmscopeError(f"topk must be at least 1, not {topk}")
+    c, act = neuron_contributions(trace, arch, layer, position)
+    top = c.topk(min(topk, len(c)))
+    return TopNeurons(
+        layer=trace.layers[trace.layer_index(layer)],
+        position=trace.position(position),
+        tokens=trace.tokens,
+        neurons=top.indices.cpu().numpy(),
+        contributions=top.values.cpu().numpy(),
+        activations=act[top.indices].cpu().numpy(),
+    )
+
+
+def update_vector(
+    trace: Trace,
+    arch: Architecture,
+    layer: int,
+    position: int,
+    component: str = "ffn",
+    *,
+    head: int | None = None,
+    neuron: int | None = None,
+    source: int | None = None,
+) -> torch.Tensor:
+    """The update ``[d_model]`` (float32) one component writes into the residual stream at ``position``.
+
+    ``component="attention"``: the block output ``attn_out`` (bias included); with ``head`` and/or
+    ``source`` only those terms ``Σ A[h,q,k] · u[k,h]``. ``component="ffn"``: ``mlp_out``; with
+    ``neuron`` the neuron's ``mlp_act[q, n] · W_out[:, n]``.
+    """
+    q = trace.position(position)
+    if component == "attention":
+        if head is None and source is None:
+            return trace.at("attn_out", layer)[q].float()
+        probs = trace.at("attn_probs", layer)[:, q].float()  # [head, pos_k]
+        terms = probs.T[:, :, None] * head_updates(trace, arch, layer)  # [pos_k, head, d_model]
+        if head is not None:
+            if not -arch.n_heads <= head < arch.n_heads:
+                raise LmscopeError(f"head {head} is out of range: the model has heads 0..{arch.n_heads - 1}")
+            terms = terms[:, head]
+        else:
+            terms = terms.sum(1)
+        return terms.sum(0) if source is None else terms[trace.position(source)]
+    if component == "ffn":
+        if neuron is None:
+            return trace.at("mlp_out", layer)[q].float()
+        check_decomposable(arch)
+        act = trace.at("mlp_act", layer)[q]
+        if not -len(act) <= neuron < len(act):
+            raise LmscopeError(f"neuron {neuron} is out of range: layer {layer} has neurons 0..{len(act) - 1}")
+        weight = arch.linear_weight(arch.mlp_down(layer)).detach().float()
+        return act[neuron].float() * weight[:, neuron].to(act.device)
+    raise LmscopeError(f"component must be 'attention' or 'ffn', not {component!r}")
+
+
+def _top_bottom(unembed: Unembed, vectors: torch.Tensor, norm: bool, k: int) -> list[tuple[tuple, tuple]]:
+    """(promoted, suppressed) lists of (token, logit) per row of ``vectors [n, d_model]``."""
+    out = []
+    for chunk in vectors.split(256):
+        logits = unembed(chunk, norm=norm)  # [n, vocab]
+        top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        for ti, tv, bi, bv in zip(top.indices, top.values, bottom.indices, bottom.values, strict=True):
+            out.append(
+                (
+                    tuple(zip(unembed.token_strings(ti.tolist()), tv.tolist(), strict=True)),
+                    tuple(zip(unembed.token_strings(bi.tolist()), bv.tolist(), strict=True)),
+                )
+            )
+    return out
+
+
+def promoted(
+    trace: Trace,
+    arch: Architecture,
+    unembed: Unembed,
+    layer: int,
+    position: int,
+    component: str = "ffn",
+    *,
+    head: int | None = None,
+    neuron: int | None = None,
+    source: int | None = None,
+    topk: int = 10,
+    norm: bool = True,
+) -> Promoted:
+    """The ``topk`` tokens an update promotes and suppresses (see :func:`update_vector`)."""
+    if topk < 1:
+        raise LmscopeError(f"topk must be at least 1, not {topk}")
+    vector = update_vector(trace, arch, layer, position, component, head=head, neuron=neuron, source=source)
+    (up, down) = _top_bottom(unembed, vector[None], norm, topk)[0]
+    label = component
+    for name, value in (("head", head), ("neuron", neuron), ("source", source)):
+        if value is not None:
+            label += f" {name} {value}"
+    return Promoted(
+        layer=trace.layers[trace.layer_index(layer)],
+        position=trace.position(position),
+        component=label,
+        norm=norm,
+        tokens=trace.tokens,
+        promoted=tuple(t for t, _ in up),
+        promoted_logits=np.array([v for _, v in up]),
+        suppressed=tuple(t for t, _ in down),
+        suppressed_logits=np.array([v for _, v in down]),
+    )
+
+
+def graph_details(
+    trace: Trace, arch: Architecture, unembed: Unembed, nodes: Sequence[Node], edges: Sequence[Edge], topk: int = 5
+) -> dict[str, Details]:
+    """Details of every node and attention edge of a flow subgraph, batched per kind."""
+    from lmscope.analysis.flow import Details
+
+    pre, attn, mlp = trace.get("resid_pre"), trace.get("attn_out"), trace.get("mlp_out")
+    post = trace.get("resid_post")
+    index = trace.layer_index
+    residual = [n for n in nodes if n.kind == "residual"]
+    states = []
+    for n in residual:
+        i = index(n.layer)
+        state = {"pre": pre[i, n.pos], "mid": pre[i, n.pos] + attn[i, n.pos], "post": post[i, n.pos]}[n.state]
+        states.append(state.float())
+    info: dict[str, dict] = {n.id: {} for n in residual}
+    for start in range(0, len(states), 256):
+        logits = unembed(torch.stack(states[start : start + 256]), norm=True)
+        top = torch.softmax(logits, dim=-1).topk(topk, dim=-1)
+        for n, ids, probs in zip(residual[start : start + 256], top.indices, top.values, strict=False):
+            info[n.id]["lens"] = tuple(zip(unembed.token_strings(ids.tolist()), probs.tolist(), strict=True))
+    # updates: attention block at mid nodes, FFN block at FFN nodes, each attention edge
+    keys, vectors = [], []
+    for n in nodes:
+        if n.state == "mid":
+            keys.append(n.id)
+            vectors.append(attn[index(n.layer), n.pos].float())
+        elif n.kind == "ffn":
+            keys.append(n.id)
+            vectors.append(mlp[index(n.layer), n.pos].float())
+            c, act = neuron_contributions(trace, arch, n.layer, n.pos)
+            top = c.topk(min(topk, len(c)))
+            info[n.id] = {
+                "neurons": tuple(
+                    (int(i), float(v), float(act[i])) for i, v in zip(top.indices, top.values, strict=True)
+                )
+            }
+    by_layer: dict[int, list[Edge]] = {}
+    for e in edges:
+        if e.kind == "attention":
+            by_layer.setdefault(e.layer, []).append(e)
+    for layer, group in by_layer.items():
+        probs = trace.at("attn_probs", layer).float()  # [head, pos_q, pos_k]
+        updates = head_updates(trace, arch, layer)  # [pos_k, head, d_model]
+        for e in group:
+            keys.append(e.id)
+            vectors.append((probs[:, e.target.pos, e.source.pos, None] * updates[e.source.pos]).sum(0))
+    if vectors:
+        for key, (up, down) in zip(keys, _top_bottom(unembed, torch.stack(vectors), True, topk), strict=True):
+            info.setdefault(key, {}).update(promoted=up, suppressed=down)
+    return {key: Details(**value) for key, value in info.items()}

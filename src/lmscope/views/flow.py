@@ -1,0 +1,143 @@
+"""Views of the information-flow graph (``FlowGraph``): the LM-TT figure and its text twin.
+
+The HTML draws positions as columns and layers as rows (input tokens at the bottom), circles for
+residual states and squares for FFN blocks, edge width and colour by weight; a start-token
+selector re-extracts the subgraph in the page from the edges reaching any output, and clicking a
+node or edge shows its precomputed details. The text twin lists the strongest routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmscope.analysis.flow import Edge, FlowGraph
+from lmscope.views._html import fragment
+from lmscope.views._text import percent, table, visible
+
+__all__ = ["strongest_routes", "to_html", "to_text"]
+
+_KINDS = {"attention": 0, "ffn": 1, "residual": 2}
+_STATES = {"pre": 0, "mid": 1, "post": 2}
+
+
+def _depth(node_id: str) -> int:
+    """Height of a residual state in the stack: x{l} is 2l, m{l} is 2l + 1."""
+    layer = int(node_id[1:].split(".")[0])
+    return 2 * layer + (node_id[0] == "m")
+
+
+def strongest_routes(result: FlowGraph, count: int = 5) -> list[tuple[float, list[Edge]]]:
+    """The best-scoring path (product of weights) from the output down to each input position.
+
+    Returns up to ``count`` (score, edges from input to output) pairs, strongest first.
+    """
+    incoming: dict[str, list[Edge]] = {}
+    for edge in result.edges:
+        incoming.setdefault(edge.target.id, []).append(edge)
+    best: dict[str, tuple[float, Edge | None]] = {}
+    last = result.layers[-1] + 1
+    for pos in result.positions:
+        best[f"x{last}.{pos}"] = (1.0, None)
+    for node in sorted(incoming, key=_depth, reverse=True):
+        if node not in best:
+            continue
+        score = best[node][0]
+        for edge in incoming[node]:
+            value = score * edge.weight
+            if value > best.get(edge.source.id, (-1.0, None))[0]:
+                best[edge.source.id] = (value, edge)
+    first = result.layers[0]
+    starts = sorted(
+        ((score, node) for node, (score, edge) in best.items() if edge is not None and node.startswith(f"x{first}.")),
+        reverse=True,
+    )[:count]
+    routes = []
+    for score, node in starts:
+        path = []
+        edge = best[node][1]
+        while edge is not None:
+            path.append(edge)
+            edge = best[edge.target.id][1]
+        routes.append((score, path))
+    return routes
+
+
+def _hop(edge: Edge, tokens: tuple[str, ...]) -> str:
+    if edge.kind == "attention":
+        return f"attn L{edge.layer} {visible(tokens[edge.source.pos])!r}({edge.source.pos})"
+    return f"{'FFN' if edge.kind == 'ffn' else 'res'} L{edge.layer}"
+
+
+def to_text(result: FlowGraph) -> str:
+    where = (
+        ", ".join(f"{p} ({visible(result.tokens[p])!r})" for p in result.positions)
+        if len(result.positions) <= 4
+        else f"all {len(result.positions)} positions"
+    )
+    head = (
+        f"Information flow to {where}: threshold {result.threshold:g} ({result.mode}), "
+        f"{len(result.nodes)} nodes, {len(result.edges)} edges"
+    )
+    if result.error > 0:
+        head += f", weights within ±{result.error:.2g} of exact"
+    lines = [head]
+    routes = strongest_routes(result)
+    if routes:
+        lines.append("Strongest routes (product of edge weights), input first:")
+        for score, path in routes:
+            start = path[0].source.pos
+            hops = " → ".join(_hop(e, result.tokens) for e in path if e.kind != "residual") or "residual only"
+            lines.append(f"  {score:.3f}  {visible(result.tokens[start])!r}({start}) → {hops}")
+    strong = sorted((e for e in result.edges if e.kind != "residual"), key=lambda e: -e.weight)[:12]
+    if strong:
+        rows = []
+        for e in strong:
+            heads = ""
+            if e.heads is not None:
+                top = sorted(range(len(e.heads)), key=lambda h: -e.heads[h])[:2]
+                heads = ", ".join(f"h{h} {percent(e.heads[h])}" for h in top)
+            source = f"{visible(result.tokens[e.source.pos])!r}({e.source.pos}) {e.source.state}"
+            target = f"{visible(result.tokens[e.target.pos])!r}({e.target.pos}) {e.target.state}"
+            rows.append([str(e.layer), e.kind, source, target, f"{e.weight:.3f}", heads])
+        lines.append(table(["layer", "kind", "source", "target", "weight", "top heads"], rows))
+    return "\n".join(lines)
+
+
+def _edge_row(edge: Edge) -> list[Any]:
+    return [
+        edge.layer,
+        _KINDS[edge.kind],
+        edge.source.pos,
+        _STATES[edge.source.state],
+        edge.target.pos,
+        _STATES[edge.target.state],
+        round(edge.weight, 5),
+        None if edge.heads is None else [round(h, 4) for h in edge.heads],
+    ]
+
+
+def _details(result: FlowGraph) -> dict[str, Any]:
+    out = {}
+    for key, d in result.details.items():
+        out[key] = {
+            "lens": [[t, p] for t, p in d.lens],
+            "promoted": [[t, v] for t, v in d.promoted],
+            "suppressed": [[t, v] for t, v in d.suppressed],
+            "neurons": [list(n) for n in d.neurons],
+        }
+    return out
+
+
+def to_html(result: FlowGraph) -> str:
+    data = {
+        "tokens": list(result.tokens),
+        "layers": [result.layers[0], result.layers[-1]],
+        "positions": list(result.positions),
+        "threshold": result.threshold,
+        "mode": result.mode,
+        "parallel": result.parallel,
+        "error": result.error,
+        "edges": [_edge_row(e) for e in (result.all_edges or result.edges)],
+        "details": _details(result),
+    }
+    return fragment("flow", data, scripts=("flow.js",), styles=("flow.css",), text=to_text(result))
