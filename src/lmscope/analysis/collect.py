@@ -1,0 +1,233 @@
+"""Corpus collection: per-token activations of many texts, batched, streamed to disk, read back lazily.
+
+API (stable; the probing and NMF analyses build on it)::
+
+    col = lmscope.collect(lm, texts, sites=("resid_post",), layers=None, batch_size=16,
+                          out_dir=None, progress=True)          # -> Collection
+    col = lmscope.load_collection(out_dir)                      # the same Collection, read lazily
+
+    col.texts        tuple of the input strings, in order
+    col.tokens       list per text of token strings (each token decoded alone, as Trace.tokens)
+    col.token_ids    list per text of lists of token ids
+    col.offsets      start of each text on the concatenated token axis (len == number of texts)
+    col.n_tokens     total number of tokens (padding excluded)
+    col.span(i)      slice of text i on the concatenated token axis
+    col.sites        captured sites, e.g. ("resid_post",)
+    col.layers       captured layers (model layer numbers, ascending)
+    col.model        ModelInfo of the model that produced it
+    col.get(site, layer) -> np.ndarray [n_tokens, features], float32, texts concatenated in input
+                     order, padding removed (features: d_model, or neuron for mlp_act)
+
+Each text is tokenized exactly as ``lm.tokenizer(text)`` does (special tokens included), so
+``col.token_ids[i]`` equals ``lm.trace(texts[i]).token_ids``. Texts are sorted by length and run
+``batch_size`` at a time, right-padded with an attention mask, so padded positions never influence
+real ones (causal models: right padding leaves every real token's prefix and position unchanged;
+BERT-family: the mask hides padding from every query). Padded positions are dropped before storing.
+The user's tokenizer is never touched: padding is done here, with the pad id (else EOS, else 0).
+
+Capture uses the same hooks as ``lm.trace`` (:func:`lmscope.capture.recording`) on a batch; the
+forward pass stops after the last requested layer (later layers and the LM head are skipped).
+Per-token sites only: ``resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp_act`` and
+``q, k, v`` (heads flattened into the feature axis); attention probabilities are not per token.
+
+Storage: activations are buffered until about ``shard_mb`` and written as one safetensors shard
+(``shard-00000.safetensors``: tensors ``"<site>.<layer>"`` ``[row, features]`` plus ``"dest"``, the
+row's place on the concatenated token axis), with ``collection.json`` holding tokens and metadata.
+Memory stays bounded by one shard plus one batch however large the corpus; ``get`` reads one
+tensor from each shard. With ``out_dir=None`` the shards stay in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmscope.analysis._collection import FORMAT, META, VERSION, Collection, load_collection, write_shard
+from lmscope.capture import (
+    check_length,
+    model_info,
+    recording,
+    resolve_layers,
+    resolve_sites,
+    token_strings,
+)
+from lmscope.errors import LmscopeError
+
+__all__ = ["TOKEN_SITES", "Collection", "collect", "load_collection", "read_texts"]
+
+TOKEN_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act", "q", "k", "v")
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last requested layer to skip the rest of the forward pass."""
+
+
+def _tokenize(loaded: Any, texts: Sequence[str], max_tokens: int | None) -> list[list[int]]:
+    out = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise LmscopeError(f"text {i} is empty or not a string: give non-empty strings to collect")
+        ids = [int(t) for t in loaded.tokenizer(text)["input_ids"]]
+        try:
+            check_length(loaded, len(ids), max_tokens)
+        except LmscopeError as error:
+            raise LmscopeError(f"text {i}: {error}") from None
+        out.append(ids)
+    return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _batches(ids: list[list[int]], batch_size: int) -> Iterable[list[int]]:
+    """Text indices grouped into batches of similar length (longest first), so little is padded."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _run_batch(
+    loaded: Any, ids: list[list[int]], sites: tuple[str, ...], layers: tuple[int, ...], pad: int
+) -> dict[str, torch.Tensor]:
+    """Forward one right-padded batch; returns ``site -> [batch, layer, pos, features]`` (float32, CPU)."""
+    longest = max(map(len, ids))
+    batch = torch.full((len(ids), longest), pad, dtype=torch.long)  # [batch, pos]
+    mask = torch.zeros((len(ids), longest), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        batch[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    last = loaded.arch.blocks[layers[-1]]
+    with recording(loaded, sites, layers) as recorder:
+
+        def stop(module, args, output):
+            raise _Stop
+
+        handle = last.register_forward_hook(stop)
+        try:
+            loaded.model(input_ids=batch.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+    stacked = recorder.stacked()  # site -> [batch, layer, pos, ...]
+    return {site: t.flatten(3).float().cpu() for site, t in stacked.items()}
+
+
+@torch.no_grad()
+def collect(
+    lm: Any,
+    texts: Iterable[str],
+    sites: Iterable[str] | str = ("resid_post",),
+    layers: Iterable[int] | int | slice | None = None,
+    batch_size: int = 16,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    shard_mb: float = 64.0,
+) -> Collection:
+    """Collect per-token activations of ``sites`` at ``layers`` for every text (see the module docstring).
+
+    ``lm`` is an :class:`lmscope.LM` (or a ``LoadedModel``). ``out_dir`` (created if missing, must not
+    hold a collection already) receives the shards; ``None`` keeps them in memory.
+    """
+    loaded, max_tokens = getattr(lm, "loaded", lm), getattr(lm, "max_tokens", None)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise LmscopeError("no texts to collect: give a list of strings")
+    if batch_size < 1:
+        raise LmscopeError(f"batch_size must be at least 1, not {batch_size}")
+    chosen_sites = resolve_sites(sites, ("resid_post",))
+    other = [s for s in chosen_sites if s not in TOKEN_SITES]
+    if other:
+        raise LmscopeError(f"collect stores per-token sites ({', '.join(TOKEN_SITES)}), not {', '.join(other)}")
+    chosen_layers = resolve_layers(layers, loaded.arch.n_layers)
+    if not chosen_layers:
+        raise LmscopeError("no layers chosen: give layers within the model's range")
+    root = None
+    if out_dir is not None:
+        root = Path(out_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / META).exists() or any(root.glob("shard-*.safetensors")):
+            raise LmscopeError(f"{root} already holds a collection: choose a new directory or delete it")
+
+    ids = _tokenize(loaded, texts, max_tokens)
+    lengths = np.array([len(seq) for seq in ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = token_strings(loaded, [t for seq in ids for t in seq])
+    pad = _pad_id(loaded.tokenizer)
+
+    features: dict[str, int] = {}
+    shards: list[Any] = []
+    buffer: list[dict[str, np.ndarray]] = []
+    buffered = 0
+    limit = shard_mb * 2**20
+
+    def flush() -> None:
+        nonlocal buffer, buffered
+        if buffer:
+            shard = {name: np.concatenate([part[name] for part in buffer]) for name in buffer[0]}
+            shards.append(write_shard(shard, root, len(shards)))
+        buffer, buffered = [], 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(texts), desc="collect", unit="text", disable=not progress)
+    try:
+        for group in _batches(ids, batch_size):
+            captured = _run_batch(loaded, [ids[i] for i in group], chosen_sites, chosen_layers, pad)
+            part = {"dest": np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in group])}
+            for site, tensor in captured.items():  # [batch, layer, pos, features]
+                features[site] = tensor.shape[-1]
+                for li, layer in enumerate(chosen_layers):
+                    rows = [tensor[b, li, : lengths[i]] for b, i in enumerate(group)]  # [pos, features] each
+                    part[f"{site}.{layer}"] = torch.cat(rows).numpy()
+            buffer.append(part)
+            buffered += sum(a.nbytes for a in part.values())
+            if buffered >= limit:
+                flush()
+            bar.update(len(group))
+        flush()
+    finally:
+        bar.close()
+
+    split = np.split(np.array(flat, dtype=object), np.cumsum(lengths)[:-1])
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": asdict(model_info(loaded)),
+        "sites": list(chosen_sites),
+        "layers": list(chosen_layers),
+        "features": features,
+        "texts": texts,
+        "token_ids": ids,
+        "tokens": [list(t) for t in split],
+        "shards": [p.name for p in shards] if root is not None else [],
+    }
+    if root is not None:
+        (root / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    return Collection(meta, shards, root)
+
+
+def read_texts(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
+    """Texts of a file: the ``# text = ...`` sentences of a CoNLL-U file, else each non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmscopeError(f"text file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".conllu":
+        texts = [line.split("=", 1)[1].strip() for line in lines if line.startswith("# text =")]
+    else:
+        texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise LmscopeError(f"{path} holds no texts")
+    return texts[:limit] if limit is not None else texts
