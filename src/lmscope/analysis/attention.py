@@ -1,0 +1,227 @@
+"""Attention maps for BertViz's head, model and neuron views: raw weights, rollout, value norms.
+
+Raw attention weights ``A[h, q, k] = softmax_k(q_q · k_k · scaling)`` are what the model computed,
+but they can mislead as explanations, so two alternative maps are offered:
+
+- **rollout** (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers"): the residual
+  connection is modelled by ``Â_l = ½ Ā_l + ½ I`` (``Ā_l`` the head mean, rows renormalized) and
+  the maps are multiplied through the layers, ``R_l = Â_l · R_{l-1}``, ``R_0 = Â_0``: how much each
+  input token reaches each position after layer ``l``.
+- **value norm** (Kobayashi et al. 2020, "Attention is Not Only a Weight"): a head's output at
+  ``q`` is ``Σ_k A[h, q, k] · f_h(x_k)`` with ``f_h(x_k) = W_O^h v_k^h``; the map
+  ``‖A[h, q, k] · f_h(x_k)‖`` weighs each weight by the size of what it actually moves.
+
+The neuron view (BertViz) unfolds one weight row: the post-rotary query, each key, their
+elementwise product, the scaled score and the softmax. Under grouped-query attention query head
+``h`` reads key/value head ``h // (head / kv_head)``. Large inputs are sparsified for display to
+the strongest ``top_k`` keys per query (:func:`sparsify`), with the cut-off reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmscope.analysis._result import Result
+from lmscope.analysis.query_key import NeuronData, NeuronScores, neuron_data, neuron_scores, unfold
+from lmscope.capture import Trace
+from lmscope.errors import LmscopeError
+from lmscope.models import Architecture
+
+__all__ = [
+    "KINDS",
+    "VIEWS",
+    "Attention",
+    "NeuronData",
+    "NeuronScores",
+    "Sparse",
+    "attention",
+    "auto_top_k",
+    "needed_sites",
+    "neuron_scores",
+    "neuron_scores_of",
+    "rollout",
+    "sparsify",
+    "value_norms",
+]
+
+KINDS = ("weights", "rollout", "value_norm")
+VIEWS = ("head", "model", "neuron")
+PAIR_BUDGET = 2_000_000  # (query, key) pairs a view ships before it sparsifies
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """The strongest ``k`` weights per query: ``idx, val [layer, head, pos_q, k]``.
+
+    ``cutoff[l, h]`` is the largest weight left out, ``kept[l, h]`` the share of each row's total
+    weight that is kept (mean over queries).
+    """
+
+    k: int
+    idx: np.ndarray
+    val: np.ndarray
+    cutoff: np.ndarray  # [layer, head]
+    kept: np.ndarray  # [layer, head]
+
+
+@dataclass(frozen=True)
+class Attention(Result):
+    """Attention maps ``weights [layer, head, pos_q, pos_k]`` of one input, for a view.
+
+    ``kind`` is ``"weights"`` (the model's own attention probabilities), ``"rollout"`` (one map per
+    layer, head axis of size 1) or ``"value_norm"`` (‖A·f(x)‖, not normalized). ``view`` picks the
+    rendering; ``head`` and ``query`` pick the row the neuron view and the text twin start on.
+    """
+
+    _view = "lmscope.views.attention"
+
+    kind: str
+    view: str
+    model: str
+    tokens: tuple[str, ...]
+    layers: tuple[int, ...]
+    weights: np.ndarray  # [layer, head, pos_q, pos_k]
+    n_heads: int
+    n_kv_heads: int
+    n_input: int
+    segment_b: int | None
+    head: int
+    query: int
+    top_k: int | None  # None: every weight is shown
+    neuron: NeuronData | None = None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LmscopeError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def rollout(weights: torch.Tensor) -> torch.Tensor:  # [layer, 1, pos_q, pos_k]
+    """Attention rollout (Abnar & Zuidema 2020) of consecutive layers from the first.
+
+    ``weights [layer, head, pos_q, pos_k]``: ``Â = ½·mean_h A + ½·I``, rows renormalized,
+    ``R_0 = Â_0``, ``R_l = Â_l · R_{l-1}``.
+    """
+    n = weights.shape[-1]
+    mixed = 0.5 * weights.float().mean(1) + 0.5 * torch.eye(n, device=weights.device)  # [layer, pos_q, pos_k]
+    mixed = mixed / mixed.sum(-1, keepdim=True)
+    out = [mixed[0]]
+    for layer in range(1, len(mixed)):
+        out.append(mixed[layer] @ out[-1])
+    return torch.stack(out)[:, None]
+
+
+def value_norms(trace: Trace, arch: Architecture) -> torch.Tensor:  # [layer, head, pos_k]
+    """``‖f_h(x_k)‖ = ‖W_O^h · v_k^{kv(h)}‖`` for every captured layer, head and key (Kobayashi et al. 2020)."""
+    v = trace.get("v").float()  # [layer, pos, kv_head, d_head]
+    groups = arch.n_heads // arch.n_kv_heads
+    out = []
+    for index, layer in enumerate(trace.layers):
+        w_o = arch.linear_weight(arch.o_proj(layer)).detach().float().to(v.device)  # [d_model, head·d_head]
+        w_o = w_o.reshape(w_o.shape[0], arch.n_heads, arch.d_head)  # [d_model, head, d_head]
+        values = v[index].repeat_interleave(groups, dim=1)  # [pos, head, d_head]
+        out.append(torch.einsum("mhd,phd->hpm", w_o, values).norm(dim=-1))  # [head, pos]
+    return torch.stack(out)
+
+
+def neuron_scores_of(result: Attention, layer: int, head: int, query: int) -> NeuronScores:
+    """:func:`neuron_scores` from the data an ``Attention`` neuron view holds (no trace needed)."""
+    if result.neuron is None:
+        raise LmscopeError("this attention result holds no neuron-view data: use view='neuron'")
+    if layer not in result.layers:
+        raise LmscopeError(f"layer {layer} is not in this view (layers {', '.join(map(str, result.layers))})")
+    if not -len(result.tokens) <= query < len(result.tokens):
+        raise LmscopeError(f"query {query} is out of range for {len(result.tokens)} tokens")
+    index = result.layers.index(layer)
+    return unfold(result.neuron, index, layer, head, query % len(result.tokens))
+
+
+def auto_top_k(n_layers: int, n_heads: int, n_pos: int) -> int | None:
+    """``None`` (show every weight) while the view stays under :data:`PAIR_BUDGET` pairs, else 3..20 per query."""
+    if n_layers * n_heads * n_pos * n_pos <= PAIR_BUDGET:
+        return None
+    return int(min(20, max(3, PAIR_BUDGET // (n_layers * n_heads * n_pos))))
+
+
+def sparsify(weights: np.ndarray, k: int) -> Sparse:
+    """The strongest ``k`` keys per query of ``weights [layer, head, pos_q, pos_k]``, with what was cut."""
+    w = torch.as_tensor(weights).float()
+    k = min(k, w.shape[-1])
+    top = w.topk(k, dim=-1)  # [layer, head, pos_q, k]
+    total = w.sum(-1).clamp(min=1e-30)  # [layer, head, pos_q]
+    kept = (top.values.sum(-1) / total).mean(-1)  # [layer, head]
+    # the (k+1)-th largest weight of a row is the largest one left out
+    cutoff = w.topk(k + 1, dim=-1).values[..., -1].amax(-1) if k < w.shape[-1] else torch.zeros(w.shape[:2])
+    return Sparse(k, top.indices.int().numpy(), top.values.numpy(), cutoff.numpy(), kept.numpy())
+
+
+def needed_sites(view: str, kind: str) -> tuple[str, ...]:
+    """The Trace sites a view of a kind of map reads."""
+    _check_choice("view", view, VIEWS)
+    _check_choice("kind", kind, KINDS)
+    return ("attn_probs", *(("q", "k") if view == "neuron" else ()), *(("v",) if kind == "value_norm" else ()))
+
+
+def attention(
+    trace: Trace,
+    *,
+    layer: int | None = None,
+    view: str = "head",
+    kind: str = "weights",
+    head: int = 0,
+    query: int = -1,
+    top_k: int | None = None,
+    arch: Architecture | None = None,
+) -> Attention:
+    """Attention maps of ``trace`` for BertViz's views.
+
+    Args:
+        layer: one layer to show (rollout: the rollout up to it); default every captured layer.
+        view: ``"head"``, ``"model"`` or ``"neuron"`` (needs sites ``q`` and ``k``).
+        kind: ``"weights"``, ``"rollout"`` (needs layers 0..L captured) or ``"value_norm"`` (needs ``arch``
+            for the output projections, and site ``v``).
+        head, query: the head and query position the neuron view and the text twin start on.
+        top_k: show only the strongest ``top_k`` keys per query; default: all for small inputs,
+            see :func:`auto_top_k`.
+        arch: the model's architecture (weights), for ``value_norm``.
+    """
+    _check_choice("view", view, VIEWS)
+    _check_choice("kind", kind, KINDS)
+    if top_k is not None and top_k < 1:
+        raise LmscopeError(f"top_k must be at least 1, not {top_k}")
+    probs = trace.get("attn_probs")  # [layer, head, pos_q, pos_k]
+    layers = list(trace.layers)
+    chosen = list(range(len(layers))) if layer is None else [trace.layer_index(layer)]
+    if kind == "rollout":
+        if layers[: chosen[-1] + 1] != list(range(chosen[-1] + 1)):
+            raise LmscopeError("attention rollout multiplies every layer from the first: capture layers 0..L")
+        weights = rollout(probs[: chosen[-1] + 1])[chosen]
+    elif kind == "value_norm":
+        if arch is None:
+            raise LmscopeError("attention × value norm needs the model's output projections: pass arch=lm.arch")
+        weights = probs[chosen].float() * value_norms(trace, arch)[chosen][:, :, None, :]
+    else:
+        weights = probs[chosen]
+    weights = weights.float().cpu().numpy()
+    if not 0 <= head < trace.model.n_heads:
+        raise LmscopeError(f"head {head} is out of range: the model has heads 0..{trace.model.n_heads - 1}")
+    neuron = neuron_data(trace, chosen) if view == "neuron" else None
+    return Attention(
+        kind=kind,
+        view=view,
+        model=trace.model.name,
+        tokens=trace.tokens,
+        layers=tuple(layers[i] for i in chosen),
+        weights=weights,
+        n_heads=trace.model.n_heads,
+        n_kv_heads=trace.model.n_kv_heads,
+        n_input=trace.n_input,
+        segment_b=trace.segment_b,
+        head=head,
+        query=trace.position(query),
+        top_k=top_k if top_k is not None else auto_top_k(*weights.shape[:3]),
+        neuron=neuron,
+    )
