@@ -1,0 +1,96 @@
+"""The web app: a thin JSON API over the library, plus the static single-page front end.
+
+``create_app(config)`` builds the FastAPI app. A run (``POST /api/runs``) traces or generates once
+and is cached; every analysis is a ``GET`` on that run that calls one ``Output`` method and returns
+its result three ways: ``data`` (``result.to_dict()``), ``html`` (the view's self-contained
+fragment, the same one notebooks show) and ``text`` (its text twin). Errors are always JSON
+``{"detail": "<one clear line>"}``: 400 for bad input (``LmscopeError``), 403 for paths outside the
+allowed directories, 404 for unknown runs, 413 for oversized uploads, 422 for malformed requests,
+500 for anything unexpected (logged server side; no traceback reaches the client).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from lmscope.app import analyses, routes
+from lmscope.app._core import App, json_response
+from lmscope.app.config import AppConfig, load_config
+from lmscope.errors import LmscopeError
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("lmscope.app")
+
+
+def _error(status: int, message: str) -> Response:
+    return json_response({"detail": message}, status)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "request"
+        if item.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
+        else:
+            parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is malformed"
+
+
+def _install_errors(api: FastAPI) -> None:
+    @api.exception_handler(LmscopeError)
+    async def bad_input(request: Request, error: LmscopeError) -> Response:
+        return _error(400, str(error))
+
+    @api.exception_handler(PermissionError)
+    async def refused(request: Request, error: PermissionError) -> Response:
+        return _error(403, str(error))
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        return _error(error.status_code, str(error.detail))
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @api.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, error: StarletteHTTPException) -> Response:
+        detail = "not found" if error.status_code == 404 else str(error.detail)
+        return _error(error.status_code, f"{detail}: {request.url.path}" if error.status_code == 404 else detail)
+
+    @api.exception_handler(RequestValidationError)
+    async def malformed(request: Request, error: RequestValidationError) -> Response:
+        return _error(422, _validation_message(error))
+
+    @api.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        log.exception("lmscope: unexpected error on %s", request.url.path)
+        return _error(500, f"internal error ({type(error).__name__}): {error}".splitlines()[0])
+
+
+def create_app(config: AppConfig | str | Path | None = None) -> FastAPI:
+    """The FastAPI app for ``config`` (an :class:`AppConfig`, a config file path, or ``None``: the default)."""
+    if not isinstance(config, AppConfig):
+        config = load_config(config)
+    api = FastAPI(title="lmscope", version="1", description="See inside Transformer language models.")
+    api.state.lmscope = App(config)
+    _install_errors(api)
+    static = resources.files("lmscope.app").joinpath("static")
+    views = resources.files("lmscope.views").joinpath("static")
+    api.mount("/static/app", StaticFiles(directory=str(static)), name="app-static")
+    api.mount("/static/views", StaticFiles(directory=str(views)), name="views-static")
+
+    @api.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(str(static.joinpath("index.html")), media_type="text/html")
+
+    api.include_router(routes.router)
+    api.include_router(analyses.router)
+    return api
