@@ -7,19 +7,25 @@
 (0, 1, 2)
 """
 
+from lmscope import probing
 from lmscope._lm import LM, from_pretrained, load_trace, wrap
 from lmscope._output import Output
+from lmscope.analysis.collect import Collection, collect, load_collection
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import available_models
 
 __all__ = [
     "LM",
+    "Collection",
     "LmscopeError",
     "Output",
     "Trace",
     "available_models",
+    "collect",
     "from_pretrained",
+    "load_collection",
     "load_trace",
+    "probing",
     "wrap",
 ]

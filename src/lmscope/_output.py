@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmscope.analysis import LayerPredictions, layer_predictions
-from lmscope.capture import Trace
+from lmscope.analysis import (
+    Activations,
+    Factors,
+    LayerPredictions,
+    LayerSimilarity,
+    activations,
+    factorize,
+    layer_predictions,
+    layer_similarity,
+)
+from lmscope.analysis.attention import Attention, attention, needed_sites
+from lmscope.analysis.components import (
+    ContributionMap,
+    HeadShares,
+    Promoted,
+    TopNeurons,
+    contribution_map,
+    head_shares,
+    promoted,
+    top_neurons,
+)
+from lmscope.analysis.flow import FlowGraph, flow
+from lmscope.analysis.rankings import Rankings, RankingsWatch, rankings, rankings_watch
+from lmscope.analysis.saliency import Saliency, primary_attributions
+from lmscope.capture import Trace, trace_ids
 from lmscope.errors import LmscopeError
 
 if TYPE_CHECKING:
@@ -70,3 +93,127 @@ class Output:
         """Logit lens: top-``topk`` tokens after every layer at ``position`` (Ecco's name)."""
         lm = self._require_lm("the logit lens")
         return layer_predictions(self.trace, lm.unembed, position, layer, topk, norm, site)
+
+    def primary_attributions(
+        self, attr_method: str = "grad_x_input", style: str = "minimal", **options: Any
+    ) -> Saliency:
+        """Input saliency of each generated (else every next) token (Ecco's name).
+
+        ``options``: ``positions``, ``target``, ``contrast``, ``steps``, ``baseline``, ``batch_size``
+        (see :func:`lmscope.analysis.primary_attributions`).
+        """
+        lm = self._require_lm("saliency")
+        return primary_attributions(self.trace, lm.loaded, attr_method, style=style, **options)
+
+    def saliency(self, attr_method: str = "grad_x_input", style: str = "minimal", **options: Any) -> Saliency:
+        """Alias of :meth:`primary_attributions`."""
+        return self.primary_attributions(attr_method, style, **options)
+
+    def rankings(self, site: str = "resid_post", norm: bool = True) -> Rankings:
+        """Rank of each generated (else every next) token after every layer (Ecco's name); 1 = top."""
+        lm = self._require_lm("rankings")
+        return rankings(self.trace, lm.unembed, site, norm, next_token=lm.model.can_generate())
+
+    def rankings_watch(
+        self, watch: list[str | int], position: int = -1, site: str = "resid_post", norm: bool = True
+    ) -> RankingsWatch:
+        """Rank of the ``watch`` words (or token ids) among the predictions at ``position``, per layer."""
+        return rankings_watch(self.trace, self._require_lm("rankings_watch").unembed, watch, position, site, norm)
+
+    def activations(self, layers: Any = None, site: str = "mlp_act") -> Activations:
+        """Activations ``[layer, neuron, pos]`` of ``site`` (``mlp_act`` or a residual site) with the tokens."""
+        return activations(self.trace, layers, site)
+
+    def run_nmf(
+        self, n_components: int = 8, from_layer: int | None = None, to_layer: int | None = None, **options: Any
+    ) -> Factors:
+        """NMF of ``mlp_act`` over layers ``from_layer:to_layer`` (Ecco's signature; see ``analysis.factorize``)."""
+        return factorize(self.trace, n_components, from_layer, to_layer, **options)
+
+    def factorize(
+        self,
+        method: str = "nmf",
+        n_components: int = 8,
+        from_layer: int | None = None,
+        to_layer: int | None = None,
+        **options: Any,
+    ) -> Factors:
+        """NMF, PCA or ICA of activations (``method``); ``options`` as in ``analysis.factorize``."""
+        return factorize(self.trace, n_components, from_layer, to_layer, method=method, **options)
+
+    def layer_similarity(self, method: str = "cka", **options: Any) -> LayerSimilarity:
+        """Similarity of every layer pair (``site_a`` vs ``site_b``), e.g. hidden states vs FFN activations."""
+        return layer_similarity(self.trace, method, **options)
+
+    def attention(
+        self,
+        layer: int | None = None,
+        view: str = "head",
+        kind: str = "weights",
+        head: int = 0,
+        query: int = -1,
+        top_k: int | None = None,
+    ) -> Attention:
+        """BertViz's head, model or neuron view; ``kind`` ``"rollout"`` or ``"value_norm"`` for other maps.
+
+        Sites the view needs and this trace lacks (``q``/``k`` for the neuron view, ``v`` for value
+        norms) are captured by running the model again on the same tokens.
+        """
+        trace, sites = self.trace, needed_sites(view, kind)
+        if self.lm is not None and not set(sites) <= set(trace.sites):
+            layers = trace.layers if layer is None or kind == "rollout" else [layer]
+            trace = trace_ids(
+                self.lm.loaded,
+                trace.token_ids,
+                n_input=trace.n_input,
+                sites=sites,
+                layers=layers,
+                segment_b=trace.segment_b,
+            )
+        arch = self._require_lm("attention × value norm").arch if kind == "value_norm" else None
+        return attention(trace, layer=layer, view=view, kind=kind, head=head, query=query, top_k=top_k, arch=arch)
+
+    def flow(
+        self,
+        threshold: float = 0.04,
+        position: int | list[int] | None = -1,
+        *,
+        mode: str = "prune",
+        tolerance: float = 0.0,
+        details: bool = True,
+        topk: int = 5,
+    ) -> FlowGraph:
+        """Information-flow graph of the prediction at ``position`` (``None``: all), as in LM-TT."""
+        lm = self._require_lm("the flow graph")
+        unembed = lm.unembed if lm.arch.has_lm_head else None
+        return flow(self.trace, lm.arch, unembed, threshold=threshold, position=position, mode=mode,
+                    tolerance=tolerance, details=details, topk=topk)  # fmt: skip
+
+    def contribution_map(self, layer: int, tolerance: float = 0.0) -> ContributionMap:
+        """Every head's attention map and contribution map at ``layer``."""
+        return contribution_map(self.trace, self._require_lm("contribution maps").arch, layer, tolerance)
+
+    def head_shares(self, layer: int, position: int = -1, source: int | None = None) -> HeadShares:
+        """Each head's share of the attention edge ``source -> position`` (of the whole block without ``source``)."""
+        return head_shares(self.trace, self._require_lm("head shares").arch, layer, position, source)
+
+    def top_neurons(self, layer: int, position: int = -1, topk: int = 10) -> TopNeurons:
+        """The FFN neurons contributing most to the block output at ``position``."""
+        return top_neurons(self.trace, self._require_lm("top neurons").arch, layer, position, topk)
+
+    def promoted_tokens(
+        self,
+        layer: int,
+        position: int = -1,
+        component: str = "ffn",
+        *,
+        head: int | None = None,
+        neuron: int | None = None,
+        source: int | None = None,
+        topk: int = 10,
+        norm: bool = True,
+    ) -> Promoted:
+        """Tokens promoted and suppressed by an update: attention block/head/edge, FFN block/neuron."""
+        lm = self._require_lm("promoted tokens")
+        return promoted(self.trace, lm.arch, lm.unembed, layer, position, component, head=head, neuron=neuron,
+                        source=source, topk=topk, norm=norm)  # fmt: skip

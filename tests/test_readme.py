@@ -1,0 +1,46 @@
+"""Every ```python block of README.md runs, in order, in one namespace (on the embedded model)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import lmscope
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_has_the_articles_examples() -> None:
+    code = "\n".join(python_blocks(README.read_text(encoding="utf-8")))
+    assert 'lm.generate(" 1, 1, 1,", generate=1)' in code
+    for call in ("layer_predictions(position=", "rankings()", 'rankings_watch([" is", " are"]'):
+        assert call in code
+
+
+@pytest.mark.embedded
+def test_readme_python_blocks_run(embedded: lmscope.LM, tmp_path, monkeypatch, capsys) -> None:
+    blocks = python_blocks(README.read_text(encoding="utf-8"))
+    assert blocks, "README.md has no python blocks"
+    real = lmscope.from_pretrained
+
+    def reuse_embedded(name=None, **kwargs):  # the same model, loaded once per test session
+        return embedded if name is None and not kwargs else real(name, **kwargs)
+
+    monkeypatch.setattr(lmscope, "from_pretrained", reuse_embedded)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # snippets write only into temp dirs
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "Logit lens at position 9 ('·')" in printed
+    assert "Rankings: rank of each generated token after every layer" in printed
+    assert printed.count("Rankings watch at position 4 ('·cabinet')") == 1
+    assert printed.count("Rankings watch at position 4 ('·cabinets')") == 1
