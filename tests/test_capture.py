@@ -192,3 +192,13 @@ def test_masked_lm_headless_model_has_no_logits_but_captures() -> None:
     assert out.trace.get("attn_probs").shape[:2] == (6, 12)
     with pytest.raises(LmscopeError, match="no language-model head"):
         out.layer_predictions()
+
+
+def test_overflow_in_half_precision_is_a_clear_error() -> None:
+    lm = lmscope.from_pretrained("tiny-llama", dtype="float16")  # a fresh copy: the shared one stays intact
+    with torch.no_grad():
+        lm.arch.block_part(1, lm.arch.family.mlp_down).weight.fill_(6e4)  # float16 tops out at 65,504
+    with pytest.raises(LmscopeError, match=r"float16 produced NaN or infinite values \(first in mlp_out of layer 1\)"):
+        lm.trace(TEXT)
+    with pytest.raises(LmscopeError, match="dtype='float32' or 'bfloat16'"):
+        lm.trace(TEXT, sites=["resid_post"])

@@ -17,6 +17,7 @@ from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
 
 __all__ = [
+    "check_finite",
     "check_length",
     "context_length",
     "encode",
@@ -99,6 +100,31 @@ def model_info(lm: LoadedModel) -> ModelInfo:
     )
 
 
+def check_finite(lm: LoadedModel, tensors: dict[str, torch.Tensor], layers: tuple[int, ...]) -> None:
+    """Raise if the run produced NaN or infinite values, naming where they first appear.
+
+    Half-precision models overflow (float16 tops out at 65,504) on some inputs; analyses of such
+    a run would be meaningless, so the user is told which layer broke and what dtype to use.
+    Only the logits (or the last captured site) are scanned on the normal path.
+    """
+    final = tensors.get("logits")
+    if final is None and tensors:
+        final = next(reversed(tensors.values()))
+    if final is None or bool(torch.isfinite(final).all()):
+        return
+    where, first = "the logits", None
+    order = ("resid_pre", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")  # as computed in a block
+    for rank, site in enumerate(order):
+        if site in tensors:
+            bad = (~torch.isfinite(tensors[site])).flatten(1).any(-1).nonzero()  # [layer index]
+            if len(bad) and (first is None or (int(bad[0]), rank) < first):
+                first = (int(bad[0]), rank)
+                where = f"{site} of layer {layers[first[0]]}"
+    dtype = str(lm.dtype).removeprefix("torch.")
+    hint = "load the model with dtype='float32' or 'bfloat16'" if dtype == "float16" else "check the model's weights"
+    raise LmscopeError(f"{lm.name} in {dtype} produced NaN or infinite values (first in {where}): {hint}")
+
+
 @torch.no_grad()
 def trace_ids(
     lm: LoadedModel,
@@ -129,6 +155,7 @@ def trace_ids(
     tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
     if logits is not None:
         tensors["logits"] = logits[0]  # [pos, vocab]
+    check_finite(lm, tensors, chosen_layers)
     attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
     return Trace(
         token_ids=ids.cpu(),
