@@ -136,17 +136,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="collection repeats (each writes ~2 GB per variant)")
+    parser.add_argument("--cka-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip", choices=("collection", "cka"), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, repeats: {args.repeats} (medians)")
+    threads, repeats = torch.get_num_threads(), f"{args.repeats} / CKA {args.cka_repeats}"
+    print(f"torch threads: {threads}, CPUs: {os.cpu_count()}, repeats: {repeats} (medians)")
     if args.skip != "collection":
         bench_collection(ud_sentences()[: args.sentences], args.repeats, args.batch_size)
     if args.skip != "cka":
-        bench_cka(args.repeats)
+        bench_cka(args.cka_repeats)
 
 
 if __name__ == "__main__":
