@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import httpx
 
 import lmscope
-from _timing import ud_sentences
+from _timing import interleaved_times, ud_sentences
 from app_server import serving
 from lmscope.app import create_app, load_config
 from lmscope.app.state import ModelKey
@@ -47,18 +45,6 @@ def text_of(lm: lmscope.LM, n: int) -> str:
         if len(lm.encode(text)) == n:
             return text
     raise RuntimeError(f"no {n}-token text found")
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def p95(values: list[float]) -> float:
@@ -83,7 +69,7 @@ def main() -> None:
         def library_click() -> None:
             out.layer_predictions(pos, layer, 10, True, "resid_pre")
 
-        clicks = timed({"app": click, "library": library_click}, repeats=41)
+        clicks = interleaved_times({"app": click, "library": library_click}, repeats=41)
         app_med, lib_med = statistics.median(clicks["app"]), statistics.median(clicks["library"])
         app_p95, lib_p95 = p95(clicks["app"]), p95(clicks["library"])
         print("click (node details: logit lens of one residual state), 64-token run, embedded model")
@@ -101,7 +87,7 @@ def main() -> None:
         def library_run() -> None:
             lm.trace(text, sites=ALL_SITES)
 
-        runs = timed({"app": new_run, "library": library_run}, repeats=7)
+        runs = interleaved_times({"app": new_run, "library": library_run}, repeats=7)
         app_run, lib_run = statistics.median(runs["app"]), statistics.median(runs["library"])
         print("new 64-token run")
         ratio = app_run / lib_run
@@ -115,7 +101,7 @@ def main() -> None:
             again = lm.trace(text, sites=ALL_SITES)
             again.flow(0.04, details=False).to_html()
 
-        both = timed({"app": run_and_graph, "library": library_graph}, repeats=5)
+        both = interleaved_times({"app": run_and_graph, "library": library_graph}, repeats=5)
         app_both, lib_both = statistics.median(both["app"]), statistics.median(both["library"])
         print(
             f"  with the flow graph: app {app_both:.3f} s   library {lib_both:.3f} s   ratio {app_both / lib_both:.2f}"

@@ -20,44 +20,14 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import lmscope
-from _timing import ud_sentences
+from _timing import peak_rss, ud_sentences
 from lmscope.analysis import cka
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * PAGE
-
-
-def measure(fn: Callable[[], object]) -> tuple[float, int]:
-    """(seconds, peak RSS above the start in bytes), RSS sampled every 5 ms."""
-    start_rss, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss() - start_rss)
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    start = time.perf_counter()
-    try:
-        fn()
-    finally:
-        seconds = time.perf_counter() - start
-        done.set()
-        watcher.join()
-    return seconds, peak[0]
 
 
 def bench_collection(texts: list[str], repeats: int, batch_size: int) -> None:
@@ -94,7 +64,7 @@ def bench_collection(texts: list[str], repeats: int, batch_size: int) -> None:
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            results[name].append(measure(fn))
+            results[name].append(peak_rss(fn, every=0.005))
     seconds = {name: statistics.median(s for s, _ in runs) for name, runs in results.items()}
     peaks = {name: max(p for _, p in runs) for name, runs in results.items()}
     batched = seconds[f"batched (batch_size={batch_size})"]
@@ -126,7 +96,7 @@ def bench_cka(repeats: int, n: int = 10_000, d: int = 1536) -> None:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(measure(fn)[0])
+            times[name].append(peak_rss(fn, every=0.005)[0])
     feature, gram = (statistics.median(times[name]) for name in fns)
     print(f"linear CKA of two [{n} x {d}] matrices (float64): {values['f']:.6f} (Gram form {values['g']:.6f})")
     print(f"  feature space {feature:7.2f} s   Gram form {gram:7.2f} s   speed-up {gram / feature:5.2f}x")

@@ -17,41 +17,12 @@ size sampled every 0.5 ms during one ``rankings()`` call, minus the size just be
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-
 import torch
 
 import lmscope
-from _timing import interleaved, ud_sentences
+from _timing import interleaved, peak_rss, ud_sentences
 
 N_TOKENS = 128
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * PAGE
-
-
-def peak_extra_bytes(fn) -> int:
-    """Peak RSS while ``fn`` runs, minus RSS before it (sampled every 0.5 ms)."""
-    before, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], rss()) - before
 
 
 def main() -> None:
@@ -82,7 +53,7 @@ def main() -> None:
         repeats=5,
     )
     forward_s = times["forward"]
-    peaks = sorted(peak_extra_bytes(out.rankings) for _ in range(3))
+    peaks = sorted(peak_rss(out.rankings, every=0.0005)[1] for _ in range(3))
     full_logits = out.trace.model.n_layers * N_TOKENS * out.trace.model.vocab_size * 4
     html = short.rankings().to_html()
 

@@ -18,44 +18,15 @@ Run: ``python benchmarks/bench_saliency.py [--repeats 5] [--threads N]``.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 
 import torch
 
 import lmscope
+from _timing import interleaved, peak_rss
 
 PROMPT = "The old lighthouse keeper climbed the stairs every night to light the lamp for the ships"
-
-
-def rss() -> int:
-    """Resident memory of this process in bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_memory(run: Callable[[], object]) -> tuple[float, int]:
-    """Seconds taken and peak resident memory above the starting level, sampled every 2 ms."""
-    start, peak, done = rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    t0 = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    return seconds, max(peak[0], rss()) - start
 
 
 def generated() -> tuple[lmscope.LM, lmscope.Output]:
@@ -67,7 +38,7 @@ def generated() -> tuple[lmscope.LM, lmscope.Output]:
 def integrated_gradients_child(budget: int) -> None:
     """Run in a fresh process: one IG computation, printing its seconds and peak memory."""
     _, out = generated()
-    seconds, memory = peak_memory(lambda: out.saliency("ig", steps=20, batch_size=budget))
+    seconds, memory = peak_rss(lambda: out.saliency("ig", steps=20, batch_size=budget))
     print(seconds, memory)
 
 
@@ -138,13 +109,7 @@ def main() -> None:
         "per-token loop": ecco_loop,
         "lmscope batched": batched,
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, run in cases.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = interleaved(cases, repeats=args.repeats)
     for name, t in med.items():
         print(f"  {name:18s} {1000 * t:8.1f} ms  ({t / med['forward']:5.1f}x forward)")
     ours_t = med["lmscope batched"]
