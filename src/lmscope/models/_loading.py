@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from lmscope.errors import LmscopeError
 from lmscope.models._architectures import Architecture, architecture_of
@@ -154,10 +157,24 @@ def _auto_class(config: Any) -> type:
     return AutoModelForCausalLM
 
 
+@contextmanager
+def _quiet_weights() -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bar for a load of local files, restoring it afterwards."""
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _from_directory(source: str | Path, trust_remote_code: bool, **kwargs: Any) -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     auto = _auto_class(config)
-    model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    with _quiet_weights():
+        model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
