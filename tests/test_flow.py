@@ -392,6 +392,27 @@ def test_flow_view_draws_selects_and_shows_details(browser) -> None:
 
 
 @pytest.mark.browser
+def test_wide_graph_scrolls_to_the_chosen_output(browser) -> None:
+    from browser import watch
+
+    lm = tiny("llama")
+    graph = lm.trace("The keys to the cabinet are on the table, said Mrs. O'Neill, and nobody moved them.").flow()
+    page = browser.new_page(viewport={"width": 600, "height": 700})
+    opened = watch(page)
+    page.set_content(lmscope.views.page(graph.to_html()), wait_until="load")
+    wrap = page.locator(".lms-flow-wrap")
+    assert wrap.evaluate("w => w.scrollWidth > w.clientWidth")  # wider than the page
+    last = graph.positions[0]
+    node = page.locator(f'circle[data-node="x3.{last}"]').bounding_box()
+    box = wrap.bounding_box()
+    assert box["x"] <= node["x"] and node["x"] + node["width"] <= box["x"] + box["width"]
+    page.locator(".lms-flow-start").select_option("0")
+    assert wrap.evaluate("w => w.scrollLeft") == 0
+    opened.assert_clean()
+    page.close()
+
+
+@pytest.mark.browser
 def test_component_views_draw(browser) -> None:
     from browser import open_html
 

@@ -181,6 +181,9 @@
         sq.addEventListener("click", function () { show(describe(id), id); });
         svg.appendChild(sq);
       });
+      if (starts.length === 1) {  // bring the chosen output column into view when the graph is wider
+        wrap.scrollLeft = Math.max(0, xOf(starts[0]) - wrap.clientWidth / 2);
+      }
     }
     select.addEventListener("change", draw);
     draw();
