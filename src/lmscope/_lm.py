@@ -11,6 +11,7 @@ import torch
 
 from lmscope._output import Output
 from lmscope.capture import (
+    Trace,
     check_length,
     encode,
     encode_pair,
@@ -136,11 +137,14 @@ class LM:
 
     def load_trace(self, path: str | os.PathLike[str]) -> Output:
         """A saved trace, checked to come from this model, with the model attached."""
-        trace = read_trace(path)
+        return self.attach(read_trace(path), where=str(path))
+
+    def attach(self, trace: Trace, where: str = "the trace") -> Output:
+        """``trace`` with this model attached, after checking that this model recorded it."""
         mismatch = model_info(self.loaded).mismatch(trace.model)
         if mismatch:
             raise LmscopeError(
-                f"{path} was traced with {trace.model.name!r}, not {self.name!r} ({mismatch}): "
+                f"{where} was traced with {trace.model.name!r}, not {self.name!r} ({mismatch}): "
                 "load it with that model, or without a model"
             )
         return Output(trace, self)

@@ -101,7 +101,7 @@ class App:
         if key is None:
             return self.runs.add(out.trace, None, describe(out, None))
         with self.models.using(key) as lm:
-            out = lm.load_trace(path)
+            out = lm.attach(out.trace, where="this trace file")
             info = describe(out, lm)
         return self.runs.add(out.trace, key, info)
 
