@@ -9,26 +9,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lmscope.analysis.collect import read_texts
+
 UD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
 
 
 def ud_sentences(split: str = "dev") -> list[str]:
     """Sentences of Universal Dependencies English EWT (CC BY-SA 4.0), from ``shared/data``."""
-    path = UD_DIR / f"en_ewt-ud-{split}.conllu"
-    prefix = "# text = "
-    return [line[len(prefix) :].strip() for line in path.open(encoding="utf-8") if line.startswith(prefix)]
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return read_texts(UD_DIR / f"en_ewt-ud-{split}.conllu")
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, list[float]]:
