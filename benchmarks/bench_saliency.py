@@ -8,6 +8,9 @@ On the embedded model (SmolLM2-135M), 10 tokens generated after a 15-token promp
   - one plain forward + backward over the whole sequence (one output's gradient w.r.t. the
     embeddings), and one training-style forward + backward (loss over the sequence, gradients of
     every parameter);
+- the same two with the float32 products on the other library: lmscope on PyTorch's own (MKL),
+  which is the batching alone, and the loop on oneDNN, which lmscope picks where it is faster
+  (see ``lmscope.analysis._onednn``), so that what the batching and the library each bring shows;
 - integrated gradients (20 steps): time, and peak memory above the idle process (each row budget
   in a fresh process), to show that chunking bounds it.
 
@@ -25,6 +28,7 @@ import torch
 
 import lmscope
 from _timing import interleaved, peak_rss
+from lmscope.analysis._onednn import matmul_backend, onednn_matmuls, onednn_pays
 
 PROMPT = "The old lighthouse keeper climbed the stairs every night to light the lamp for the ships"
 
@@ -96,10 +100,19 @@ def main() -> None:
     def batched() -> object:
         return out.saliency("grad_x_input")
 
+    def batched_torch_products() -> object:
+        with matmul_backend("torch"):
+            return out.saliency("grad_x_input")
+
+    def loop_onednn_products() -> list[torch.Tensor]:
+        with matmul_backend("onednn"), onednn_matmuls(model.device):
+            return ecco_loop()
+
     # exactness, in the same run
     ours, loop = batched(), ecco_loop()
     diff = max(float((torch.as_tensor(a) - b).abs().max()) for a, b in zip(ours.attributions, loop, strict=True))
     print(f"max |lmscope - per-token loop| over all attributions: {diff:.2e}")
+    print(f"oneDNN products chosen for this machine: {onednn_pays()}")
 
     cases = {
         "forward": forward,
@@ -108,6 +121,8 @@ def main() -> None:
         "training fwd+bwd": training_step,
         "per-token loop": ecco_loop,
         "lmscope batched": batched,
+        "lmscope, MKL": batched_torch_products,
+        "loop, oneDNN": loop_onednn_products,
     }
     med = interleaved(cases, repeats=args.repeats)
     for name, t in med.items():
@@ -117,6 +132,12 @@ def main() -> None:
     print(f"  {ours_t / med['forward+backward']:.2f}x one forward+backward, logits at one position (goal <= 2.5)")
     print(f"  {ours_t / med['fwd+bwd all logits']:.2f}x one forward+backward with every position's logits")
     print(f"  {ours_t / med['training fwd+bwd']:.2f}x one training-style forward+backward")
+    mkl_t = med["lmscope, MKL"]
+    print(
+        f"batching alone (both on PyTorch's products): {med['per-token loop'] / mkl_t:.1f}x faster than the loop, "
+        f"{mkl_t / med['forward+backward']:.2f}x one forward+backward"
+    )
+    print(f"both on oneDNN products: {med['loop, oneDNN'] / ours_t:.1f}x faster than the loop")
 
     print("integrated gradients, 20 steps, 10 outputs (each in a fresh process):")
     threads = ["--threads", str(args.threads)] if args.threads else []
