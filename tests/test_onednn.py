@@ -82,6 +82,17 @@ def test_the_mode_is_local_to_its_thread(routed) -> None:
     assert len(routed) == 1
 
 
+def test_a_product_onednn_refuses_is_left_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refusing(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(_onednn, "_linear", refusing)
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with matmul_backend("onednn"), onednn_matmuls(CPU):
+        product = a @ b
+    torch.testing.assert_close(product, a @ b, rtol=0, atol=0)
+
+
 def test_onednn_is_refused_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
     def lossy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return (x.bfloat16() @ weight.bfloat16().t()).float()  # what a bfloat16 float32 mode would give

@@ -61,13 +61,17 @@ def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _OneDnnMatmuls(TorchDispatchMode):
-    """Routes eligible ``mm`` and ``addmm`` (``beta = alpha = 1``, a bias per column) to oneDNN."""
+    """Routes eligible ``mm`` and ``addmm`` (``beta = alpha = 1``, a bias per column) to oneDNN.
+
+    A product oneDNN refuses (it raises) is left to PyTorch, which computes the same thing.
+    """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        routed = None
         if func is _aten.mm.default and not kwargs:
             a, b = args
             if _eligible(a, b):
-                return _linear(a, b.t(), None)
+                routed = (a, b.t(), None)
         elif func is _aten.addmm.default and not kwargs:
             bias, a, b = args
             if (
@@ -77,7 +81,12 @@ class _OneDnnMatmuls(TorchDispatchMode):
                 and bias.shape[0] == b.shape[1]
                 and bias.is_contiguous()
             ):
-                return _linear(a, b.t(), bias)
+                routed = (a, b.t(), bias)
+        if routed is not None:
+            try:
+                return _linear(*routed)
+            except RuntimeError:
+                pass
         return func(*args, **(kwargs or {}))
 
 
