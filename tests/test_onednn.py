@@ -15,7 +15,7 @@ from lmscope.analysis._onednn import matmul_backend, onednn_matmuls, onednn_pays
 from test_saliency import PROMPT, assert_equal_to_loop, loop_gradients
 
 CPU = torch.device("cpu")
-HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+HAS_ONEDNN = _onednn.available()
 needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="this PyTorch build has no oneDNN inner product")
 
 

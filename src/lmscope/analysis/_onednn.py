@@ -15,8 +15,7 @@ the ~1e-6 relative level, as any two BLAS libraries do), so capture never uses t
 logits must equal the model's bit for bit; saliency's gradient passes do.
 
 Whether oneDNN pays is measured once per process (:func:`onednn_pays`): both libraries multiply
-one matrix pair, oneDNN is kept only if it agrees to float32 precision (which also rules it out
-when PyTorch has been told to compute float32 products in bfloat16) and is clearly faster.
+one matrix pair, and oneDNN is kept only if it agrees to float32 precision and is clearly faster.
 """
 
 from __future__ import annotations
@@ -30,11 +29,16 @@ from functools import cache
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["matmul_backend", "onednn_matmuls", "onednn_pays"]
+__all__ = ["available", "matmul_backend", "onednn_matmuls", "onednn_pays"]
 
 _aten = torch.ops.aten
 _BACKENDS = ("auto", "onednn", "torch")
 _backend: ContextVar[str] = ContextVar("lmscope_matmul_backend", default="auto")
+
+
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN's inner product."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -96,7 +100,7 @@ def onednn_pays() -> bool:
 
     Measured once per process on a ``[256, 1024] @ [1024, 1024]`` product, best of five runs each.
     """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not available():
         return False
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(256, 1024, generator=generator)
@@ -144,9 +148,8 @@ def onednn_matmuls(device: torch.device, dtype: torch.dtype = torch.float32) -> 
     device the scope changes nothing (and costs nothing, as no mode is entered).
     """
     choice = _backend.get()
-    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     wanted = choice == "onednn" or (choice == "auto" and onednn_pays())
-    use = device.type == "cpu" and dtype is torch.float32 and available and wanted
+    use = device.type == "cpu" and dtype is torch.float32 and available() and wanted
     if not use:
         yield
         return
