@@ -101,6 +101,63 @@ def test_tolerance_bounds_are_reported_and_hold() -> None:
     assert (worst <= loose.error + 1e-6).all()
 
 
+def test_degenerate_sum_splits_evenly_among_its_parts() -> None:
+    """A whole nearer 0 than to every part: all proximities are 0, the non-zero parts share it evenly."""
+    parts = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])  # the zero part is no part
+    whole = torch.tensor([1.0, 0.0])  # ‖y‖ = 1, ‖y − z‖ = 1 and 2
+    for norm in (1, 2):
+        torch.testing.assert_close(proximity(parts, whole, norm=norm), torch.tensor([0.5, 0.5, 0.0]))
+    cancelled = torch.tensor([[3.0, -1.0], [-3.0, 1.0]])  # the parts cancel exactly: y = 0
+    torch.testing.assert_close(proximity(cancelled, cancelled.sum(0)), torch.tensor([0.5, 0.5]))
+    # per column of a batched call: only the degenerate column is split evenly
+    batch = torch.stack([parts, torch.tensor([[1.0, 1.0], [-1.0, 0.0], [2.0, 1.0]])], dim=1)
+    c = proximity(batch, torch.stack([whole, torch.tensor([2.0, 2.0])]))
+    torch.testing.assert_close(c[:, 0], torch.tensor([0.5, 0.5, 0.0]))
+    torch.testing.assert_close(c[:, 1], torch.tensor([0.4, 0.0, 0.6]))
+
+
+def _cancelled(trace: lmscope.capture.Trace, layer: int, q: int, *, block: str, parallel: bool):
+    """A copy of ``trace`` whose ``block`` output at (layer, q) cancels its residual exactly (whole = 0)."""
+    tensors = {name: t.clone() for name, t in trace.tensors.items()}
+    i = trace.layer_index(layer)
+    pre, attn, mlp = tensors["resid_pre"][i], tensors["attn_out"][i], tensors["mlp_out"][i]
+    if block == "attention":
+        pre[q] = -(attn[q] + mlp[q]) if parallel else -attn[q]
+    else:
+        mlp[q] = -(pre[q] + attn[q])
+    tensors["resid_mid"][i] = pre + attn
+    tensors["resid_post"][i] = pre + attn + mlp
+    return dataclasses.replace(trace, tensors=tensors)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox"])
+def test_degenerate_blocks_split_evenly_and_sum_to_one(family: str) -> None:
+    """Attention (with and without bias, sequential and parallel) and FFN blocks whose whole is 0."""
+    out = traced(family)
+    arch, layer, q = out.lm.arch, 1, 4
+    trace = _cancelled(out.trace, layer, q, block="attention", parallel=arch.parallel)
+    c = block_contributions(trace, arch, layer)
+    probs = trace.at("attn_probs", layer)[:, q].float()  # [head, pos_k]
+    terms = (probs.T > 0) & (head_updates(trace, arch, layer) != 0).any(-1)  # [pos_k, head]
+    bias = getattr(arch.o_proj(layer), "bias", None)
+    has_bias = bias is not None and bool(bias.ne(0).any())  # a bias of zeros is no part
+    n_parts = int(terms.sum()) + 1 + has_bias + arch.parallel
+    share = torch.tensor(1.0 / n_parts)
+    torch.testing.assert_close(c.attention[q][terms], share.expand(int(terms.sum())))
+    assert c.attention[q][~terms].eq(0).all()
+    torch.testing.assert_close(c.attn_residual[q], share)
+    torch.testing.assert_close(c.bias[q], share if has_bias else torch.tensor(0.0))
+    total = c.attention[q].sum() + c.attn_residual[q] + c.bias[q] + (c.mlp[q] if arch.parallel else 0)
+    torch.testing.assert_close(total, torch.tensor(1.0))
+    other = block_contributions(out.trace, arch, layer)  # other positions are untouched
+    keep = torch.arange(trace.n_pos) != q
+    torch.testing.assert_close(c.attention[keep], other.attention[keep])
+    if not arch.parallel:
+        c = block_contributions(_cancelled(out.trace, layer, q, block="ffn", parallel=False), arch, layer)
+        torch.testing.assert_close(c.mlp[q], torch.tensor(0.5))
+        torch.testing.assert_close(c.mlp_residual[q], torch.tensor(0.5))
+
+
 # --- decompositions and contributions for every causal family ----------------------------------
 
 
@@ -362,6 +419,21 @@ def test_embedded_graph_is_non_trivial(embedded: lmscope.LM) -> None:
     sources = {e.source.pos for e in graph.edges if e.kind == "attention" and e.source.pos != last}
     assert len(sources) >= 3, sources
     assert graph.error == 0
+
+
+@pytest.mark.embedded
+def test_embedded_ffn_that_cancels_its_residual_splits_evenly(embedded: lmscope.LM) -> None:
+    """Layer 10's FFN at " the" (position 3): ‖y‖₁ is below both ‖y − mlp‖₁ and ‖y − mid‖₁."""
+    out = embedded.trace("The keys to the cabinet are on the table, said")
+    trace, arch, layer, q = out.trace, embedded.arch, 10, 3
+    mid = (trace.at("resid_pre", layer)[q] + trace.at("attn_out", layer)[q]).float()
+    mlp = trace.at("mlp_out", layer)[q].float()
+    raw = (mid + mlp).abs().sum() - torch.stack([mid, mlp]).sub(mid + mlp).abs().sum(-1)
+    assert (raw < 0).all(), raw  # both proximities are 0 before normalizing: the degenerate case
+    weights = flow_weights(trace, arch)
+    assert float(weights.ffn[layer, q]) == pytest.approx(0.5)
+    assert float(weights.ffn_residual[layer, q]) == pytest.approx(0.5)
+    torch.testing.assert_close(weights.ffn + weights.ffn_residual, torch.ones_like(weights.ffn))
 
 
 # --- the views in a browser ------------------------------------------------------------------------

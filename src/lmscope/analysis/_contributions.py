@@ -24,6 +24,14 @@ Two exact facts make it cheap (``s = sign(y)`` with ``s_d = +1`` where ``y_d = 0
   ``tolerance > 0``, terms whose bound is below ``tolerance · ‖y_q‖₁`` keep the linear term
   (clipped to the bound) and the largest possible resulting error is reported.
 
+Degenerate sums: when the whole is nearly cancelled (``‖y‖₁`` smaller than ``‖y − z_i‖₁`` for
+every part, e.g. an FFN output that undoes most of its residual), every proximity is 0 and the
+shares would be 0/0. The LM Transparency Tool clips proximities at a tiny epsilon, which splits
+such a sum evenly among its parts; lmscope does the same explicitly: each part that is not
+identically zero (a source the query attends to through a non-zero head update, the bias if
+there is one, the residual, the MLP output) gets an equal share, so every sum stays 1 and the
+graph is not cut below such a node.
+
 Norms and sums are accumulated in float32 whatever the model's dtype.
 """
 
@@ -55,11 +63,18 @@ def proximity(parts: torch.Tensor, whole: torch.Tensor, norm: float = 1) -> torc
 
     ``p_i = max(‖whole‖ − ‖whole − part_i‖, 0)`` normalized over the parts (Ferrando & Voita 2024),
     in float32, with the norm's order ``norm`` (1 for the flow graph; LM-TT's test uses 2).
+
+    When every proximity is 0 (a degenerate sum), the parts that are not identically zero share
+    it evenly (LM-TT's epsilon clipping does the same; see the module docstring).
     """
     parts, whole = parts.float(), whole.float()
     size = torch.linalg.vector_norm(whole, ord=norm, dim=-1)
     prox = (size - torch.linalg.vector_norm(whole - parts, ord=norm, dim=-1)).clamp_min(0)
-    return prox / prox.sum(0).clamp_min(torch.finfo(prox.dtype).tiny)
+    total = prox.sum(0)
+    present = (parts != 0).any(-1)  # [part, ...]
+    present = present | ~present.any(0)  # all parts zero: every part counts
+    even = present / present.sum(0)
+    return torch.where(total > 0, prox / total.clamp_min(torch.finfo(prox.dtype).tiny), even)
 
 
 def check_decomposable(arch: Architecture) -> None:
@@ -206,6 +221,28 @@ def _corrections(
         width *= 2
 
 
+def _split_evenly(
+    degenerate: torch.Tensor,  # [pos_q] bool
+    probs: torch.Tensor,  # [head, pos_q, pos_k]
+    updates: torch.Tensor,  # [pos_k, head, d_model]
+    prox: tuple[torch.Tensor, ...],  # attention [pos_q, pos_k, head], residual, bias, mlp [pos_q]
+    vectors: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],  # resid_pre, bias [d], parallel mlp_out
+) -> tuple[torch.Tensor, ...]:
+    """Proximities with every degenerate query's non-zero parts set to 1, and the new totals."""
+    attention, resid, bias, mlp = (t.clone() for t in prox)
+    pre, bias_vector, mlp_out = vectors
+    rows = degenerate.nonzero().squeeze(1)
+    nonzero_update = (updates != 0).any(-1)  # [pos_k, head]
+    terms = (probs.float()[:, rows].permute(1, 2, 0) > 0) & nonzero_update  # [row, pos_k, head]
+    attention[rows] = terms.float()
+    resid[rows] = (pre[rows] != 0).any(-1).float()
+    if bias_vector is not None:
+        bias[rows] = float(bool((bias_vector != 0).any()))
+    if mlp_out is not None:  # parallel blocks: the MLP output is a part of the same sum
+        mlp[rows] = (mlp_out[rows] != 0).any(-1).float()
+    return attention, resid, bias, mlp, attention.sum((1, 2)) + resid + bias + mlp
+
+
 @dataclass(frozen=True)
 class BlockContributions:
     """Normalized contributions of every part of one layer's block outputs, per query position.
@@ -242,6 +279,15 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
     bias = torch.zeros_like(resid) if bias_vector is None else _direct(bias_vector.to(whole.device), whole, size)
     mlp_prox = _direct(mlp, whole, size) if arch.parallel else torch.zeros_like(resid)
     total = prox.sum((1, 2)) + resid + bias + mlp_prox
+    degenerate = total == 0  # [pos]: every part farther from the whole than the whole from 0
+    if degenerate.any():
+        prox, resid, bias, mlp_prox, total = _split_evenly(
+            degenerate,
+            trace.at("attn_probs", layer),
+            updates,
+            (prox, resid, bias, mlp_prox),
+            (pre, bias_vector, mlp if arch.parallel else None),
+        )
     scale = 1 / total.clamp_min(torch.finfo(total.dtype).tiny)
     error = torch.where(total > slack, 2 * slack / (total - slack).clamp_min(1e-30), torch.ones_like(slack))
     error = error.masked_fill(slack == 0, 0.0)
@@ -252,6 +298,9 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
         post_size = post.abs().sum(-1)
         ffn = _direct(mlp, post, post_size)
         keep = _direct(mid, post, post_size)
+        stuck = (ffn + keep) == 0  # degenerate: split evenly between the non-zero parts
+        ffn = torch.where(stuck, (mlp != 0).any(-1).float(), ffn)
+        keep = torch.where(stuck, (mid != 0).any(-1).float(), keep)
         ffn_total = (ffn + keep).clamp_min(torch.finfo(post.dtype).tiny)
         mlp_share, mlp_resid = ffn / ffn_total, keep / ffn_total
     return BlockContributions(
