@@ -22,7 +22,8 @@ EVIL = "<img src=x onerror=alert(1)>"
 
 def lens_result() -> LayerPredictions:
     return LayerPredictions(
-        position=1,
+        position=None,
+        state_position=1,
         site="resid_post",
         norm=True,
         layers=(0, 1),
@@ -36,6 +37,7 @@ def lens_result() -> LayerPredictions:
 def watch_result() -> RankingsWatch:
     return RankingsWatch(
         position=1,
+        state_position=0,
         words=(" is", " ares"),
         layers=(0, 1),
         columns=(" is", " are"),
@@ -46,12 +48,13 @@ def watch_result() -> RankingsWatch:
         vocab_size=50,
         site="resid_post",
         norm=False,
+        notes=("' ares' is 2 tokens (' are', 's'): ranking its first token ' are'",),
     )
 
 
 def test_lens_text_twin() -> None:
     assert str(lens_result()) == (
-        "Logit lens at position 1 ('·keys'), resid_post\n"
+        "Logit lens: prediction after the last token, read from the state at 1 ('·keys'), resid_post\n"
         "layer  top 1        top 2\n"
         "-----  -----------  -----------------------------------\n"
         "0      ·is 50.00%   ↵ 25.00%\n"
@@ -61,10 +64,10 @@ def test_lens_text_twin() -> None:
 
 def test_rankings_text_twins() -> None:
     assert str(watch_result()) == (
-        "Rankings watch at position 1 ('·keys'): rank of each watched token (1 = top of 50), resid_post, "
-        "no final norm\n"
+        "Rankings watch: prediction of '·keys' at 1, read from the state at 0 ('The'); rank of each watched token "
+        "(1 = top of 50), resid_post, no final norm\n"
         "input: 'The keys'\n"
-        "' ares' is ranked by its first token ' are'\n"
+        "' ares' is 2 tokens (' are', 's'): ranking its first token ' are'\n"
         "layer  ·is  ·are\n"
         "-----  ---  ----\n"
         "0      3    120\n"
@@ -146,7 +149,8 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch) -> None:
 def real_results() -> tuple[LayerPredictions, Rankings, RankingsWatch]:
     lm = tiny("llama")
     out = lm.generate(TEXT, generate=3)
-    return out.layer_predictions(position=4, topk=4), out.rankings(), out.rankings_watch([" is", " are"], position=4)
+    # Ecco's meaning: position 5 is the first generated token, read from the state of " cabinet" at 4
+    return out.layer_predictions(position=5, topk=4), out.rankings(), out.rankings_watch([" is", " are"], position=5)
 
 
 @pytest.mark.browser

@@ -46,10 +46,14 @@ def check_final_lens(lm: lmscope.LM, text: str) -> None:
     expected = torch.softmax(hf_logits(lm, out.token_ids), dim=-1)  # [pos, vocab]
     lens = torch.softmax(lens_logits(out.trace, lm.unembed)[-1], dim=-1)  # [pos, vocab]
     torch.testing.assert_close(lens, expected, atol=1e-6, rtol=1e-4)
-    for position in (0, -1):
+    n = len(out.tokens)
+    causal = lm.model.can_generate()
+    # (position, the state it is read from): Ecco's meaning for a causal LM, the token's own state for a masked LM
+    cases = [(1, 0), ("next", n - 1), (-1, n - 1), (n, n - 1), (-2, n - 3)] if causal else [(0, 0), (-1, n - 1)]
+    for position, state in cases:
         top = out.layer_predictions(position=position, layer=-1, topk=5)
-        assert top.layers == (lm.arch.n_layers - 1,)
-        want = expected[position].topk(5)
+        assert top.layers == (lm.arch.n_layers - 1,) and top.state_position == state
+        want = expected[state].topk(5)
         np.testing.assert_allclose(top.probs[0], want.values.numpy(), rtol=1e-4, atol=1e-7)
         assert top.tokens[0] == lm.unembed.token_strings(want.indices.tolist())
 
@@ -132,16 +136,85 @@ def test_rankings_unembed_in_bounded_chunks(monkeypatch) -> None:
 def test_rankings_watch_matches_reference() -> None:
     lm = tiny("llama")
     out = lm.trace(TEXT)
-    result = out.rankings_watch([" is", " are", 7], position=2)
+    result = out.rankings_watch([" is", " are", 7], position=2)  # the token at 2, predicted from the state at 1
     ids = [lm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" is", " are")] + [7]
     assert isinstance(result, RankingsWatch)
-    assert result.position == 2 and result.columns == (" is", " are", lm.unembed.token_strings([7])[0])
-    assert result.words[:2] == (" is", " are")
+    assert result.position == 2 and result.state_position == 1
+    assert result.columns == (" is", " are", lm.unembed.token_strings([7])[0])
+    assert result.words[:2] == (" is", " are") and result.notes == ()
     np.testing.assert_array_equal(result.column_ids, ids)
-    lens = lens_logits(out.trace, lm.unembed, position=2)  # [layer, vocab]
+    lens = lens_logits(out.trace, lm.unembed, position=1)  # [layer, vocab]
     for layer in range(lm.arch.n_layers):
         assert_ranks(result.ranks[layer], lens[layer].expand(3, -1), torch.tensor(ids))
-    assert out.rankings_watch([" is"]).position == len(out.tokens) - 1
+    after = out.rankings_watch([" is"])  # Ecco's default -1: the token after the last one
+    assert after.position is None and after.state_position == len(out.tokens) - 1
+    assert str(after).startswith(
+        "Rankings watch: prediction after the last token, read from the state at 4 ('·cabinet')"
+    )
+    assert after.to_dict()["position"] is None and after.to_dict()["state_position"] == 4
+
+
+def ecco_state(method: str, position: int, n: int) -> int:
+    """The hidden state Ecco reads, written from Ecco's own indexing (src/ecco/output.py):
+    ``layer_predictions`` takes ``h[position - 1]``; ``rankings_watch`` takes ``h[position - 1]``
+    except for its default ``-1``, which takes ``h[-1]``."""
+    if method == "rankings_watch" and position == -1:
+        return n - 1
+    return (position - 1) % n
+
+
+def test_ecco_code_copied_as_is_reads_eccos_state() -> None:
+    lm = tiny("llama")
+    out = lm.generate(TEXT, generate=2)  # 7 tokens, the last two generated
+    n = len(out.tokens)
+    lens = lens_logits(out.trace, lm.unembed)  # [layer, pos, vocab]
+    for position in (1, 3, 5, 6, n, -2):  # n: Ecco's article watches position=5 on its 5-token input
+        state = ecco_state("layer_predictions", position, n)
+        top = out.layer_predictions(position=position, layer=2, topk=3)  # Ecco: output.layer_predictions(...)
+        assert top.state_position == state
+        assert top.tokens[0] == lm.unembed.token_strings(lens[2, state].topk(3).indices.tolist())
+        assert top.position == (position % n if position != n else None)
+    for position in (-1, 1, 4, 6, n, -3):
+        state = ecco_state("rankings_watch", position, n)
+        watch = out.rankings_watch([" is", " are"], position=position)
+        assert watch.state_position == state
+        ids = torch.tensor(watch.column_ids)
+        assert_ranks(watch.ranks[-1], lens[-1, state].expand(2, -1), ids)
+    # the generated token at 5 is explained from the state at 4, and says so
+    top = out.layer_predictions(position=5, topk=1)
+    token = out.tokens[5].replace(" ", "·")
+    assert str(top).startswith(f"Logit lens: prediction of '{token}' at 5, read from the state at 4 ('·cabinet')")
+    assert top.to_dict()["position"] == 5 and top.to_dict()["state_position"] == 4
+
+
+def test_next_has_its_own_spelling_everywhere() -> None:
+    lm = tiny("llama")
+    out = lm.trace(TEXT)
+    n = len(out.tokens)
+    spellings = ("next", n, -1)
+    lenses = [out.layer_predictions(position=p, topk=3) for p in spellings]
+    assert all(r.position is None and r.state_position == n - 1 for r in lenses)
+    assert all(r.tokens == lenses[0].tokens for r in lenses)
+    assert str(lenses[0]).startswith("Logit lens: prediction after the last token, read from the state at 4")
+    watches = [out.rankings_watch([" is"], position=p) for p in spellings]
+    assert all(np.array_equal(w.ranks, watches[0].ranks) for w in watches)
+    flows = [out.flow(position=p, details=False) for p in spellings]
+    assert all(f.positions == (n - 1,) for f in flows)
+    assert "explains the prediction after the last token, read from the state at 4" in str(flows[0])
+    assert out.flow(position=3, details=False).positions == (2,)  # the graph of token 3 starts at the state 2
+    assert out.position_of_state(-1) == n and out.position_of_state(2) == 3
+    assert out.layer_predictions(position=out.position_of_state(2)).state_position == 2
+    assert out.layer_predictions().position == 1  # Ecco's default: the second token, from the first state
+
+
+def test_masked_lm_positions_name_the_token_at_its_own_state() -> None:
+    out = tiny("bert").trace(TEXT)
+    top = out.layer_predictions(position=2, topk=2)
+    assert top.position == top.state_position == 2
+    assert "read from its own state" in str(top)
+    assert out.position_of_state(2) == 2
+    with pytest.raises(LmscopeError, match="masked LM"):
+        out.rankings_watch([" is"], position="next")
 
 
 def test_watch_word_of_several_tokens_uses_its_first_and_warns() -> None:
@@ -150,7 +223,54 @@ def test_watch_word_of_several_tokens_uses_its_first_and_warns() -> None:
     with pytest.warns(UserWarning, match=r"' antidisestablishment' is 4 tokens \(' ant', 'idis', .*first token ' ant'"):
         result = out.rankings_watch([" antidisestablishment"])
     assert result.columns == (" ant",) and result.words == (" antidisestablishment",)
-    assert "' antidisestablishment' is ranked by its first token ' ant'" in str(result)
+    note = "' antidisestablishment' is 4 tokens (' ant', 'idis', 'establish', 'ment'): ranking its first token ' ant'"
+    assert result.notes == (note,) and note in str(result).splitlines()
+    assert note in result.to_html()
+
+
+def test_watch_words_without_a_space_are_ranked_as_words_with_a_note() -> None:
+    lm = tiny("llama")
+    out = lm.trace(TEXT)
+    bare = out.rankings_watch(["is", "are", ",", "1", 7])
+    spaced = out.rankings_watch([" is", " are", ",", "1", 7])
+    assert bare.words[:4] == ("is", "are", ",", "1")
+    assert bare.columns == spaced.columns and bare.columns[:4] == (" is", " are", ",", "1")
+    np.testing.assert_array_equal(bare.ranks, spaced.ranks)
+    is_id = lm.tokenizer("is", add_special_tokens=False)["input_ids"][0]
+    assert bare.notes == (
+        f"'is' is ranked as the word mid-sentence, ' is' (token id {is_id} ranks 'is' itself)",
+        f"'are' is ranked as the word mid-sentence, ' are' (token id {lm.tokenizer.convert_tokens_to_ids('are')} "
+        "ranks 'are' itself)",
+    )
+    assert spaced.notes == ()  # "," and "1" are taken as given: SmolLM2 spells " 1" as " ", "1"
+    lines = str(bare).splitlines()
+    assert lines[2] == bare.notes[0] and lines[3] == bare.notes[1]
+    assert bare.notes[0] in bare.to_html()
+    exact = out.rankings_watch([is_id])  # a token id ranks the token itself
+    assert exact.columns == ("is",) and exact.notes == ()
+    with pytest.warns(UserWarning, match="' antidisestablishment' is 4 tokens"):
+        split = out.rankings_watch(["antidisestablishment"])
+    assert split.notes == (
+        "'antidisestablishment' is ranked as the word mid-sentence, ' antidisestablishment'; "
+        "' antidisestablishment' is 4 tokens (' ant', 'idis', 'establish', 'ment'): ranking its first token ' ant'",
+    )
+
+
+def test_cli_and_library_watch_the_same_tokens(capsys) -> None:
+    out = tiny("llama").trace(TEXT)
+    for position in ("next", "3"):
+        args = ["watch", TEXT, "--model", "tiny-llama", "--words", "is", "are", "--position", position, "--json"]
+        assert main(args) == 0
+        data = json.loads(capsys.readouterr().out)
+        want = out.rankings_watch(["is", "are"], position=position if position == "next" else int(position))
+        assert data == json.loads(json.dumps(want.to_dict()))
+        assert data["columns"] == [" is", " are"] and len(data["notes"]) == 2
+    assert main(["lens", TEXT, "--model", "tiny-llama", "--position", "2", "--topk", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Logit lens: prediction of '·to' at 2, read from the state at 1")
+    assert main(["lens", TEXT, "--model", "tiny-llama", "--topk", "2"]) == 0  # the command line's default: next
+    assert capsys.readouterr().out.startswith("Logit lens: prediction after the last token")
+    assert main(["lens", TEXT, "--model", "tiny-llama", "--position", "0"]) == 2
+    assert "position 0 is the first token, which no state predicts" in capsys.readouterr().err
 
 
 def test_watch_warning_points_at_the_caller() -> None:
@@ -182,6 +302,10 @@ def test_bad_rankings_input_is_an_error() -> None:
     out = lm.trace(TEXT)
     with pytest.raises(LmscopeError, match="position 9 is out of range"):
         out.rankings_watch([" is"], position=9)
+    with pytest.raises(LmscopeError, match="position 0 is the first token, which no state predicts"):
+        out.layer_predictions(position=0)
+    with pytest.raises(LmscopeError, match="not a token index or 'next'"):
+        out.rankings_watch([" is"], position="last")
     with pytest.raises(LmscopeError, match="site must be one of"):
         out.rankings(site="attn_out")
     with pytest.raises(LmscopeError, match="did not capture 'resid_post'"):
@@ -207,7 +331,7 @@ def test_embedded_generated_sequence_rankings(embedded: lmscope.LM) -> None:
     out = embedded.generate(" 1, 1, 1,", generate=3, sites=["resid_post"])
     result = out.rankings()
     np.testing.assert_array_equal(result.ranks[-1], [1, 1, 1])  # greedy: the top token at the last layer
-    lens = out.layer_predictions(position=out.n_input - 1, layer=-1, topk=1)
+    lens = out.layer_predictions(position=out.n_input, layer=-1, topk=1)  # the first generated token
     assert lens.tokens[0][0] == result.columns[0]
 
 
@@ -220,7 +344,7 @@ def test_cli_rankings_and_watch(capsys, tmp_path) -> None:
     page = tmp_path / "watch.html"
     assert main(["watch", TEXT, "--model", "tiny-llama", "--words", " is", " are", "--html", str(page)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("Rankings watch at position 4 ('·cabinet')")
+    assert text.startswith("Rankings watch: prediction after the last token, read from the state at 4 ('·cabinet')")
     assert text.splitlines()[2].split() == ["layer", "·is", "·are"]
     assert 'data-view="rankings"' in page.read_text(encoding="utf-8")
     assert main(["watch", TEXT, "--model", "tiny-llama", "--words", "", "--position", "1"]) == 2

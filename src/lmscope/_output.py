@@ -18,6 +18,7 @@ from lmscope.analysis import (
     layer_predictions,
     layer_similarity,
 )
+from lmscope.analysis._predicted import Position, position_of_state, prediction
 from lmscope.analysis.attention import Attention, attention, needed_sites
 from lmscope.analysis.components import (
     ContributionMap,
@@ -82,17 +83,34 @@ class Output:
             )
         return self.lm
 
+    def _causal(self, lm: LM) -> bool:
+        return bool(lm.model.can_generate())
+
+    def position_of_state(self, state: int) -> int:
+        """The ``position`` (Ecco's meaning) of the prediction read from the residual state at ``state``.
+
+        ``state + 1`` for a causal LM, which is ``len(out.tokens)`` (the next token) for the last
+        state; ``state`` for a masked LM. For callers that pick a state, such as a clicked token.
+        """
+        causal = self.lm is None or self._causal(self.lm)
+        return position_of_state(self.trace, state, causal)
+
     def layer_predictions(
         self,
-        position: int = -1,
+        position: Position = 1,
         layer: int | None = None,
         topk: int = 10,
         norm: bool = True,
         site: str = "resid_post",
     ) -> LayerPredictions:
-        """Logit lens: top-``topk`` tokens after every layer at ``position`` (Ecco's name)."""
+        """Logit lens: top-``topk`` tokens after every layer for the token at ``position`` (Ecco's names).
+
+        As in Ecco, ``position=p`` names the token being explained, read from the state at
+        ``p − 1`` (Ecco's default ``1``: the second token, from the first state). ``"next"`` (also
+        ``len(out.tokens)`` or ``-1``) is the prediction after the last token.
+        """
         lm = self._require_lm("the logit lens")
-        return layer_predictions(self.trace, lm.unembed, position, layer, topk, norm, site)
+        return layer_predictions(self.trace, lm.unembed, position, layer, topk, norm, site, causal=self._causal(lm))
 
     def primary_attributions(
         self, attr_method: str = "grad_x_input", style: str = "minimal", **options: Any
@@ -115,10 +133,17 @@ class Output:
         return rankings(self.trace, lm.unembed, site, norm, next_token=lm.model.can_generate())
 
     def rankings_watch(
-        self, watch: list[str | int], position: int = -1, site: str = "resid_post", norm: bool = True
+        self, watch: list[str | int], position: Position = -1, site: str = "resid_post", norm: bool = True
     ) -> RankingsWatch:
-        """Rank of the ``watch`` words (or token ids) among the predictions at ``position``, per layer."""
-        return rankings_watch(self.trace, self._require_lm("rankings_watch").unembed, watch, position, site, norm)
+        """Rank of the ``watch`` words (or token ids) among the predictions of the token at ``position``, per layer.
+
+        ``position`` as in Ecco: ``p`` is read from the state at ``p − 1``; the default ``-1``
+        (Ecco's), ``"next"`` and ``len(out.tokens)`` rank candidates for the token after the last.
+        A word typed without its leading space is ranked as the word mid-sentence, with a note
+        (see :mod:`lmscope.analysis.rankings`).
+        """
+        lm = self._require_lm("rankings_watch")
+        return rankings_watch(self.trace, lm.unembed, watch, position, site, norm, causal=self._causal(lm))
 
     def activations(self, layers: Any = None, site: str = "mlp_act") -> Activations:
         """Activations ``[layer, neuron, pos]`` of ``site`` (``mlp_act`` or a residual site) with the tokens."""
@@ -176,17 +201,29 @@ class Output:
     def flow(
         self,
         threshold: float = 0.04,
-        position: int | list[int] | None = -1,
+        position: Position | list[Position] | None = -1,
         *,
         mode: str = "prune",
         tolerance: float = 0.0,
         details: bool = True,
         topk: int = 5,
     ) -> FlowGraph:
-        """Information-flow graph of the prediction at ``position`` (``None``: all), as in LM-TT."""
+        """Information-flow graph of the prediction of the token at ``position`` (``None``: all), as in LM-TT.
+
+        ``position`` as in :meth:`layer_predictions`: ``p`` starts the graph at the state ``p − 1``
+        that predicts token ``p``; the default ``-1`` (also ``"next"``) explains the prediction after
+        the last token. The graph's own ``positions`` are those states.
+        """
         lm = self._require_lm("the flow graph")
         unembed = lm.unembed if lm.arch.has_lm_head else None
-        return flow(self.trace, lm.arch, unembed, threshold=threshold, position=position, mode=mode,
+        causal = self._causal(lm)
+        if position is None:
+            states = None
+        elif isinstance(position, (int, str)):
+            states = prediction(self.trace, position, causal).state
+        else:
+            states = [prediction(self.trace, p, causal).state for p in position]
+        return flow(self.trace, lm.arch, unembed, threshold=threshold, position=states, mode=mode,
                     tolerance=tolerance, details=details, topk=topk)  # fmt: skip
 
     def contribution_map(self, layer: int, tolerance: float = 0.0) -> ContributionMap:
@@ -194,7 +231,11 @@ class Output:
         return contribution_map(self.trace, self._require_lm("contribution maps").arch, layer, tolerance)
 
     def head_shares(self, layer: int, position: int = -1, source: int | None = None) -> HeadShares:
-        """Each head's share of the attention edge ``source -> position`` (of the whole block without ``source``)."""
+        """Each head's share of the attention edge ``source -> position`` (of the whole block without ``source``).
+
+        Here and in :meth:`top_neurons` and :meth:`promoted_tokens`, ``position`` is the residual
+        position whose update is examined (a node of the flow graph), not an explained token.
+        """
         return head_shares(self.trace, self._require_lm("head shares").arch, layer, position, source)
 
     def top_neurons(self, layer: int, position: int = -1, topk: int = 10) -> TopNeurons:

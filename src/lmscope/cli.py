@@ -59,10 +59,26 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name.ljust(width)}  {description}")
 
 
+def _position(value: str) -> int | str:
+    """A ``--position``: a token index (Ecco's meaning) or ``next``."""
+    if value.strip().lower() == "next":
+        return "next"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a token index or 'next'") from None
+
+
+POSITION_HELP = (
+    "the token explained, as in Ecco: P is predicted from the state at P-1; "
+    "'next' (also the token count, or -1) is the prediction after the last token (default: next)"
+)
+
+
 def _add_lens(commands: Any) -> None:
-    parser = commands.add_parser("lens", help="logit lens: top tokens after every layer at a position")
+    parser = commands.add_parser("lens", help="logit lens: top tokens after every layer for one prediction")
     parser.add_argument("text")
-    parser.add_argument("--position", type=int, default=-1)
+    parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--no-norm", action="store_true", help="skip the final norm before unembedding")
@@ -97,10 +113,10 @@ def _cmd_rankings(args: argparse.Namespace) -> None:
 
 
 def _add_watch(commands: Any) -> None:
-    parser = commands.add_parser("watch", help="rank of chosen words at one position after every layer")
+    parser = commands.add_parser("watch", help="rank of chosen words for one prediction after every layer")
     parser.add_argument("text")
     parser.add_argument("--words", nargs="+", required=True, help='words to rank, e.g. --words " is" " are"')
-    parser.add_argument("--position", type=int, default=-1, help="where the prediction is read (default: last)")
+    parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_watch)
@@ -307,7 +323,7 @@ def _add_flow(commands: Any) -> None:
     parser = commands.add_parser("flow", help="information-flow graph of a prediction (LM Transparency Tool)")
     parser.add_argument("text")
     parser.add_argument("--threshold", type=float, default=0.04, help="prune edges lighter than this (default 0.04)")
-    parser.add_argument("--position", type=int, default=-1, help="output position to explain (default: last)")
+    parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
     parser.add_argument("--mode", choices=("prune", "renormalize"), default="prune")
     _model_args(parser)
     _output_args(parser)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmscope.analysis._predicted import Position, prediction
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
@@ -25,14 +26,17 @@ RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
 
 @dataclass(frozen=True)
 class LayerPredictions(Result):
-    """Top-k next-token predictions of the logit lens at one position, one row per layer.
+    """Top-k predictions of the logit lens for one token, one row per layer.
 
+    ``position`` is the explained token (Ecco's meaning; ``None``: the prediction after the last
+    token) and ``state_position`` the residual state the prediction is read from.
     ``tokens[i][j]`` and ``probs[i, j]`` are the ``j``-th most likely token after ``layers[i]``.
     """
 
     _view = "lmscope.views.lens"
 
-    position: int
+    position: int | None
+    state_position: int
     site: str
     norm: bool
     layers: tuple[int, ...]
@@ -60,14 +64,22 @@ def lens_logits(
 def layer_predictions(
     trace: Trace,
     unembed: Unembed,
-    position: int = -1,
+    position: Position = 1,
     layer: int | None = None,
     topk: int = 10,
     norm: bool = True,
     site: str = "resid_post",
+    causal: bool = True,
 ) -> LayerPredictions:
-    """Top-``topk`` lens predictions at ``position`` after every captured layer (or one ``layer``)."""
-    pos = trace.position(position)
+    """Top-``topk`` lens predictions of the token at ``position`` after every captured layer (or one ``layer``).
+
+    ``position`` names the explained token as in Ecco: ``p`` is read from the state at ``p − 1``,
+    ``"next"`` (or ``len(tokens)``, or ``-1``) is the prediction after the last token, and the
+    default ``1`` is Ecco's (see :mod:`lmscope.analysis._predicted`). ``causal=False`` for a masked
+    LM, which predicts the token at ``p`` from the state at ``p``.
+    """
+    explained = prediction(trace, position, causal)
+    pos = explained.state
     if topk < 1:
         raise LmscopeError(f"topk must be at least 1, not {topk}")
     logits = lens_logits(trace, unembed, site, pos, norm)  # [layer, vocab]
@@ -79,7 +91,8 @@ def layer_predictions(
     top = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     ids = top.indices.cpu().numpy()
     return LayerPredictions(
-        position=pos,
+        position=explained.token,
+        state_position=pos,
         site=site,
         norm=norm,
         layers=tuple(layers),

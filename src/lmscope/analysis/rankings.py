@@ -16,7 +16,17 @@ one reads all of ``W_U``: small chunks would make the unembedding memory-bound.
 ``rankings`` ranks each output token: in a causal LM the token at ``pos + 1`` among the
 predictions at ``pos`` (the generated tokens after ``generate``, every next token after a plain
 ``trace``); in a masked LM the token at ``pos`` among the predictions at ``pos``.
-``rankings_watch`` ranks chosen tokens among the predictions at one position.
+``rankings_watch`` ranks chosen tokens among the predictions of one token, named as in Ecco
+(``position=p``: the token at ``p``, predicted from the state at ``p − 1``; ``"next"``: the token
+after the last one; see :mod:`lmscope.analysis._predicted`).
+
+Watch words are words. A word typed without a leading space (``"are"``) is ranked as the word
+appears mid-sentence, where the tokenizer spells it with its space (``" are"``), since that is
+the candidate a prediction after a word ranks; the result notes the change, and a token id ranks
+a token exactly. The word is taken as given when it already starts with whitespace, does not
+start with a letter or digit, or when the tokenizer writes the space as a token of its own
+(SmolLM2's digits: ``" 1"`` is ``" "``, ``"1"``). A word of several tokens is ranked by its
+first token, with a note. The command line and the app pass words to this rule unchanged.
 """
 
 from __future__ import annotations
@@ -29,13 +39,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmscope.analysis._predicted import Position, prediction
 from lmscope.analysis._result import Result
 from lmscope.analysis.lens import RESIDUAL_SITES
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Unembed
 
-__all__ = ["CHUNK_ELEMENTS", "Rankings", "RankingsWatch", "rank_rows", "rankings", "rankings_watch", "watch_token"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "Rankings",
+    "RankingsWatch",
+    "WatchToken",
+    "rank_rows",
+    "rankings",
+    "rankings_watch",
+    "watch_token",
+]
 
 CHUNK_ELEMENTS = 24 * 2**20  # logits per unembedding chunk: 96 MB of float32 (512 rows of a 49k vocabulary)
 _COMPARE_ROWS = 16  # rows compared at once: a [16, vocab] boolean temporary fits in cache (5x faster than 512)
@@ -75,14 +95,17 @@ class Rankings(_RankTable):
 
 @dataclass(frozen=True)
 class RankingsWatch(_RankTable):
-    """The rank of chosen tokens among the lens predictions at one position, after every layer.
+    """The rank of chosen tokens among the lens predictions of one token, after every layer.
 
-    ``words`` are the words as asked; ``columns`` the tokens actually ranked (a word that is
-    several tokens is ranked by its first); ``ranks[i, j]`` is the rank of ``columns[j]`` after
+    ``position`` is the explained token (Ecco's meaning; ``None``: the prediction after the last
+    token), read from the residual state at ``state_position``. ``words`` are the words as asked;
+    ``columns`` the tokens actually ranked (see the module docstring); ``notes`` say, one line
+    each, which words were changed or split. ``ranks[i, j]`` is the rank of ``columns[j]`` after
     ``layers[i]``.
     """
 
-    position: int
+    position: int | None
+    state_position: int
     words: tuple[str, ...]
     layers: tuple[int, ...]
     columns: tuple[str, ...]
@@ -93,6 +116,7 @@ class RankingsWatch(_RankTable):
     vocab_size: int
     site: str
     norm: bool
+    notes: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -168,28 +192,32 @@ def rankings_watch(
     trace: Trace,
     unembed: Unembed,
     watch: Sequence[str | int],
-    position: int = -1,
+    position: Position = -1,
     site: str = "resid_post",
     norm: bool = True,
+    causal: bool = True,
 ) -> RankingsWatch:
-    """Rank of each watched word (or token id) among the lens predictions at ``position``, per layer.
+    """Rank of each watched word (or token id) among the lens predictions of the token at ``position``, per layer.
 
-    ``position`` is where the prediction is read: ``-1`` ranks candidates for the token after the
-    last one (Ecco's ``position`` names the predicted token instead, one further on).
+    ``position`` names the explained token as in Ecco: ``p`` is read from the state at ``p − 1``;
+    the default ``-1`` (Ecco's), ``"next"`` and ``len(tokens)`` rank candidates for the token
+    after the last one. ``causal=False`` for a masked LM (the state at ``p`` itself).
     """
     hidden = _residual(trace, site)  # [layer, pos, d_model]
-    pos = trace.position(position)
+    explained = prediction(trace, position, causal)
     if isinstance(watch, (str, int)) or len(watch) == 0:
         raise LmscopeError('watch must be a non-empty list of words or token ids, e.g. watch=[" is", " are"]')
-    ids = []
+    chosen = []
     for word in watch:  # a loop, not a comprehension, so warnings point at the caller
-        ids.append(watch_token(unembed, word, trace.model.vocab_size))
+        chosen.append(watch_token(unembed, word, trace.model.vocab_size))
+    ids = [c.id for c in chosen]
     targets = torch.tensor(ids, dtype=torch.long)  # [column]
-    picked = hidden[:, pos]  # [layer, d_model]
+    picked = hidden[:, explained.state]  # [layer, d_model]
     targets = targets.expand(picked.shape[0], -1)  # [layer, column]
     ranks = rank_rows(picked, targets, unembed, trace.model.vocab_size, norm)  # [layer, column]
     return RankingsWatch(
-        position=pos,
+        position=explained.token,
+        state_position=explained.state,
         words=tuple(w if isinstance(w, str) else unembed.token_strings([w])[0] for w in watch),
         layers=tuple(trace.layers),
         columns=unembed.token_strings(ids),
@@ -200,21 +228,42 @@ def rankings_watch(
         vocab_size=trace.model.vocab_size,
         site=site,
         norm=norm,
+        notes=tuple(c.note for c in chosen if c.note),
     )
 
 
-def watch_token(unembed: Unembed, word: str | int, vocab_size: int) -> int:
-    """The token id to rank for one watched word: the word's only token, or its first with a warning."""
+@dataclass(frozen=True)
+class WatchToken:
+    """The token ranked for one watched word, and a one-line note when it is not the word as typed."""
+
+    id: int
+    note: str = ""
+
+
+def watch_token(unembed: Unembed, word: str | int, vocab_size: int) -> WatchToken:
+    """The token to rank for one watched word (the rule is in the module docstring).
+
+    A word of several tokens also warns (``UserWarning``), as its first token stands for it.
+    """
     if isinstance(word, (int, np.integer)) and not isinstance(word, bool):
         if not 0 <= int(word) < vocab_size:
             raise LmscopeError(f"watched token id {word} is outside the vocabulary (0..{vocab_size - 1})")
-        return int(word)
+        return WatchToken(int(word))
     if not isinstance(word, str):
         raise LmscopeError(f"watch words must be strings or token ids, not {type(word).__name__}")
     tokenizer = unembed.tokenizer
     if tokenizer is None:
         raise LmscopeError("this model has no tokenizer to encode watch words: pass token ids instead")
-    ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
+    ids = _encode(tokenizer, word)
+    as_typed, notes = ids, []
+    if word[:1].isalnum():
+        spaced = _encode(tokenizer, " " + word)
+        if spaced and spaced != ids and unembed.token_strings(spaced[:1])[0].strip():
+            ids = spaced
+            notes.append(
+                f"{word!r} is ranked as the word mid-sentence, {' ' + word!r}"
+                + (f" (token id {as_typed[0]} ranks {word!r} itself)" if len(as_typed) == 1 else "")
+            )
     unk = tokenizer.unk_token_id
     if not ids or (unk is not None and unk in ids):
         raise LmscopeError(
@@ -223,12 +272,15 @@ def watch_token(unembed: Unembed, word: str | int, vocab_size: int) -> int:
     if len(ids) > 1:
         split = ", ".join(repr(t) for t in unembed.token_strings(ids))
         first = unembed.token_strings(ids[:1])[0]
-        warnings.warn(
-            f"watch word {word!r} is {len(ids)} tokens ({split}): ranking its first token {first!r}",
-            UserWarning,
-            stacklevel=4,
-        )
-    return ids[0]
+        ranked = word if ids is as_typed else " " + word
+        message = f"{ranked!r} is {len(ids)} tokens ({split}): ranking its first token {first!r}"
+        notes.append(message)
+        warnings.warn(f"watch word {message}", UserWarning, stacklevel=4)
+    return WatchToken(ids[0], "; ".join(notes))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _residual(trace: Trace, site: str) -> torch.Tensor:

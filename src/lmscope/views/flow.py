@@ -12,6 +12,7 @@ from typing import Any
 
 from lmscope.analysis.flow import Edge, FlowGraph
 from lmscope.views._html import fragment
+from lmscope.views._prediction import describe
 from lmscope.views._text import percent, table, visible
 
 __all__ = ["strongest_routes", "to_html", "to_text"]
@@ -81,6 +82,10 @@ def to_text(result: FlowGraph) -> str:
     if result.error > 0:
         head += f", weights within ±{result.error:.2g} of exact"
     lines = [head]
+    if len(result.positions) <= 4:  # which prediction each start explains (a causal LM's next token)
+        n = len(result.tokens)
+        for p in result.positions:
+            lines.append(f"  explains the {describe(p + 1 if p + 1 < n else None, p, result.tokens)}")
     routes = strongest_routes(result)
     if routes:
         lines.append("Strongest routes (product of edge weights), input first:")

@@ -10,15 +10,16 @@ from typing import Any
 
 from lmscope.analysis.lens import LayerPredictions
 from lmscope.views._html import fragment
+from lmscope.views._prediction import describe
 from lmscope.views._text import percent, table, visible
 
 __all__ = ["to_html", "to_text", "view_data"]
 
 
 def _title(result: LayerPredictions) -> str:
-    token = visible(result.input_tokens[result.position])
     norm = "" if result.norm else ", no final norm"
-    return f"Logit lens at position {result.position} ({token!r}), {result.site}{norm}"
+    what = describe(result.position, result.state_position, result.input_tokens)
+    return f"Logit lens: {what}, {result.site}{norm}"
 
 
 def to_text(result: LayerPredictions) -> str:
@@ -38,6 +39,7 @@ def view_data(result: LayerPredictions) -> dict[str, Any]:
         "input": list(result.input_tokens),
         "n_input": len(result.input_tokens) if result.n_input is None else result.n_input,
         "position": result.position,
+        "state_position": result.state_position,
         "layers": list(result.layers),
         "tokens": [list(row) for row in result.tokens],
         "ids": result.token_ids.tolist(),

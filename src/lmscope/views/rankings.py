@@ -14,6 +14,7 @@ from typing import Any
 from lmscope.analysis.rankings import Rankings, RankingsWatch
 from lmscope.views._figure import new_figure
 from lmscope.views._html import fragment
+from lmscope.views._prediction import describe
 from lmscope.views._text import table, visible
 
 __all__ = ["plot", "to_html", "to_text", "view_data"]
@@ -25,8 +26,8 @@ def _title(result: Rankings | RankingsWatch) -> str:
     norm = "" if result.norm else ", no final norm"
     scale = f"(1 = top of {result.vocab_size}), {result.site}{norm}"
     if isinstance(result, RankingsWatch):
-        token = visible(result.input_tokens[result.position])
-        return f"Rankings watch at position {result.position} ({token!r}): rank of each watched token {scale}"
+        what = describe(result.position, result.state_position, result.input_tokens)
+        return f"Rankings watch: {what}; rank of each watched token {scale}"
     if result.positions == result.targets:  # a masked LM predicts each token where it stands
         return f"Rankings: rank of each token at its own position after every layer {scale}"
     what = "generated" if result.n_input < len(result.input_tokens) else "next"
@@ -37,9 +38,7 @@ def _notes(result: Rankings | RankingsWatch) -> list[str]:
     text = "".join(result.input_tokens[: result.n_input])
     notes = [f"input: {text!r}"]
     if isinstance(result, RankingsWatch):
-        for word, column in zip(result.words, result.columns, strict=True):
-            if word != column:
-                notes.append(f"{word!r} is ranked by its first token {column!r}")
+        notes.extend(result.notes)
     return notes
 
 
@@ -70,7 +69,7 @@ def view_data(result: Rankings | RankingsWatch) -> dict[str, Any]:
         "notes": _notes(result)[1:],
         "input": list(result.input_tokens),
         "n_input": result.n_input,
-        "mark": [result.position] if watch else [],
+        "mark": [result.state_position] if watch else [],
         "layers": list(result.layers),
         "columns": list(result.columns),
         "column_titles": _column_titles(result),

@@ -236,9 +236,10 @@
       function watch(event) {
         if (event) { event.preventDefault(); }
         S.choices.watch = input.value;
-        // Each word is watched as a mid-sentence word (with its leading space), as Ecco's examples do.
+        // Words go as typed: the library ranks a word without its leading space as the word
+        // mid-sentence and notes it (the same rule as Python's rankings_watch and `lmscope watch`).
         var words = input.value.split(",").map(function (w) { return w.trim(); })
-          .filter(function (w) { return w !== ""; }).map(function (w) { return " " + w; });
+          .filter(function (w) { return w !== ""; });
         if (!words.length) { watchBody.replaceChildren(lms.el("p", { className: "muted" }, "Type words to follow their rank.")); return Promise.resolve(null); }
         return showAnalysis(watchBody, "rankings_watch", "rankings_watch", { watch: words, position: S.position, norm: $("norm").checked, data: false });
       }

@@ -9,7 +9,7 @@
   lms.views.lens = function (body, data, root) {
     var accent = lms.cssVar(root, "--lms-cool", "31, 119, 180");
     body.appendChild(el("div", { className: "lms-title" }, data.title));
-    body.appendChild(lms.tokenRow(data.input, { nInput: data.n_input, mark: [data.position] }));
+    body.appendChild(lms.tokenRow(data.input, { nInput: data.n_input, mark: [data.state_position] }));
     var grid = el("div", { className: "lms-lens-grid" });
     data.layers.forEach(function (layer, i) {
       var row = el("div", { className: "lms-lens-row", "data-layer": String(layer) });
