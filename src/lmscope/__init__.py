@@ -12,7 +12,7 @@ from lmscope._lm import LM, from_pretrained, load_trace, wrap
 from lmscope._output import Output
 from lmscope.analysis.collect import Collection, collect, load_collection
 from lmscope.capture import Trace
-from lmscope.errors import LmscopeError
+from lmscope.errors import LmscopeError, TraceFileError
 from lmscope.models import available_models
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "LmscopeError",
     "Output",
     "Trace",
+    "TraceFileError",
     "available_models",
     "collect",
     "from_pretrained",

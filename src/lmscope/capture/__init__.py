@@ -11,7 +11,8 @@ from lmscope.capture._run import (
     token_strings,
     trace_ids,
 )
-from lmscope.capture._trace import ALL_SITES, DEFAULT_SITES, ModelInfo, Trace, load_trace
+from lmscope.capture._trace import ALL_SITES, DEFAULT_SITES, ModelInfo, Trace
+from lmscope.capture._trace_file import load_trace
 
 __all__ = [
     "ALL_SITES",

@@ -97,6 +97,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         parallel=arch.parallel,
         post_norm=arch.family.post_norm,
         dtype=str(lm.dtype).removeprefix("torch."),
+        n_neurons=arch.n_neurons,
     )
 
 

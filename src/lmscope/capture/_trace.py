@@ -24,19 +24,17 @@ Sites and their shapes (per captured layer; stacked over layers in the Trace)::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import torch
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["ALL_SITES", "DEFAULT_SITES", "ModelInfo", "Trace", "load_trace"]
+__all__ = ["ALL_SITES", "DEFAULT_SITES", "ModelInfo", "Trace"]
 
 DEFAULT_SITES: tuple[str, ...] = (
     "resid_pre",
@@ -49,9 +47,6 @@ DEFAULT_SITES: tuple[str, ...] = (
     "mlp_act",
 )
 ALL_SITES: tuple[str, ...] = (*DEFAULT_SITES, "q", "k")
-
-_FORMAT = "lmscope-trace"
-_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -70,12 +65,15 @@ class ModelInfo:
     parallel: bool
     post_norm: bool
     dtype: str
+    n_neurons: int | None = None  # MLP hidden units (None in trace files of format 1)
 
     def mismatch(self, other: ModelInfo) -> str | None:
-        """A description of how ``other`` differs in ways that matter, or ``None``."""
-        keys = ("model_type", "n_layers", "n_heads", "d_model", "vocab_size")
+        """A description of how ``other`` differs in ways that matter (tensor shapes), or ``None``."""
+        keys = ("model_type", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size", "n_neurons")
         diffs = [
-            f"{k} {getattr(self, k)} vs {getattr(other, k)}" for k in keys if getattr(self, k) != getattr(other, k)
+            f"{k} {getattr(self, k)} vs {getattr(other, k)}"
+            for k in keys
+            if getattr(self, k) != getattr(other, k) and None not in (getattr(self, k), getattr(other, k))
         ]
         return ", ".join(diffs) or None
 
@@ -154,66 +152,11 @@ class Trace:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write one safetensors file: the tensors, plus JSON metadata with tokens and model info."""
-        from safetensors.torch import save_file
+        """Write one safetensors file: the tensors with checksums, plus JSON metadata with tokens and
+        model info (read it with :func:`lmscope.load_trace`, which checks all of it)."""
+        from lmscope.capture._trace_file import save_trace
 
-        path = Path(path)
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
-        tensors["token_ids"] = self.token_ids.detach().cpu().contiguous()
-        meta = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "tokens": list(self.tokens),
-            "n_input": self.n_input,
-            "layers": list(self.layers),
-            "model": asdict(self.model),
-            "attn_scaling": list(self.attn_scaling),
-            "attn_softcap": list(self.attn_softcap),
-            "segment_b": self.segment_b,
-        }
-        save_file(tensors, str(path), metadata={"lmscope": json.dumps(meta)})
-        return path
-
-
-def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a Trace written by :meth:`Trace.save`, without the model."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LmscopeError(f"trace file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("lmscope")
-            if raw is None:
-                raise LmscopeError(f"{path} is a safetensors file but not an lmscope trace")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except LmscopeError:
-        raise
-    except Exception as error:  # safetensors reports corruption with several error types
-        raise LmscopeError(f"{path} is not a readable lmscope trace file ({error})") from error
-    try:
-        meta: dict[str, Any] = json.loads(raw)
-        if meta.get("format") != _FORMAT:
-            raise ValueError("wrong format marker")
-        if meta.get("version", 0) > _VERSION:
-            raise LmscopeError(f"{path} was written by a newer lmscope (trace format {meta['version']})")
-        token_ids = tensors.pop("token_ids")
-        return Trace(
-            token_ids=token_ids,
-            tokens=tuple(meta["tokens"]),
-            n_input=int(meta["n_input"]),
-            model=ModelInfo(**meta["model"]),
-            layers=tuple(meta["layers"]),
-            tensors=tensors,
-            attn_scaling=tuple(meta.get("attn_scaling", ())),
-            attn_softcap=tuple(meta.get("attn_softcap", ())),
-            segment_b=meta.get("segment_b"),
-        )
-    except LmscopeError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise LmscopeError(f"{path} has damaged lmscope metadata ({error})") from error
+        return save_trace(self, path)
 
 
 def _ranges(values: tuple[int, ...]) -> str:

@@ -269,6 +269,12 @@ class Architecture:
     def mlp_down(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.family.mlp_down)
 
+    @property
+    def n_neurons(self) -> int:
+        """MLP hidden units: the input width of the MLP's output projection (``mlp_act``'s last axis)."""
+        down = self.mlp_down(0)
+        return int(getattr(down, "in_features", 0) or self.linear_weight(down).shape[-1])
+
 
 def architecture_of(model: nn.Module) -> Architecture:
     """Bind the family of ``model`` to it, checking that every path in the table resolves."""

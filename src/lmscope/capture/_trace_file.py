@@ -1,0 +1,358 @@
+"""Trace files: one safetensors file per Trace, written atomically, checked completely when read.
+
+A file holds the tensors of :class:`Trace` (names and shapes in ``_trace``'s module docstring)
+plus ``token_ids``, and two metadata strings: ``lmscope``, a JSON object with the tokens, the
+model's description and the other fields of the Trace, and ``lmscope_crc32``, the CRC-32 of that
+JSON text. Since format version 2 the JSON also holds ``checksums``: for every tensor the CRC-32
+of its dtype, shape and raw bytes. CRC-32 finds every change of one byte (indeed every burst of
+up to 32 bits), and it is several times faster than SHA-256 or BLAKE2 on the same bytes; it is
+no protection against a forger, who can recompute any checksum stored in the file itself, and
+that is why everything read is also checked against the model's own description.
+
+Reading refuses, with a :class:`~lmscope.errors.TraceFileError` naming the first problem, any
+file whose metadata has the wrong type or an unknown key, token lists of the wrong length,
+layers out of range, an ``n_input`` or ``segment_b`` outside the tokens, tensors of the wrong
+shape or dtype, token ids outside the vocabulary, NaN or infinite values, attention
+probabilities outside [0, 1], or a checksum that does not match. Files of format version 1 (no
+checksums) are read with every check but the checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmscope.capture._trace import ALL_SITES, ModelInfo, Trace
+from lmscope.errors import LmscopeError, TraceFileError
+
+__all__ = ["load_trace", "save_trace", "tensor_checksum"]
+
+_FORMAT = "lmscope-trace"
+_VERSION = 2  # 2: tensor and metadata checksums, the model's n_neurons
+_META, _META_CRC = "lmscope", "lmscope_crc32"
+_FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_LIMIT = 2**31  # no dimension, layer count or vocabulary of a real model comes near
+_KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b"}
+_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums"}  # absent from early version 1 files
+_MODEL_OPTIONAL = {"n_neurons"}  # absent from version 1 files
+
+
+class _Invalid(Exception):
+    """One problem with a file's contents (raised by the checks, reported with the file's path)."""
+
+    def __init__(self, problem: str, lead: str = "is not a valid lmscope trace"):
+        super().__init__(f"{lead}: {problem}")
+
+
+def _damaged(problem: str) -> _Invalid:
+    return _Invalid(f"{problem} (the file changed after it was saved)", lead="is damaged")
+
+
+def _file_error(path: Path, problem: str) -> TraceFileError:
+    return TraceFileError(f"{path} {problem}", path=path, problem=problem)
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """CRC-32 of a CPU tensor's dtype, shape and raw bytes, as 8 hex digits."""
+    head = f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}".encode()
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(data, zlib.crc32(head)):08x}"
+
+
+def _text_checksum(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
+    """Write ``trace`` to ``path`` (a temporary name first, then renamed: never half a file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in trace.tensors.items()}
+    tensors["token_ids"] = trace.token_ids.detach().cpu().contiguous()
+    meta = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "tokens": list(trace.tokens),
+        "n_input": trace.n_input,
+        "layers": list(trace.layers),
+        "model": asdict(trace.model),
+        "attn_scaling": list(trace.attn_scaling),
+        "attn_softcap": list(trace.attn_softcap),
+        "segment_b": trace.segment_b,
+        "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
+    }
+    text = json.dumps(meta)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(partial), metadata={_META: text, _META_CRC: _text_checksum(text)})
+        os.replace(partial, path)
+    except OSError as error:
+        raise LmscopeError(f"cannot write the trace to {path}: {error.strerror or error}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def load_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a Trace written by :meth:`Trace.save`, without the model, checking all of it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _file_error(path, "was not found: no trace file there")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if _META not in header:
+                raise _file_error(path, "is a safetensors file but not an lmscope trace")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except LmscopeError:
+        raise
+    except Exception as error:  # safetensors reports corruption with several error types
+        raise _file_error(path, f"is not a readable lmscope trace file ({error})") from error
+    try:
+        return _checked(header, tensors)
+    except _Invalid as problem:
+        raise _file_error(path, str(problem)) from None
+
+
+def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Trace:
+    """The Trace in a file's metadata and tensors, or :class:`_Invalid` naming the first problem."""
+    try:
+        meta = json.loads(header[_META])
+    except (ValueError, RecursionError) as error:
+        raise _Invalid(f"its lmscope metadata is not JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise _Invalid("its lmscope metadata has no 'format': 'lmscope-trace' marker")
+    version = meta.get("version")
+    if type(version) is not int or version < 1:
+        raise _Invalid(f"metadata 'version' must be a positive integer, not {_kind(version)}")
+    if version > _VERSION:
+        raise _Invalid(f"it was written by a newer lmscope (trace format {version}): upgrade lmscope", "cannot be read")
+    if version >= 2:
+        _verify_header(header)
+    _keys(
+        "metadata", meta, _KEYS | {"checksums"}, required=_KEYS - _OPTIONAL | ({"checksums"} if version >= 2 else set())
+    )
+    if "checksums" in meta:
+        _verify_tensors(meta["checksums"], tensors)
+    model = _model(meta["model"], version)
+    tokens = meta["tokens"]
+    if not isinstance(tokens, list) or not tokens:
+        raise _Invalid(f"metadata 'tokens' must be a non-empty list of strings, not {_kind(tokens)}")
+    for i, token in enumerate(tokens):
+        _string(f"token {i}", token)
+    n_pos = len(tokens)
+    n_input = _integer("metadata 'n_input'", meta["n_input"], 1, n_pos, f"1..{n_pos} (the number of tokens)")
+    layers = _layers(meta["layers"], model.n_layers)
+    attn_scaling, attn_softcap = _attention_factors(meta, len(layers))
+    segment_b = meta.get("segment_b")
+    if segment_b is not None:
+        segment_b = _integer("metadata 'segment_b'", segment_b, 1, n_pos - 1, f"1..{n_pos - 1} or null")
+    token_ids = _token_ids(tensors, n_pos, model.vocab_size)
+    _check_tensors(tensors, model, len(layers), n_pos)
+    return Trace(
+        token_ids=token_ids,
+        tokens=tuple(tokens),
+        n_input=n_input,
+        model=model,
+        layers=layers,
+        tensors=tensors,
+        attn_scaling=attn_scaling,
+        attn_softcap=attn_softcap,
+        segment_b=segment_b,
+    )
+
+
+def _verify_header(header: Mapping[str, str]) -> None:
+    stored = header.get(_META_CRC)
+    if stored is None:
+        raise _Invalid(f"it has no checksum of its metadata ('{_META_CRC}'), which format 2 files always have")
+    if stored != _text_checksum(header[_META]):
+        raise _damaged("its lmscope metadata do not match their checksum")
+
+
+def _verify_tensors(checksums: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    if not isinstance(checksums, dict):
+        raise _Invalid(f"metadata 'checksums' must be an object, not {_kind(checksums)}")
+    for name in tensors:
+        if name not in checksums:
+            raise _Invalid(f"tensor {name!r} has no checksum in metadata 'checksums'")
+    for name, stored in checksums.items():
+        if name not in tensors:
+            raise _Invalid(f"tensor {name!r}, named in metadata 'checksums', is missing")
+        if stored != tensor_checksum(tensors[name]):
+            raise _damaged(f"tensor {name!r} does not match its checksum")
+
+
+def _model(model: Any, version: int) -> ModelInfo:
+    if not isinstance(model, dict):
+        raise _Invalid(f"metadata 'model' must be an object, not {_kind(model)}")
+    names = {f.name for f in fields(ModelInfo)}
+    _keys("metadata 'model'", model, names, required=names if version >= 2 else names - _MODEL_OPTIONAL)
+    for key in ("name", "model_type", "family", "dtype"):
+        _string(f"model '{key}'", model[key])
+    for key in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size"):
+        _integer(f"model '{key}'", model[key], 1, _LIMIT - 1)
+    if model.get("n_neurons") is not None:
+        _integer("model 'n_neurons'", model["n_neurons"], 1, _LIMIT - 1)
+    for key in ("parallel", "post_norm"):
+        if type(model[key]) is not bool:
+            raise _Invalid(f"model '{key}' must be true or false, not {_kind(model[key])}")
+    if model["dtype"] not in _FLOATS:
+        raise _Invalid(f"model 'dtype' must be one of {', '.join(_FLOATS)}, not {model['dtype']!r}")
+    if model["n_heads"] % model["n_kv_heads"]:
+        raise _Invalid(f"model 'n_kv_heads' {model['n_kv_heads']} does not divide 'n_heads' {model['n_heads']}")
+    return ModelInfo(**model)
+
+
+def _layers(layers: Any, n_layers: int) -> tuple[int, ...]:
+    if not isinstance(layers, list) or not layers:
+        raise _Invalid(f"metadata 'layers' must be a non-empty list of layer numbers, not {_kind(layers)}")
+    for layer in layers:
+        _integer("a layer in metadata 'layers'", layer, 0, n_layers - 1, f"0..{n_layers - 1} (the model's layers)")
+    if layers != sorted(set(layers)):
+        raise _Invalid(f"metadata 'layers' must be increasing without repeats, not {layers[:8]}")
+    return tuple(layers)
+
+
+def _attention_factors(meta: dict[str, Any], n_layers: int) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    scaling, softcap = meta.get("attn_scaling", []), meta.get("attn_softcap", [])
+    for key, values in (("attn_scaling", scaling), ("attn_softcap", softcap)):
+        if not isinstance(values, list) or len(values) not in (0, n_layers):
+            raise _Invalid(
+                f"metadata {key!r} must be a list of one number per captured layer ({n_layers}) or empty, "
+                f"not {_kind(values)}"
+            )
+    if len(softcap) != len(scaling):
+        raise _Invalid(f"metadata 'attn_softcap' has {len(softcap)} entries and 'attn_scaling' {len(scaling)}")
+    for value in scaling:
+        _positive("a value in metadata 'attn_scaling'", value)
+    for value in softcap:
+        if value is not None:
+            _positive("a value in metadata 'attn_softcap'", value)
+    return tuple(float(v) for v in scaling), tuple(None if v is None else float(v) for v in softcap)
+
+
+def _token_ids(tensors: dict[str, torch.Tensor], n_pos: int, vocab_size: int) -> torch.Tensor:
+    ids = tensors.pop("token_ids", None)
+    if ids is None:
+        raise _Invalid("the tensor 'token_ids' is missing")
+    if ids.dtype not in _INTEGERS:
+        raise _Invalid(f"tensor 'token_ids' must hold integers, not {str(ids.dtype).removeprefix('torch.')}")
+    if tuple(ids.shape) != (n_pos,):
+        raise _Invalid(f"tensor 'token_ids' has shape {list(ids.shape)}, not [{n_pos}] (one id per token)")
+    ids = ids.long()
+    low, high = (int(x) for x in torch.aminmax(ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise _Invalid(f"tensor 'token_ids' holds the id {bad}, outside the vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
+def _shapes(model: ModelInfo, n_layers: int, n_pos: int, n_neurons: int) -> dict[str, tuple[int, ...]]:
+    """Each site's shape (the axis vocabulary of ``_trace``'s module docstring)."""
+    resid = (n_layers, n_pos, model.d_model)
+    kv = (n_layers, n_pos, model.n_kv_heads, model.d_head)
+    return {
+        "resid_pre": resid,
+        "resid_mid": resid,
+        "resid_post": resid,
+        "attn_out": resid,
+        "mlp_out": resid,
+        "attn_probs": (n_layers, model.n_heads, n_pos, n_pos),
+        "q": (n_layers, n_pos, model.n_heads, model.d_head),
+        "k": kv,
+        "v": kv,
+        "mlp_act": (n_layers, n_pos, n_neurons),
+        "logits": (n_pos, model.vocab_size),
+    }
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], model: ModelInfo, n_layers: int, n_pos: int) -> None:
+    unknown = [name for name in tensors if name not in (*ALL_SITES, "logits")]
+    if unknown:
+        raise _Invalid(f"tensor {unknown[0]!r} is no site of a trace (sites: {', '.join(ALL_SITES)}, logits)")
+    act = tensors.get("mlp_act")
+    n_neurons = model.n_neurons or (int(act.shape[-1]) if act is not None and act.ndim else 1)
+    shapes = _shapes(model, n_layers, n_pos, n_neurons)
+    dtype = _FLOATS[model.dtype]
+    for name, tensor in tensors.items():
+        if name == "logits":
+            if not tensor.dtype.is_floating_point or tensor.dtype not in _FLOATS.values():
+                raise _Invalid(
+                    f"tensor 'logits' must be floating point, not {str(tensor.dtype).removeprefix('torch.')}"
+                )
+        elif tensor.dtype != dtype:
+            raise _Invalid(
+                f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not the model's {model.dtype}"
+            )
+        if tuple(tensor.shape) != shapes[name]:
+            raise _Invalid(f"tensor {name!r} has shape {list(tensor.shape)}, not {list(shapes[name])}")
+    for name, tensor in tensors.items():  # after all shapes: the costlier scans
+        # A sum is finite unless a value is NaN or infinite (or the sum overflows: then look closer).
+        if not (bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())):
+            raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
+    probs = tensors.get("attn_probs")
+    if probs is not None and probs.numel():
+        low, high = (float(x) for x in torch.aminmax(probs))
+        if low < 0 or high > 1:
+            raise _Invalid("tensor 'attn_probs' holds values outside [0, 1], which no attention probability takes")
+
+
+def _keys(where: str, mapping: dict[str, Any], known: set[str], required: set[str]) -> None:
+    for key in mapping:
+        if key not in known:
+            raise _Invalid(f"{where} has an unknown key {key!r}")
+    for key in sorted(required):
+        if key not in mapping:
+            raise _Invalid(f"{where} lacks the key {key!r}")
+
+
+def _string(where: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be a string, not {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{where} is not valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _integer(where: str, value: Any, low: int, high: int, allowed: str | None = None) -> int:
+    if type(value) is not int:
+        raise _Invalid(f"{where} must be an integer, not {_kind(value)}")
+    if not low <= value <= high:
+        raise _Invalid(f"{where} is {value}, outside {allowed or f'{low}..{high}'}")
+    return value
+
+
+def _positive(where: str, value: Any) -> None:
+    if type(value) not in (int, float):
+        raise _Invalid(f"{where} must be a number, not {_kind(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise _Invalid(f"{where} is {value}, not a finite positive number")
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, as a message names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true/false)"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return "an object" if isinstance(value, dict) else type(value).__name__
