@@ -20,7 +20,13 @@ def python_blocks(text: str) -> list[str]:
 def test_readme_has_the_articles_examples() -> None:
     code = "\n".join(python_blocks(README.read_text(encoding="utf-8")))
     assert 'lm.generate(" 1, 1, 1,", generate=1)' in code
-    for call in ("layer_predictions(position=", "rankings()", 'rankings_watch([" is", " are"]'):
+    for call in (
+        "layer_predictions(position=9",
+        'layer_predictions(position="next"',
+        "rankings()",
+        'rankings_watch([" is", " are"], position=5)',
+        'rankings_watch([" is", " are"])',
+    ):
         assert call in code
 
 
@@ -40,7 +46,9 @@ def test_readme_python_blocks_run(embedded: lmscope.LM, tmp_path, monkeypatch, c
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
     printed = capsys.readouterr().out
-    assert "Logit lens at position 9 ('·')" in printed
+    assert "Logit lens: prediction after the last token, read from the state at 4 ('·cabinet')" in printed
+    assert "Logit lens: prediction of '·' at 9, read from the state at 8 (',')" in printed
+    assert "Logit lens: prediction after the last token, read from the state at 9 ('·')" in printed
     assert "Rankings: rank of each generated token after every layer" in printed
-    assert printed.count("Rankings watch at position 4 ('·cabinet')") == 1
-    assert printed.count("Rankings watch at position 4 ('·cabinets')") == 1
+    after = "Rankings watch: prediction after the last token, read from the state at 4"
+    assert printed.count(f"{after} ('·cabinet')") == 1 and printed.count(f"{after} ('·cabinets')") == 1
