@@ -349,3 +349,26 @@ def test_cli_rankings_and_watch(capsys, tmp_path) -> None:
     assert 'data-view="rankings"' in page.read_text(encoding="utf-8")
     assert main(["watch", TEXT, "--model", "tiny-llama", "--words", "", "--position", "1"]) == 2
     assert "cannot encode the watch word ''" in capsys.readouterr().err
+
+
+def test_saliency_explains_the_prediction_the_lens_explains() -> None:
+    """The app's tabs ask the same position of every analysis: saliency of "next" (or len(tokens)) attributes
+    the top prediction after the last token, exactly as if that token were appended and explained."""
+    lm = tiny("llama")
+    out = lm.trace("The capital of France is")
+    n = len(out.tokens)
+    lens = out.layer_predictions(position="next", layer=-1, topk=1)
+    spelled = [out.primary_attributions(positions=p) for p in ("next", n, [n])]
+    sal = spelled[0]
+    assert sal.positions == (n,) and sal.next_token == lens.tokens[0][0]
+    assert all(s.positions == (n,) and np.allclose(s.attributions[0], sal.attributions[0]) for s in spelled)
+    np.testing.assert_allclose(sal.values, lens.probs[0], rtol=1e-4)
+    appended = lm.trace("The capital of France is" + sal.next_token)
+    assert len(appended.tokens) == n + 1
+    reference = appended.primary_attributions(positions=-1)
+    np.testing.assert_allclose(sal.attributions[0], reference.attributions[0], rtol=1e-3, atol=1e-6)
+    token = sal.next_token.replace(" ", "·")
+    assert str(sal).splitlines()[3].startswith(f"{n} '{token}' (next)")
+    assert sal.to_html().count(json.dumps(sal.next_token)) >= 1
+    inside = out.primary_attributions(positions=3)  # a token inside the text: the same token the lens explains at 3
+    assert inside.positions == (3,) and inside.next_token is None

@@ -20,6 +20,9 @@ CPUs where oneDNN multiplies float32 matrices clearly faster than PyTorch's defa
 passes run their products through it (:mod:`lmscope.analysis._onednn`); the attributions agree
 with the default library's to float32 rounding.
 Teacher forcing is implicit: the attributed tokens are whatever the trace holds, generated or not.
+Positions name the explained token, as in Ecco: output ``t`` is predicted from the state at
+``t − 1``. ``"next"`` (or ``len(tokens)``) explains the prediction after the last token, whose
+token is the model's top prediction there (``Saliency.next_token``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ _SIGNED = ("input_x_gradient", "integrated_gradients")
 STYLES = ("minimal", "detailed")
 DEFAULT_STEPS = 50
 
-Positions = int | slice | range | Sequence[int] | None
+Positions = int | str | slice | range | Sequence[int | str] | None
 TokenLike = str | int
 
 
@@ -83,6 +86,7 @@ class Saliency(Result):
     steps: int | None = None
     baseline_values: np.ndarray | None = None  # [output]
     completeness_error: np.ndarray | None = None  # [output]
+    next_token: str | None = None  # the top prediction after the last token, explained as output len(tokens)
 
     def matrix(self) -> np.ndarray:
         """Attributions as ``[output, pos]``, zero at and after each output's own position."""
@@ -106,22 +110,33 @@ def _method(attr_method: str) -> str:
 
 
 def _output_positions(trace: Trace, positions: Positions) -> list[int]:
-    """Output positions: the generated tokens by default, else every token after the first."""
+    """Output positions: the generated tokens by default, else every token after the first.
+
+    ``"next"`` or ``len(tokens)`` is the prediction after the last token (output position ``n``).
+    """
     n = trace.n_pos
     if positions is None:
         chosen = range(trace.n_input, n) if trace.n_input < n else range(1, n)
-    elif isinstance(positions, int):
+    elif isinstance(positions, (int, str)):
         chosen = [positions]
     elif isinstance(positions, slice):
         chosen = range(n)[positions]
     else:
         chosen = list(positions)
-    resolved = sorted({trace.position(int(p)) for p in chosen})
+    resolved = sorted({_output_position(trace, p) for p in chosen})
     if not resolved:
         raise LmscopeError("no output positions selected: choose positions from 1 to the last token")
     if resolved[0] == 0:
         raise LmscopeError("position 0 has no tokens before it to attribute to: choose positions from 1 on")
     return resolved
+
+
+def _output_position(trace: Trace, position: int | str) -> int:
+    if isinstance(position, str):
+        if position.strip().lower() != "next":
+            raise LmscopeError(f"position {position!r} is not a token index or 'next'")
+        return trace.n_pos
+    return trace.n_pos if position == trace.n_pos else trace.position(int(position))
 
 
 def _token_id(lm: LoadedModel, token: TokenLike, what: str) -> int:
@@ -200,9 +215,10 @@ def primary_attributions(
         raise LmscopeError(f"steps must be at least 1, not {steps}")
     out_pos = _output_positions(trace, positions)
     ids = trace.token_ids
+    next_id = trace.logits[-1].argmax().reshape(1).to(ids)  # [1] the top prediction after the last token
     foil = None if contrast is None else torch.tensor(_foils(lm, contrast, len(out_pos)))
     kind = "contrast" if foil is not None else target
-    targets = Targets(torch.tensor(out_pos), ids[out_pos], foil, kind)
+    targets = Targets(torch.tensor(out_pos), torch.cat([ids, next_id])[out_pos], foil, kind)
 
     embeds = input_embeddings(lm, ids)  # [pos, d_model]
     e = embeds.float()
@@ -251,6 +267,7 @@ def primary_attributions(
         steps=steps if method == "integrated_gradients" else None,
         baseline_values=base_values,
         completeness_error=errors,
+        next_token=_strings(lm, next_id.tolist())[0] if out_pos[-1] == trace.n_pos else None,
     )
 
 

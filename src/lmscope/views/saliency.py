@@ -33,8 +33,9 @@ def to_text(result: Saliency, k: int = 5) -> str:
     if result.steps is not None and result.completeness_error is not None:
         head += f"; {result.steps} steps, max completeness error {float(result.completeness_error.max()):.2e}"
     rows = []
+    tokens = _tokens(result)
     for i, t in enumerate(result.positions):
-        output = f"{t} {visible(result.tokens[t])!r}"
+        output = f"{t} {visible(tokens[t])!r}" + (" (next)" if t == len(result.tokens) else "")
         if result.contrast is not None:
             output += f" vs {visible(result.contrast[i])!r}"
         tops = "  ".join(f"{visible(result.tokens[s])!r} {_value(result, v)}" for s, v in result.top(i, k))
@@ -42,9 +43,14 @@ def to_text(result: Saliency, k: int = 5) -> str:
     return head + "\n" + table(["output", _TARGETS[result.target], f"top {k} input tokens"], rows)
 
 
+def _tokens(result: Saliency) -> list[str]:
+    """The trace's tokens, then the top prediction after the last one when it is explained."""
+    return [*result.tokens, *([] if result.next_token is None else [result.next_token])]
+
+
 def to_html(result: Saliency) -> str:
     data = {
-        "tokens": list(result.tokens),
+        "tokens": _tokens(result),
         "n_input": result.n_input,
         "positions": list(result.positions),
         "attributions": [[float(v) for v in row] for row in result.attributions],
