@@ -269,6 +269,8 @@ def test_cli_and_library_watch_the_same_tokens(capsys) -> None:
     assert capsys.readouterr().out.startswith("Logit lens: prediction of '·to' at 2, read from the state at 1")
     assert main(["lens", TEXT, "--model", "tiny-llama", "--topk", "2"]) == 0  # the command line's default: next
     assert capsys.readouterr().out.startswith("Logit lens: prediction after the last token")
+    assert main(["flow", TEXT, "--model", "tiny-llama", "--position", "3"]) == 0
+    assert "explains the prediction of '·the' at 3, read from the state at 2 ('·to')" in capsys.readouterr().out
     assert main(["lens", TEXT, "--model", "tiny-llama", "--position", "0"]) == 2
     assert "position 0 is the first token, which no state predicts" in capsys.readouterr().err
 
@@ -372,3 +374,21 @@ def test_saliency_explains_the_prediction_the_lens_explains() -> None:
     assert sal.to_html().count(json.dumps(sal.next_token)) >= 1
     inside = out.primary_attributions(positions=3)  # a token inside the text: the same token the lens explains at 3
     assert inside.positions == (3,) and inside.next_token is None
+
+
+def test_app_watches_the_words_the_library_watches(tmp_path) -> None:
+    """The app passes typed words on unchanged (its page no longer adds a space): the library's rule decides."""
+    testclient = pytest.importorskip("fastapi.testclient")
+    from lmscope.app import create_app
+
+    config = tmp_path / "app.json"
+    config.write_text(json.dumps({"default_model": "tiny-llama", "models": {"tiny-llama": "tiny-llama"}}))
+    client = testclient.TestClient(create_app(config))
+    run = client.post("/api/runs", json={"text": TEXT}).json()
+    out = tiny("llama").trace(TEXT)
+    for position in (-1, 3):
+        params = {"watch": ["is", ",", "1"], "position": position, "html": False}
+        reply = client.get(f"/api/runs/{run['id']}/rankings_watch", params=params).json()
+        want = out.rankings_watch(["is", ",", "1"], position=position)
+        assert reply["text"] == str(want) and reply["data"]["notes"] == list(want.notes)
+        assert reply["data"]["columns"] == [" is", ",", "1"]
