@@ -7,16 +7,14 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from lmscope.analysis.collect import read_texts
-
-UD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
+from lmscope.probing import ud_file
 
 
 def ud_sentences(split: str = "dev") -> list[str]:
-    """Sentences of Universal Dependencies English EWT (CC BY-SA 4.0), from ``shared/data``."""
-    return read_texts(UD_DIR / f"en_ewt-ud-{split}.conllu")
+    """Sentences of Universal Dependencies English EWT (CC BY-SA 4.0), the copy inside lmscope."""
+    return read_texts(ud_file(split))
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, list[float]]:

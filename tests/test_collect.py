@@ -12,12 +12,11 @@ import lmscope
 from conftest import tiny
 from lmscope import LmscopeError
 from lmscope.analysis.collect import read_texts
-
-UD = Path(__file__).parents[2] / "shared" / "data" / "ud-english-ewt"
+from lmscope.probing import ud_file
 
 
 def ud_sentences(n: int, start: int = 0) -> list[str]:
-    return read_texts(UD / "en_ewt-ud-dev.conllu")[start : start + n]
+    return read_texts(ud_file("dev"))[start : start + n]
 
 
 def assert_equals_per_sentence(lm: lmscope.LM, col: lmscope.Collection, texts: list[str], tol: float) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,9 +28,11 @@ from lmscope.probing import (
     probe,
     read_conllu,
     train_probes,
+    ud_dir,
+    ud_file,
 )
 
-UD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
+UD = ud_dir()  # the copy that ships inside lmscope
 
 # "I don't know." with a multi-word token, SpaceAfter=No on it and on a word, an empty node, and quotes.
 CONLLU = """# sent_id = s1
@@ -85,8 +90,8 @@ def test_multiword_token_that_does_not_concatenate_gives_each_word_the_whole_tok
 
 
 def test_rebuilt_text_equals_the_treebank_text_lines() -> None:
-    path = UD / "en_ewt-ud-dev.conllu"
-    lines = path.read_text(encoding="utf-8").splitlines()
+    path = ud_file("dev")
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
     texts = [line[len("# text = ") :] for line in lines if line.startswith("# text")]
     sentences = read_conllu(path)
     assert len(sentences) == len(texts) == 2001
@@ -94,6 +99,39 @@ def test_rebuilt_text_equals_the_treebank_text_lines() -> None:
     assert [s.text for s in sentences] == texts
     assert all(s.text[a:b] == w for s in sentences for w, (a, b) in zip(s.words, s.spans, strict=True))
     assert sum(map(len, load_ud(1000, UD))) >= 1000
+
+
+def test_ud_data_ships_inside_the_package_with_its_license() -> None:
+    folder = ud_dir()
+    assert folder.is_relative_to(Path(lmscope.__file__).resolve().parent)
+    assert "Attribution-ShareAlike 4.0" in (folder / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Universal Dependencies English Web Treebank" in (folder / "README.md").read_text(encoding="utf-8")
+    assert ud_file("test").name == "en_ewt-ud-test.conllu.gz"
+    assert len(read_conllu(ud_file("test"))) == 2077
+
+
+def test_probe_finds_its_data_from_any_working_directory(tmp_path) -> None:
+    """In a fresh clone nothing lies beside the repository: the default data must come from the package."""
+    code = (
+        "import lmscope.probing as p, lmscope.cli as c; "
+        "assert sum(map(len, p.load_ud(50))) >= 50; "
+        "raise SystemExit(c.main(['probe', '--model', 'tiny-bert', '--tokens', '60', '--seeds', '1', "
+        "'--epochs', '1', '--layers', '0:1', '--json']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"]
+
+
+def test_nothing_in_the_repository_reads_a_path_outside_it() -> None:
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=False).stdout.split()
+    files = [root / name for name in tracked] or [p for p in root.rglob("*") if p.is_file() and ".venv" not in p.parts]
+    outside = ("../" + "shared", "shared" + "/data", "parents[" + "2]")
+    for path in files:
+        if path.suffix in {".py", ".md", ".sh", ".ipynb", ".json", ".txt", ".toml", ""}:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert not any(marker in text for marker in outside), f"{path} refers to a path outside the repository"
 
 
 def test_missing_data_is_a_clear_error(tmp_path) -> None:

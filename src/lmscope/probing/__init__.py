@@ -13,7 +13,7 @@ draws a control task (Hewitt & Liang 2019) and :func:`train_probes` trains linea
 """
 
 from lmscope.probing._align import POOLING, Alignment, align, pool
-from lmscope.probing._conllu import TASKS, Sentence, load_ud, parse_conllu, read_conllu, ud_dir
+from lmscope.probing._conllu import TASKS, Sentence, load_ud, parse_conllu, read_conllu, ud_dir, ud_file
 from lmscope.probing._dataset import ProbingDataset, Split
 from lmscope.probing._probe import LEARNING_RATES, ProbeFit, control_labels, train_probes
 from lmscope.probing._study import SITES, ProbeRow, ProbingResult, probe
@@ -39,4 +39,5 @@ __all__ = [
     "read_conllu",
     "train_probes",
     "ud_dir",
+    "ud_file",
 ]

@@ -16,6 +16,7 @@ slice; otherwise (French ``du`` = ``de`` + ``le``) every word gets the whole tok
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from pathlib import Path
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["TASKS", "Sentence", "load_ud", "parse_conllu", "read_conllu", "ud_dir"]
+__all__ = ["TASKS", "Sentence", "load_ud", "parse_conllu", "read_conllu", "ud_dir", "ud_file"]
 
 # task name -> CoNLL-U column holding its label
 TASKS: dict[str, int] = {"upos": 3, "xpos": 4, "deprel": 7}
 
 UD_FILES = ("en_ewt-ud-dev.conllu", "en_ewt-ud-test.conllu")
+# UD English EWT (CC BY-SA 4.0) as it ships inside lmscope: gzip-compressed, with its license and attribution
+PACKAGED_UD = Path(__file__).resolve().parent / "data" / "ud-english-ewt"
 
 
 @dataclass(frozen=True)
@@ -120,29 +123,51 @@ def parse_conllu(text: str, where: str = "<text>") -> list[Sentence]:
     return sentences
 
 
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The UTF-8 text of a file, decompressed if its name ends in ``.gz``."""
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            return file.read()
+    return path.read_text(encoding="utf-8")
+
+
 def read_conllu(path: str | os.PathLike[str]) -> list[Sentence]:
-    """Every sentence of a CoNLL-U file."""
+    """Every sentence of a CoNLL-U file (``.conllu``, or gzip-compressed ``.conllu.gz``)."""
     path = Path(path)
     if not path.is_file():
         raise LmscopeError(f"{path} not found: give the path of a CoNLL-U file")
-    return parse_conllu(path.read_text(encoding="utf-8"), str(path))
+    return parse_conllu(read_text(path), str(path))
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    """``folder/name``, or its gzip-compressed twin ``folder/name.gz``."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def ud_dir(data: str | os.PathLike[str] | None = None) -> Path:
-    """The UD English EWT folder: ``data`` if given, else ``../shared/data/ud-english-ewt`` from the current
-    directory or from the repository root."""
-    if data is not None:
-        candidates = [Path(data)]
-    else:
-        relative = Path("..", "shared", "data", "ud-english-ewt")
-        candidates = [Path.cwd() / relative, Path(__file__).resolve().parents[3] / relative]
-    for folder in candidates:
-        if (folder / UD_FILES[0]).is_file():
-            return folder
-    raise LmscopeError(
-        f"UD English EWT not found ({UD_FILES[0]} is not in {', '.join(str(c) for c in candidates)}): "
-        "pass the folder that holds it as data= (--data on the command line)"
-    )
+    """The UD English EWT folder: ``data`` if given, else the copy that ships inside lmscope."""
+    folder = PACKAGED_UD if data is None else Path(data)
+    if _find(folder, UD_FILES[0]) is None:
+        raise LmscopeError(
+            f"UD English EWT not found ({UD_FILES[0]} or {UD_FILES[0]}.gz is not in {folder}): "
+            "pass the folder that holds it as data= (--data on the command line)"
+        )
+    return folder
+
+
+def ud_file(split: str = "dev", data: str | os.PathLike[str] | None = None) -> Path:
+    """The CoNLL-U file of one UD English EWT split (``"dev"`` or ``"test"``), by default the packaged one."""
+    names = {name.split("-")[-1].split(".")[0]: name for name in UD_FILES}
+    if split not in names:
+        raise LmscopeError(f"UD English EWT has the splits {sorted(names)}, not {split!r}")
+    path = _find(ud_dir(data), names[split])
+    if path is None:
+        raise LmscopeError(f"{names[split]} is not in {ud_dir(data)}")
+    return path
 
 
 def load_ud(tokens: int = 10_000, data: str | os.PathLike[str] | None = None) -> list[Sentence]:
@@ -153,8 +178,8 @@ def load_ud(tokens: int = 10_000, data: str | os.PathLike[str] | None = None) ->
     chosen: list[Sentence] = []
     count = 0
     for name in UD_FILES:
-        path = folder / name
-        if not path.is_file():
+        path = _find(folder, name)
+        if path is None:
             continue
         for sentence in read_conllu(path):
             chosen.append(sentence)

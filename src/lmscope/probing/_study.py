@@ -134,7 +134,7 @@ def probe(
     Args:
         lm: an :class:`lmscope.LM` with a fast tokenizer.
         dataset: words to probe; by default the first ``tokens`` words of UD English EWT (dev, then test)
-            from ``data`` (default ``../shared/data/ud-english-ewt``), labelled for ``task``.
+            from ``data`` (default: the copy inside lmscope), labelled for ``task``.
         sites: any of ``embeddings``, ``resid_post`` (hidden states), ``mlp_act`` (FFN activations).
         layers: model layers for ``resid_post``/``mlp_act`` (default: all).
         seeds: how many seeds (0, 1, ...) or which; each seed draws its own split, control labels and probe init.
