@@ -74,6 +74,7 @@ def _text_checksum(text: str) -> str:
 
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     """Write ``trace`` to ``path`` (a temporary name first, then renamed: never half a file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -92,12 +93,16 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
     }
     text = json.dumps(meta)
+    if path.is_dir():
+        raise LmscopeError(f"cannot write the trace to {path}: it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise LmscopeError(f"cannot write the trace to {path}: the folder {path.parent} does not exist")
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file(tensors, str(partial), metadata={_META: text, _META_CRC: _text_checksum(text)})
         os.replace(partial, path)
-    except OSError as error:
-        raise LmscopeError(f"cannot write the trace to {path}: {error.strerror or error}") from error
+    except (OSError, SafetensorError) as error:  # a full disk, no permission
+        raise LmscopeError(f"cannot write the trace to {path}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
     return path
@@ -151,7 +156,7 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
     if not isinstance(tokens, list) or not tokens:
         raise _Invalid(f"metadata 'tokens' must be a non-empty list of strings, not {_kind(tokens)}")
     for i, token in enumerate(tokens):
-        _string(f"token {i}", token)
+        _string(f"metadata 'tokens' entry {i}", token)
     n_pos = len(tokens)
     n_input = _integer("metadata 'n_input'", meta["n_input"], 1, n_pos, f"1..{n_pos} (the number of tokens)")
     layers = _layers(meta["layers"], model.n_layers)
@@ -188,9 +193,10 @@ def _verify_tensors(checksums: Any, tensors: Mapping[str, torch.Tensor]) -> None
     for name in tensors:
         if name not in checksums:
             raise _Invalid(f"tensor {name!r} has no checksum in metadata 'checksums'")
-    for name, stored in checksums.items():
+    for name in checksums:
         if name not in tensors:
             raise _Invalid(f"tensor {name!r}, named in metadata 'checksums', is missing")
+    for name, stored in checksums.items():
         if stored != tensor_checksum(tensors[name]):
             raise _damaged(f"tensor {name!r} does not match its checksum")
 
@@ -231,7 +237,7 @@ def _attention_factors(meta: dict[str, Any], n_layers: int) -> tuple[tuple[float
     for key, values in (("attn_scaling", scaling), ("attn_softcap", softcap)):
         if not isinstance(values, list) or len(values) not in (0, n_layers):
             raise _Invalid(
-                f"metadata {key!r} must be a list of one number per captured layer ({n_layers}) or empty, "
+                f"metadata {key!r} must be a list of one number per layer in 'layers' ({n_layers}) or empty, "
                 f"not {_kind(values)}"
             )
     if len(softcap) != len(scaling):
