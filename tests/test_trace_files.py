@@ -410,6 +410,8 @@ def test_every_family_and_dtype_writes_files_that_pass_the_checks(tmp_path: Path
     assert lmscope.load_trace(half.save(tmp_path / "half.safetensors")).trace.model.dtype == "bfloat16"
     pair = tiny("bert").trace("The keys", text_pair="to the cabinet", sites=["attn_probs"])
     assert lmscope.load_trace(pair.save(tmp_path / "pair.safetensors")).trace.segment_b == pair.trace.segment_b
+    headless = lmscope.from_pretrained("minilm-l6").trace("No head", sites=lmscope.capture.ALL_SITES)
+    assert "logits" not in lmscope.load_trace(headless.save(tmp_path / "headless.safetensors")).trace.tensors
     few = tiny("gpt2").trace("Few layers", sites=["resid_post", "attn_probs"], layers=[0, 2])
     assert lmscope.load_trace(few.save(tmp_path / "few.safetensors")).trace.layers == (0, 2)
 
