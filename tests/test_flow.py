@@ -469,7 +469,7 @@ def test_wide_graph_scrolls_to_the_chosen_output(browser) -> None:
 
     lm = tiny("llama")
     graph = lm.trace("The keys to the cabinet are on the table, said Mrs. O'Neill, and nobody moved them.").flow()
-    page = browser.new_page(viewport={"width": 600, "height": 700})
+    page = browser.new_page(viewport={"width": 400, "height": 700})  # narrower than the graph at its narrowest
     opened = watch(page)
     page.set_content(lmscope.views.page(graph.to_html()), wait_until="load")
     wrap = page.locator(".lms-flow-wrap")

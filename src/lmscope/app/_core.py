@@ -138,6 +138,11 @@ def describe(out: Output, lm: LM | None) -> dict[str, Any]:
         "has_model": lm is not None,
         "lm_head": head,
         "post_norm": trace.model.post_norm,
+        # A causal LM explains the token after a state (the page names predictions by it); the input text.
+        "causal": None if lm is None else bool(lm.model.can_generate()),
+        "text": lm.tokenizer.decode(trace.token_ids[: trace.n_input].tolist(), skip_special_tokens=True)
+        if lm is not None
+        else "".join(trace.tokens[: trace.n_input]),
     }
     if head and "logits" in trace.tensors:
         probs = trace.logits.float().softmax(-1).max(-1)  # best next token per position

@@ -252,7 +252,7 @@ def node(
         if kind == "f":
             return [out.top_neurons(layer, pos, topk), out.promoted_tokens(layer, pos, "ffn", topk=topk, norm=norm)]
         site, at = residual_site(kind, layer, n_layers)
-        return [out.layer_predictions(pos, at, topk, norm, site)]
+        return [out.layer_predictions(out.position_of_state(pos), at, topk, norm, site)]  # the state at pos
 
     views = [_payload(r, html, data) for r in app.analyze(run_id, details)]
     return json_response({"id": node_id, "views": views})

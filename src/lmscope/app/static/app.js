@@ -1,10 +1,17 @@
 /* lmscope web app: a single page over the JSON API. Views are the library's own HTML fragments
    (the same ones notebooks show), mounted with their inline scripts executed. Text from the server
-   reaches the DOM only through textContent; fragments arrive already escaped by the library. */
+   reaches the DOM only through textContent; fragments arrive already escaped by the library.
+
+   One prediction is explained at a time, by every tab: the one read from the residual state at
+   the selected position S.position (the token chip outlined, the graph's start token). The
+   library names a prediction as Ecco does, by the token it predicts (position p + 1 for the state
+   at p in a causal LM; len(tokens) for the prediction after the last token), so every route that
+   explains a prediction gets predicted(S.position); routes about one residual position (heads,
+   neurons, promoted tokens of a node) get the position itself. */
 (function () {
   "use strict";
   var lms = window.lmscope;
-  var S = { config: null, run: null, position: -1, tab: null, views: {}, seq: {}, choices: {} };
+  var S = { config: null, run: null, position: -1, tab: null, views: {}, seq: {}, choices: {}, details: null };
 
   function $(id) { return document.getElementById(id); }
 
@@ -19,8 +26,10 @@
   var pending = 0;
   function busy(delta) { pending += delta; $("busy").hidden = pending <= 0; document.body.classList.toggle("is-busy", pending > 0); }
 
-  /** fetch JSON; any non-2xx answer shows its {"detail"} message and rejects. */
+  /** fetch JSON; any non-2xx answer shows its {"detail"} message and rejects. An answer about a run
+      the page has already left (a new run came in meanwhile) rejects without a message. */
   function api(path, options) {
+    var run = S.run && S.run.id;
     busy(1);
     return fetch(path, options).then(function (response) {
       var type = response.headers.get("content-type") || "";
@@ -33,9 +42,13 @@
         return data;
       });
     }).catch(function (error) {
-      showError(error.message || String(error));
+      if ((S.run && S.run.id) === run) { showError(error.message || String(error)); }
       throw error;
     }).finally(function () { busy(-1); });
+  }
+
+  function runUrl(route, params) {
+    return "/api/runs/" + encodeURIComponent(S.run.id) + "/" + route + query(params || {});
   }
 
   function query(params) {
@@ -47,6 +60,32 @@
       });
     });
     return parts.length ? "?" + parts.join("&") : "";
+  }
+
+  /* ---------- the explained prediction ---------- */
+
+  function causal() { return !S.run || S.run.causal !== false; }
+
+  /** The library's position (Ecco's meaning) of the prediction read from the state at p. */
+  function predicted(p) { return causal() ? p + 1 : p; }
+
+  function quoted(i) { return "'" + lms.visible(S.run.tokens[i]) + "'"; }
+
+  /** The sentence the library's views use: "prediction of '·are' at 5, read from the state at 4 ('·cabinet')". */
+  function predictionSentence(p) {
+    var n = S.run.tokens.length;
+    if (!causal()) { return "prediction of " + quoted(p) + " at " + p + ", read from its own state"; }
+    var read = "read from the state at " + p + " (" + quoted(p) + ")";
+    if (p + 1 >= n) { return "prediction after the last token, " + read; }
+    return "prediction of " + quoted(p + 1) + " at " + (p + 1) + ", " + read;
+  }
+
+  /** A line at the top of a panel naming the prediction it explains (the same in every tab). */
+  function explains(parent, what) {
+    var line = lms.el("p", { className: "explains muted", "data-explains": String(S.position) },
+      (what || "Explains the") + " " + predictionSentence(S.position) + ".");
+    parent.appendChild(line);
+    return line;
   }
 
   /* ---------- fragments ---------- */
@@ -77,7 +116,7 @@
   }
 
   /** A titled box holding one view, with an Export button. */
-  function viewBox(parent, name, title) {
+  function viewBox(parent, name, title, before) {
     var box = lms.el("div", { className: "view-box", "data-view-box": name });
     var head = lms.el("div", { className: "view-head" });
     head.appendChild(lms.el("span", { className: "view-title" }, title));
@@ -89,15 +128,13 @@
       // The app shows node and edge details beside the graph; the exported graph carries its own.
       var params = flowParams();
       params.details = true;
-      api("/api/runs/" + encodeURIComponent(S.run.id) + "/flow" + query(params)).then(function (r) {
-        exportView(name, r.html);
-      }, function () { return null; });
+      api(runUrl("flow", params)).then(function (r) { exportView(name, r.html); }, function () { return null; });
     });
     head.appendChild(button);
     var body = lms.el("div", { className: "view-body" });
     box.appendChild(head);
     box.appendChild(body);
-    parent.appendChild(box);
+    parent.insertBefore(box, before || null);
     return body;
   }
 
@@ -106,8 +143,7 @@
     if (!S.run) { return Promise.resolve(null); }
     var seq = (S.seq[name] || 0) + 1;
     S.seq[name] = seq;
-    var url = "/api/runs/" + encodeURIComponent(S.run.id) + "/" + route + query(params);
-    return api(url).then(function (result) {
+    return api(runUrl(route, params)).then(function (result) {
       if (S.seq[name] !== seq) { return null; }
       S.views[name] = result.html;
       mountFragment(body, result.html);
@@ -117,12 +153,6 @@
   }
 
   /* ---------- tabs ---------- */
-
-  function lensParams(extra) {
-    var params = { position: S.position, norm: $("norm").checked, topk: 10, data: false };
-    Object.keys(extra || {}).forEach(function (k) { params[k] = extra[k]; });
-    return params;
-  }
 
   /** A row of labelled selects above a view; onChange re-renders. Returns {values()}. */
   function controls(panel, specs, onChange) {
@@ -136,7 +166,7 @@
         if (String(o[0]) === String(S.choices[spec.name] !== undefined ? S.choices[spec.name] : spec.value)) { option.selected = true; }
         select.appendChild(option);
       });
-      select.addEventListener("change", function () { S.choices[spec.name] = select.value; onChange(); });
+      select.addEventListener("change", function () { clearError(); S.choices[spec.name] = select.value; onChange(); });
       label.appendChild(select);
       row.appendChild(label);
       selects[spec.name] = select;
@@ -155,29 +185,44 @@
     return options;
   }
 
-  function headOptions() {
-    var options = [];
-    for (var h = 0; h < S.run.n_heads; h++) { options.push([h, "head " + h]); }
-    return options;
-  }
-
   var TITLES = {
     LayerPredictions: "Logit lens of this residual state",
-    HeadShares: "Head importances",
+    HeadShares: "Head importances (click a head for what it promotes)",
     ContributionMap: "Attention map and contribution map",
-    TopNeurons: "Top neurons",
+    TopNeurons: "Top neurons (click a neuron for what it promotes)",
     Promoted: "Promoted and suppressed tokens"
   };
 
+  /* ---------- the graph's details column ---------- */
+
+  /** What a node or edge id of the flow graph names: {id, what, kind, layer, pos} (pos: the
+      residual position whose update it is; edges also source). */
+  function parseId(id) {
+    var parts = id.slice(1).split(".");
+    var c = { id: id, kind: id[0], layer: parseInt(parts[0], 10) };
+    if (parts.length === 2) { c.what = "nodes"; c.pos = parseInt(parts[1], 10); }
+    else { c.what = "edges"; c.source = parseInt(parts[1], 10); c.pos = parseInt(parts[2], 10); }
+    return c;
+  }
+
+  function detailsColumn() { return document.querySelector("#panel-flow .details"); }
+
+  function placeholder(details, text) {
+    details.replaceChildren(lms.el("p", { className: "muted details-note" }, text));
+    details.removeAttribute("data-details");
+    S.details = null;
+  }
+
   /** Show a node's or edge's details (several views) in the details column. */
-  function showDetails(details, what, id) {
+  function showDetails(details, id) {
     if (!S.run) { return Promise.resolve(null); }
+    var c = parseId(id);
     var seq = (S.seq.details || 0) + 1;
     S.seq.details = seq;
     var params = { norm: $("norm").checked, topk: 10 };
-    var url = "/api/runs/" + encodeURIComponent(S.run.id) + "/" + what + "/" + encodeURIComponent(id) + query(params);
-    return api(url).then(function (reply) {
+    return api(runUrl(c.what + "/" + encodeURIComponent(id), params)).then(function (reply) {
       if (S.seq.details !== seq) { return null; }
+      S.details = c;
       details.replaceChildren();
       details.setAttribute("data-details", id);
       reply.views.forEach(function (view, i) {
@@ -187,40 +232,137 @@
         body.parentNode.setAttribute("data-kind", view.kind);
         mountFragment(body, view.html);
       });
+      if (c.kind === "a") { selectHead(dominantHead(details), true); }
+      if (c.kind === "m" && S.run.n_heads) {  // after attention: which heads wrote the update here
+        var body = viewBox(details, "details-block-heads", "Head importances in this block (click a head for what it promotes)");
+        body.parentNode.setAttribute("data-kind", "HeadShares");
+        return showAnalysis(body, "details-block-heads", "head_shares", { layer: c.layer, position: c.pos, data: false })
+          .then(function () { return reply; });
+      }
       return reply;
     }, function () { return null; });
   }
 
+  /** The head with the largest share in the details' head importances (-1 if none shown). */
+  function dominantHead(details) {
+    var best = -1, share = -1;
+    details.querySelectorAll("[data-kind=HeadShares] [data-head]").forEach(function (row) {
+      var s = parseFloat(row.getAttribute("data-share"));
+      if (s > share) { share = s; best = parseInt(row.getAttribute("data-head"), 10); }
+    });
+    return best;
+  }
+
+  /** Outline head h in the head importances and open the contribution map on it (with the edge's cell). */
+  function selectHead(h, initial) {
+    var details = detailsColumn();
+    if (!details || h < 0) { return; }
+    details.querySelectorAll("[data-kind=HeadShares] [data-head]").forEach(function (row) {
+      row.classList.toggle("selected", parseInt(row.getAttribute("data-head"), 10) === h);
+    });
+    var map = details.querySelector("[data-kind=ContributionMap] .lmscope");
+    var c = S.details;
+    if (map && c) {
+      map.dispatchEvent(new CustomEvent("lmscope:select", { detail: {
+        head: h, source: c.what === "edges" ? c.source : null, target: c.what === "edges" ? c.pos : null } }));
+      map.setAttribute("data-head", String(h));
+    }
+    if (initial) { details.setAttribute("data-dominant-head", String(h)); }
+  }
+
+  /** What one head or one neuron promotes and suppresses, in a box after the list it was picked from. */
+  function showPromoted(row) {
+    var c = S.details;
+    if (!c || !S.run) { return; }
+    var head = row.getAttribute("data-head"), neuron = row.getAttribute("data-neuron");
+    var list = row.closest(".view-box");
+    var params = { layer: c.layer, position: c.pos, topk: 10, norm: $("norm").checked, data: false };
+    var name, title;
+    if (head !== null) {
+      params.component = "attention";
+      params.head = head;
+      name = "details-head-promoted";
+      title = "Head " + head + ", layer " + c.layer + ": tokens its output at " + c.pos + " promotes and suppresses";
+      selectHead(parseInt(head, 10), false);
+    } else {
+      params.component = "ffn";
+      params.neuron = neuron;
+      name = "details-neuron-promoted";
+      title = "Neuron #" + neuron + ", layer " + c.layer + ": tokens its update at " + c.pos + " promotes and suppresses";
+    }
+    list.parentNode.querySelectorAll("[data-kind=HeadPromoted], [data-kind=NeuronPromoted]").forEach(function (b) { b.remove(); });
+    list.querySelectorAll("[data-head], [data-neuron]").forEach(function (r) { r.classList.toggle("selected", r === row); });
+    var body = viewBox(list.parentNode, name, title, list.nextSibling);
+    body.parentNode.setAttribute("data-kind", head !== null ? "HeadPromoted" : "NeuronPromoted");
+    body.parentNode.setAttribute("data-for", head !== null ? "head " + head : "neuron " + neuron);
+    showAnalysis(body, name, "promoted", params);
+  }
+
+  /** After the graph changed (threshold, start token), drop details of a node or edge no longer drawn. */
+  function dropPrunedDetails() {
+    var details = detailsColumn(), c = S.details;
+    if (!details || !c) { return; }
+    var svg = document.querySelector("#panel-flow svg.lms-flow-svg");
+    var attr = c.what === "nodes" ? "data-node" : "data-edge";
+    if (svg && !svg.querySelector("[" + attr + "=\"" + c.id + "\"]")) {
+      placeholder(details, "The " + (c.what === "nodes" ? "node " : "edge ") + c.id + " you had open is not in the graph " +
+        "any more (threshold " + $("threshold").value + ", start token " + S.position + "): click another one.");
+    }
+  }
+
   function flowParams() {
-    return { position: S.position, threshold: $("threshold").value, renormalize: $("renormalize").checked,
+    return { position: predicted(S.position), threshold: $("threshold").value, renormalize: $("renormalize").checked,
       details: false, data: false };
+  }
+
+  /** The graph's own start-token menu shows positions only (no "all positions"), in step with the chips. */
+  function wireGraph(body) {
+    var all = body.querySelector("select.lms-flow-start option[value=all]");
+    if (all) { all.remove(); }
+    var select = body.querySelector("select.lms-flow-start");
+    if (select) { select.value = String(S.position); }
   }
 
   var TABS = [
     { name: "flow", label: "Graph", render: function (panel) {
+      explains(panel, "The graph traces the");
       var area = lms.el("div", { className: "graph-area" });
       var details = lms.el("div", { className: "details" });
-      details.appendChild(lms.el("p", { className: "muted" }, "Click a node for its logit lens, an attention edge for its heads and maps, an FFN square for its neurons."));
       panel.appendChild(area);
       panel.appendChild(details);
+      placeholder(details, "Click a node for its logit lens, an attention edge for its heads and maps, an FFN square for its neurons.");
       var body = viewBox(area, "flow", "Information flow to the selected position");
       body.addEventListener("click", function (event) {
         var target = event.target;
         var node = target.closest && target.closest("[data-node]");
         var edge = target.closest && target.closest("[data-edge]");
-        if (node) { showDetails(details, "nodes", node.getAttribute("data-node")); }
-        else if (edge && edge.getAttribute("data-edge")[0] !== "r") { showDetails(details, "edges", edge.getAttribute("data-edge")); }
+        if (node) { clearError(); showDetails(details, node.getAttribute("data-node")); }
+        else if (edge && edge.getAttribute("data-edge")[0] !== "r") { clearError(); showDetails(details, edge.getAttribute("data-edge")); }
       });
-      return showAnalysis(body, "flow", "flow", flowParams());
+      body.addEventListener("lmscope:position", function (event) {
+        var p = event.detail && event.detail.position;
+        if (p !== null && p !== undefined) { setPosition(p, true); }
+      });
+      details.addEventListener("click", function (event) {
+        var row = event.target.closest && event.target.closest("[data-head], [data-neuron]");
+        if (row && row.closest(".details") === details) { clearError(); showPromoted(row); }
+      });
+      return refreshFlow();
     } },
     { name: "saliency", label: "Saliency", render: function (panel) {
       var body;
+      explains(panel, "Saliency attributes the");
       var ctl = controls(panel, [
         { name: "method", label: "Method", value: "grad_x_input", options: [["grad_x_input", "gradient \u00d7 input"], ["gradient", "gradient"], ["input_x_gradient", "input \u00d7 gradient (signed)"], ["integrated_gradients", "integrated gradients"]] },
         { name: "style", label: "Style", value: "minimal", options: [["minimal", "minimal"], ["detailed", "detailed"]] }
       ], function () { draw(); });
-      body = viewBox(panel, "saliency", "Input saliency of each output token");
-      function draw() { var params = ctl.values(); params.data = false; return showAnalysis(body, "saliency", "saliency", params); }
+      body = viewBox(panel, "saliency", "Input saliency of the selected prediction");
+      function draw() {
+        var params = ctl.values();
+        params.position = predicted(S.position);
+        params.data = false;
+        return showAnalysis(body, "saliency", "saliency", params);
+      }
       return draw();
     } },
     { name: "rankings", label: "Rankings", render: function (panel) {
@@ -228,31 +370,34 @@
       var row = lms.el("form", { className: "view-controls watch-form" });
       var input = lms.el("input", { type: "text", id: "watch", placeholder: "words, comma-separated: is, are" });
       input.value = S.choices.watch || "";
-      row.appendChild(lms.el("label", null, "Watch at the selected position "));
+      row.appendChild(lms.el("label", null, "Watch at the selected prediction "));
       row.appendChild(input);
       row.appendChild(lms.el("button", { type: "submit" }, "Watch"));
       panel.appendChild(row);
-      var watchBody = viewBox(panel, "rankings_watch", "Rank of the watched words at the selected position");
+      explains(panel, "The watched words are ranked for the");
+      var watchBody = viewBox(panel, "rankings_watch", "Rank of the watched words at the selected prediction");
       function watch(event) {
-        if (event) { event.preventDefault(); }
+        if (event) { event.preventDefault(); clearError(); }
         S.choices.watch = input.value;
         // Words go as typed: the library ranks a word without its leading space as the word
         // mid-sentence and notes it (the same rule as Python's rankings_watch and `lmscope watch`).
         var words = input.value.split(",").map(function (w) { return w.trim(); })
           .filter(function (w) { return w !== ""; });
         if (!words.length) { watchBody.replaceChildren(lms.el("p", { className: "muted" }, "Type words to follow their rank.")); return Promise.resolve(null); }
-        return showAnalysis(watchBody, "rankings_watch", "rankings_watch", { watch: words, position: S.position, norm: $("norm").checked, data: false });
+        return showAnalysis(watchBody, "rankings_watch", "rankings_watch", { watch: words, position: predicted(S.position), norm: $("norm").checked, data: false });
       }
       row.addEventListener("submit", watch);
       watch();
       return showAnalysis(body, "rankings", "rankings", { norm: $("norm").checked, data: false });
     } },
     { name: "lens", label: "Logit lens", render: function (panel) {
-      var body = viewBox(panel, "lens", "Logit lens at the selected position");
-      return showAnalysis(body, "lens", "lens", lensParams());
+      explains(panel, "The logit lens shows the");
+      var body = viewBox(panel, "lens", "Logit lens of the selected prediction after every layer");
+      return showAnalysis(body, "lens", "lens", { position: predicted(S.position), norm: $("norm").checked, topk: 10, data: false });
     } },
     { name: "attention", label: "Attention", render: function (panel) {
       var body;
+      explains(panel, "The neuron view starts at the state of the");
       var ctl = controls(panel, [
         { name: "view", label: "View", value: "head", options: [["head", "head view"], ["model", "model view"], ["neuron", "neuron view"]] },
         { name: "kind", label: "Map", value: "weights", options: [["weights", "attention weights"], ["rollout", "rollout"], ["value_norm", "weight \u00d7 value norm"]] },
@@ -276,7 +421,7 @@
     var shown = TABS.filter(function (t) { return caps[t.name]; });
     shown.forEach(function (tab) {
       var button = lms.el("button", { type: "button", role: "tab", "data-tab": tab.name }, tab.label);
-      button.addEventListener("click", function () { selectTab(tab.name); });
+      button.addEventListener("click", function () { clearError(); selectTab(tab.name); });
       nav.appendChild(button);
       panels.appendChild(lms.el("div", { className: "panel", id: "panel-" + tab.name, role: "tabpanel", hidden: "" }));
     });
@@ -301,13 +446,19 @@
     var panel = tab && $("panel-" + tab.name);
     if (!panel || !S.run) { return Promise.resolve(null); }
     panel.replaceChildren();
+    S.details = null;
     return tab.render(panel);
   }
 
-  /** Redraw only the graph (the details column stays), e.g. after a threshold change. */
+  /** Draw the graph again (threshold, renormalization, start token); the details column stays
+      unless what it shows was pruned. */
   function refreshFlow() {
     var body = document.querySelector("[data-view-box=flow] .view-body");
-    return body ? showAnalysis(body, "flow", "flow", flowParams()) : refreshTab();
+    if (!body) { return refreshTab(); }
+    return showAnalysis(body, "flow", "flow", flowParams()).then(function (result) {
+      if (result) { wireGraph(body); dropPrunedDetails(); }
+      return result;
+    });
   }
 
   /* ---------- runs ---------- */
@@ -316,6 +467,7 @@
     S.run = run;
     S.views = {};
     S.choices = {};
+    S.details = null;
     S.position = run.tokens.length - 1;
     $("empty").hidden = true;
     $("run-info").hidden = false;
@@ -328,6 +480,7 @@
     refreshStatus();
   }
 
+  /** The token chips (the selected one outlined) and the sentence naming the explained prediction. */
   function drawTokens() {
     var box = $("tokens");
     box.replaceChildren();
@@ -335,8 +488,9 @@
     run.tokens.forEach(function (token, i) {
       var chip = lms.token(token, i >= run.n_input ? "generated" : "");
       chip.setAttribute("data-pos", String(i));
+      chip.title = "position " + i + ": " + JSON.stringify(token) + " (click to explain the prediction read from here)";
       if (i === S.position) { chip.classList.add("selected"); }
-      chip.addEventListener("click", function () { selectPosition(i); });
+      chip.addEventListener("click", function () { clearError(); selectPosition(i); });
       box.appendChild(chip);
     });
     var prediction = run.predictions && run.predictions[S.position];
@@ -346,12 +500,38 @@
       next.appendChild(lms.el("small", null, " " + lms.percent(prediction.prob)));
       box.appendChild(next);
     }
+    var line = $("explained");
+    line.textContent = "Every tab explains the " + predictionSentence(S.position) +
+      (prediction ? "; the model's top prediction there: " + lms.visible(prediction.token) + " " + lms.percent(prediction.prob) : "") + ".";
+    line.setAttribute("data-explains", String(S.position));
   }
 
-  function selectPosition(i) {
+  /** The selected position, one source of truth: the chips, the graph's start token, every tab. From
+      the graph's own menu (fromGraph) the graph has redrawn itself already. */
+  function setPosition(i, fromGraph) {
+    if (!S.run || i < 0 || i >= S.run.tokens.length) { return Promise.resolve(null); }
     S.position = i;
     drawTokens();
-    return refreshTab();
+    if (S.tab !== "flow") { return refreshTab(); }
+    var root = document.querySelector("[data-view-box=flow] .view-body .lmscope");
+    if (!root) { return refreshTab(); }
+    if (!fromGraph) { root.dispatchEvent(new CustomEvent("lmscope:select", { detail: { position: i } })); }
+    document.querySelectorAll("#panel-flow [data-explains]").forEach(function (line) {
+      line.textContent = "The graph traces the " + predictionSentence(i) + ".";
+      line.setAttribute("data-explains", String(i));
+    });
+    dropPrunedDetails();
+    return Promise.resolve(null);
+  }
+
+  function selectPosition(i) { return setPosition(i, false); }
+
+  /** The sidebar's prompt fields follow the run on show (a trace opened from a file). */
+  function fillPrompt(run) {
+    if (typeof run.text === "string") { $("text").value = run.text; }
+    $("generate").value = String(run.tokens.length - run.n_input);
+    var model = $("model");
+    if (Array.prototype.some.call(model.options, function (o) { return o.value === run.model; })) { model.value = run.model; }
   }
 
   function runText(event) {
@@ -365,7 +545,7 @@
       generate: parseInt($("generate").value || "0", 10) || 0
     };
     return api("/api/runs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
-      .then(showRun, function () { return null; });
+      .then(function (run) { clearError(); showRun(run); }, function () { return null; });
   }
 
   function openTrace() {
@@ -373,7 +553,7 @@
     if (!file) { return; }
     clearError();
     api("/api/traces", { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file })
-      .then(showRun, function () { return null; })
+      .then(function (run) { clearError(); fillPrompt(run); showRun(run); }, function () { return null; })
       .finally(function () { $("open-trace").value = ""; });
   }
 
@@ -423,12 +603,12 @@
     $("export-trace").addEventListener("click", exportTrace);
     $("open-trace").addEventListener("change", openTrace);
     $("threshold").addEventListener("input", function () { $("threshold-value").textContent = this.value; });
-    $("threshold").addEventListener("change", function () { if (S.tab === "flow") { refreshFlow(); } });
-    $("renormalize").addEventListener("change", function () { if (S.tab === "flow") { refreshFlow(); } });
-    $("norm").addEventListener("change", function () { refreshTab(); });
+    $("threshold").addEventListener("change", function () { clearError(); if (S.tab === "flow") { refreshFlow(); } });
+    $("renormalize").addEventListener("change", function () { clearError(); if (S.tab === "flow") { refreshFlow(); } });
+    $("norm").addEventListener("change", function () { clearError(); refreshTab(); });
   }
 
   // For tests and debugging: the app's state and actions.
-  window.lmscopeApp = { state: S, run: runText, selectTab: selectTab, selectPosition: selectPosition };
+  window.lmscopeApp = { state: S, run: runText, selectTab: selectTab, selectPosition: selectPosition, predicted: predicted };
   start();
 })();

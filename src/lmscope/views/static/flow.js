@@ -1,7 +1,12 @@
 /* lmscope flow view: the information-flow graph of a prediction (LM Transparency Tool figure).
    Positions are columns, layers rows (input at the bottom); circles are residual states, squares
-   FFN blocks; edge width and opacity follow weight. The start-token selector re-extracts the
-   subgraph from edges reaching any output; clicking a node or edge shows precomputed details.
+   FFN blocks; edge width and opacity follow weight, and the strongest edges are drawn last, on
+   top. The graph takes the width of its box and, where it can, fits the layers in the box's
+   height; the token labels stay in view at the bottom of the box however the graph is scrolled,
+   and are never cut off. The start-token selector re-extracts the subgraph from edges reaching
+   any output; it announces a chosen position with a bubbling "lmscope:position" event (detail
+   {position}, null for all positions), and a page sets it with "lmscope:select" (detail
+   {position}) on the fragment root. Clicking a node or edge shows precomputed details.
    Text goes into the DOM only through textContent. */
 (function () {
   "use strict";
@@ -20,24 +25,23 @@
     return KINDS[e[1]][0] + e[0] + "." + e[2] + "." + e[4] + "." + STATES[e[5]];
   }
 
+  var CHAR = 6.1, FONT = 10;  // px: the width of one character of the 10 px monospace labels
+  var SLANT = Math.SQRT1_2;     // token labels too long for their column are drawn at 45 degrees
+
+  function label(token) {
+    var text = lms.visible(token);
+    return text.length > 24 ? text.slice(0, 23) + "\u2026" : text;
+  }
+
   lms.views.flow = function (body, data, root) {
     var tokens = data.tokens, first = data.layers[0], last = data.layers[1];
     var nLayers = last - first + 1, nPos = tokens.length;
-    var colW = Math.max(22, Math.min(46, Math.floor(900 / Math.max(1, nPos)))), rowH = 22;
-    var left = 46, top = 14, bottom = 70;
-    var width = left + nPos * colW + 10, height = top + 2 * nLayers * rowH + bottom;
+    var labels = tokens.map(label);
     var incoming = {};
     data.edges.forEach(function (e) {
       var t = nodeId(e[0], e[4], e[5]);
       (incoming[t] = incoming[t] || []).push(e);
     });
-
-    function depth(id) {
-      var layer = parseInt(id.slice(1).split(".")[0], 10);
-      return 2 * (layer - first) + (id[0] === "m" ? 1 : 0);
-    }
-    function xOf(pos) { return left + pos * colW + colW / 2; }
-    function yOf(d) { return top + (2 * nLayers - d) * rowH; }
 
     var controls = lms.el("div", { className: "lms-controls" });
     controls.appendChild(lms.el("span", { className: "lms-muted" }, "start token"));
@@ -53,12 +57,43 @@
     body.appendChild(controls);
 
     var wrap = lms.el("div", { className: "lms-flow-wrap" });
-    var svg = lms.svg("svg", { width: width, height: height, class: "lms-flow-svg" });
+    var svg = lms.svg("svg", { class: "lms-flow-svg" });
+    var axisBox = lms.el("div", { className: "lms-flow-axis" });
+    var axis = lms.svg("svg", { class: "lms-flow-axis-svg" });
+    axisBox.appendChild(axis);
     wrap.appendChild(svg);
+    wrap.appendChild(axisBox);
     body.appendChild(wrap);
     var panel = lms.el("div", { className: "lms-flow-details" });
     panel.appendChild(lms.el("div", { className: "lms-muted" }, "Click a node or an edge for its details."));
     body.appendChild(panel);
+
+    /** Column width, row height and margins from the box's width and the window's height. */
+    function layout() {
+      var avail = wrap.clientWidth || (root && root.clientWidth) || 900;
+      var left = 40, longest = 0;
+      labels.forEach(function (t) { longest = Math.max(longest, t.length); });
+      var fitsFlat = function (w) { return longest * CHAR + 6 <= w; };
+      var colW = Math.max(22, Math.min(110, Math.floor((avail - left - 8) / Math.max(1, nPos))));
+      var flat = fitsFlat(colW), right = 8;
+      if (!flat) {  // slanted labels reach right of their column: keep room for the last ones
+        right = 0;
+        for (var pass = 0; pass < 2; pass++) {
+          right = 0;
+          labels.forEach(function (t, i) {
+            right = Math.max(right, (i + 0.5) * colW + t.length * CHAR * SLANT + 8 - nPos * colW);
+          });
+          colW = Math.max(22, Math.min(110, Math.floor((avail - left - right) / Math.max(1, nPos))));
+        }
+        flat = fitsFlat(colW);
+        if (flat) { right = 8; }
+      }
+      var axisH = flat ? 22 : Math.ceil(longest * CHAR * SLANT + FONT + 8);
+      var room = Math.min(720, Math.max(300, 0.72 * (window.innerHeight || 900))) - axisH - 14;
+      var rowH = Math.max(9, Math.min(22, Math.floor(room / (2 * nLayers + 0.5))));
+      return { left: left, top: 10, colW: colW, rowH: rowH, flat: flat, axisH: axisH,
+        width: left + nPos * colW + right, height: 10 + 2 * nLayers * rowH + 10 };
+    }
 
     function extract(starts) {
       var seen = {}, queue = [], kept = [];
@@ -131,8 +166,22 @@
       return "input of layer " + layer + ", position " + pos + " (" + tok + ")";
     }
 
+    var drawnWidth = -1;
     function draw() {
+      var L = layout();
+      drawnWidth = wrap.clientWidth;
+      function xOf(pos) { return L.left + pos * L.colW + L.colW / 2; }
+      function yOf(d) { return L.top + (2 * nLayers - d) * L.rowH; }
+      function depth(id) {
+        var layer = parseInt(id.slice(1).split(".")[0], 10);
+        return 2 * (layer - first) + (id[0] === "m" ? 1 : 0);
+      }
       while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+      while (axis.firstChild) { axis.removeChild(axis.firstChild); }
+      svg.setAttribute("width", L.width);
+      svg.setAttribute("height", L.height);
+      axis.setAttribute("width", L.width);
+      axis.setAttribute("height", L.axisH);
       var starts = select.value === "all" ? tokens.map(function (_, i) { return i; }) : [parseInt(select.value, 10)];
       var graph = extract(starts);
       summary.textContent = graph.edges.length + " edges, threshold " + data.threshold + " (" + data.mode + ")" +
@@ -142,42 +191,71 @@
         svg.appendChild(lms.svg("text", { x: 4, y: y + 4, class: "lms-flow-layer" })).textContent = "L" + l;
       }
       tokens.forEach(function (t, i) {
-        var label = lms.svg("text", { x: 0, y: 0, class: "lms-flow-token",
-          transform: "translate(" + xOf(i) + "," + (yOf(0) + 14) + ") rotate(45)" });
-        label.textContent = lms.visible(t).slice(0, 12);
-        svg.appendChild(label);
+        var chosen = starts.length === 1 && starts[0] === i;
+        var text = lms.svg("text", L.flat
+          ? { x: xOf(i), y: 14, "text-anchor": "middle" }
+          : { x: 0, y: 0, transform: "translate(" + (xOf(i) - 3) + ",8) rotate(45)" });
+        text.setAttribute("class", "lms-flow-token" + (chosen ? " lms-flow-chosen" : ""));
+        text.setAttribute("data-pos", String(i));
+        text.textContent = labels[i];
+        var tip = lms.svg("title", {});
+        tip.textContent = "position " + i + ": " + JSON.stringify(t);
+        text.appendChild(tip);
+        axis.appendChild(text);
       });
+      var r = Math.max(3, Math.min(4.5, 0.4 * L.rowH)), half = Math.max(3, Math.min(5, 0.4 * L.rowH));
+      var off = Math.max(r + half + 1, Math.min(14, 0.3 * L.colW));  // FFN squares sit beside the column
       var ffn = {};
-      graph.edges.forEach(function (e) {
+      // Light edges first, so that the decisive ones lie on top of them.
+      graph.edges.slice().sort(function (a, b) { return a[6] - b[6]; }).forEach(function (e) {
         var kind = KINDS[e[1]], s = nodeId(e[0], e[2], e[3]), t = nodeId(e[0], e[4], e[5]);
         var x1 = xOf(e[2]), y1 = yOf(depth(s)), x2 = xOf(e[4]), y2 = yOf(depth(t));
-        var shift = kind === "residual" ? -3 : kind === "ffn" ? 3 : 0;  // keep vertical edges apart
+        // A residual edge and a token's attention to itself both run straight up: keep them apart.
+        var shift = kind === "residual" ? -2 : kind === "attention" && e[2] === e[4] ? 3 : 0;
         x1 += shift; x2 += shift;
-        var line = lms.svg("line", { x1: x1, y1: y1, x2: x2, y2: y2, class: "lms-flow-edge lms-flow-" + kind,
-          stroke: lms.rgba(COLORS[kind], 0.25 + 0.75 * e[6]), "stroke-width": (0.6 + 5 * e[6]).toFixed(2) });
+        var w = Math.max(0, Math.min(1, e[6]));
+        var style = { class: "lms-flow-edge lms-flow-" + kind, stroke: lms.rgba(COLORS[kind], 0.12 + 0.88 * w),
+          "stroke-width": (0.5 + 6.5 * w).toFixed(2) };
+        var line;
+        if (kind === "ffn") {  // through the block's square: state -> FFN -> state
+          var sq = [xOf(e[4]) + off, (y1 + y2) / 2];
+          ffn["f" + e[0] + "." + e[4]] = sq;
+          style.points = x1 + "," + y1 + " " + sq[0] + "," + sq[1] + " " + x2 + "," + y2;
+          line = lms.svg("polyline", style);
+        } else {
+          style.x1 = x1; style.y1 = y1; style.x2 = x2; style.y2 = y2;
+          line = lms.svg("line", style);
+        }
         var tip = lms.svg("title", {});
         tip.textContent = kind + " L" + e[0] + ": " + e[2] + " \u2192 " + e[4] + "  " + e[6].toFixed(3);
         line.appendChild(tip);
         line.setAttribute("data-edge", edgeId(e));  // the web app opens the edge's details from this id
+        line.setAttribute("data-weight", String(e[6]));
         line.addEventListener("click", function () {
           show(kind + " edge, layer " + e[0] + ": " + lms.visible(tokens[e[2]]) + " (" + e[2] + ") \u2192 " +
             lms.visible(tokens[e[4]]) + " (" + e[4] + "), weight " + e[6].toFixed(3), edgeId(e),
             e[7] ? headBars(e[7]) : null);
         });
         svg.appendChild(line);
-        if (kind === "ffn") { ffn["f" + e[0] + "." + e[4]] = [(x1 + x2) / 2, (y1 + y2) / 2]; }
       });
       Object.keys(graph.nodes).forEach(function (id) {
         var pos = parseInt(id.split(".")[1], 10);
-        var c = lms.svg("circle", { cx: xOf(pos), cy: yOf(depth(id)), r: 4.5, class: "lms-flow-node" });
+        var c = lms.svg("circle", { cx: xOf(pos), cy: yOf(depth(id)), r: r, class: "lms-flow-node" });
         c.setAttribute("data-node", id);
+        var tip = lms.svg("title", {});
+        tip.textContent = describe(id);
+        c.appendChild(tip);
         c.addEventListener("click", function () { show(describe(id), id); });
         svg.appendChild(c);
       });
       Object.keys(ffn).forEach(function (id) {
         var at = ffn[id];
-        var sq = lms.svg("rect", { x: at[0] - 5, y: at[1] - 5, width: 10, height: 10, class: "lms-flow-ffn" });
+        var sq = lms.svg("rect", { x: at[0] - half, y: at[1] - half, width: 2 * half, height: 2 * half,
+          class: "lms-flow-ffn" });
         sq.setAttribute("data-node", id);
+        var tip = lms.svg("title", {});
+        tip.textContent = describe(id);
+        sq.appendChild(tip);
         sq.addEventListener("click", function () { show(describe(id), id); });
         svg.appendChild(sq);
       });
@@ -185,7 +263,27 @@
         wrap.scrollLeft = Math.max(0, xOf(starts[0]) - wrap.clientWidth / 2);
       }
     }
-    select.addEventListener("change", draw);
+    select.addEventListener("change", function () {
+      draw();
+      var value = select.value === "all" ? null : parseInt(select.value, 10);
+      (root || body).dispatchEvent(new CustomEvent("lmscope:position", { bubbles: true, detail: { position: value } }));
+    });
+    (root || body).addEventListener("lmscope:select", function (event) {
+      var p = event.detail && event.detail.position;
+      var value = p === null || p === undefined ? "all" : String(p);
+      if (select.querySelector("option[value=\"" + value + "\"]") && select.value !== value) {
+        select.value = value;
+        draw();
+      }
+    });
     draw();
+    if (window.ResizeObserver) {  // take the new width when the box is resized (or first shown)
+      var pending = false;
+      new ResizeObserver(function () {
+        if (pending || Math.abs(wrap.clientWidth - drawnWidth) < 4) { return; }
+        pending = true;
+        window.requestAnimationFrame(function () { pending = false; draw(); });
+      }).observe(wrap);
+    }
   };
 })();
