@@ -1,12 +1,17 @@
 /* lmscope: shared view runtime. Views register render functions in window.lmscope.views;
-   mount() reads a fragment's JSON data and calls its view. Text reaches the DOM only through
-   textContent, never innerHTML, so token strings can never become markup. */
+   mount() reads a fragment's JSON data, calls its view and hides the fragment's text twin. Text
+   reaches the DOM only through textContent, never innerHTML, so token strings can never become
+   markup. Defined once per page and build: every fragment inlines this file, and a copy whose build
+   stamp is already defined returns at once; another build (an upgraded lmscope in a long-lived
+   JupyterLab page) redefines the runtime and drops the old views so that its own scripts register
+   theirs. The object window.lmscope itself is kept, as pages may hold a reference to it. */
 (function () {
   "use strict";
+  var BUILD = "__LMSCOPE_BUILD__";
   var lms = (window.lmscope = window.lmscope || {});
-  lms.views = lms.views || {};
-  if (lms.version) { return; }
-  lms.version = 1;
+  if (lms.build === BUILD && lms.views) { return; }
+  lms.views = {};
+  lms.build = BUILD;
 
   var WS = { " ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d" };
 
@@ -81,16 +86,37 @@
     return row;
   };
 
-  /** Render the fragment with id uid using view name. */
-  lms.mount = function (uid, view) {
+  /** The fragment root: by id, else the element holding the calling script (a shadow root, a
+      detached copy). */
+  function findRoot(uid, script) {
     var root = document.getElementById(uid);
+    if (!root && script && script.parentNode) {
+      root = script.parentNode;
+      while (root && root.id !== uid) { root = root.parentNode; }
+    }
+    return root;
+  }
+
+  /** Render the fragment with id uid using view name; once it has drawn, hide its text twin. If the
+      view fails, the twin stays and the error is shown above it (and thrown for the console). */
+  lms.mount = function (uid, view, script) {
+    var root = findRoot(uid, script);
     if (!root || root.getAttribute("data-mounted")) { return; }
-    var data = JSON.parse(root.querySelector("script.lmscope-data").textContent);
-    var render = lms.views[view];
-    if (!render) { throw new Error("lmscope: no view named " + view); }
     var body = lms.el("div", { className: "lms-body" });
-    root.appendChild(body);
-    render(body, data, root);
+    try {
+      var render = lms.views[view];
+      if (!render) { throw new Error("lmscope: no view named " + view); }
+      var data = JSON.parse(root.querySelector("script.lmscope-data").textContent);
+      root.appendChild(body);
+      render(body, data, root);
+    } catch (err) {
+      if (body.parentNode) { body.parentNode.removeChild(body); }
+      root.insertBefore(lms.el("div", { className: "lms-error" }, "lmscope: this view failed to draw (" +
+        (err && err.message ? err.message : String(err)) + "); its text follows."), root.firstChild);
+      throw err;
+    }
+    var fallback = root.querySelector(":scope > .lmscope-static");
+    if (fallback) { fallback.hidden = true; fallback.style.display = "none"; }
     root.setAttribute("data-mounted", "1");
   };
 })();
