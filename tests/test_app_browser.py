@@ -275,6 +275,16 @@ def test_one_prediction_in_every_tab(browser: Any, app_url: str) -> None:
     page.select_option("#panel-flow select.lms-flow-start", "1")  # the graph's own menu
     page.wait_for_selector("#tokens .lms-token.selected[data-pos='1']", timeout=WAIT)
     check(1)
+    # Another saliency method explains the same prediction.
+    page.click("[data-tab=saliency]")
+    page.select_option("#panel-saliency select[data-control=method]", "occlusion")
+    root = page.locator("[data-view-box=saliency] .lmscope[data-mounted]")
+    page.wait_for_function(
+        "() => { const v = document.querySelector('[data-view-box=saliency] .lmscope[data-mounted]');"
+        " return v && v.textContent.includes('occlusion'); }",
+        timeout=WAIT,
+    )
+    assert root.get_attribute("data-selected") == "2"
     opened.assert_clean(allowed_prefixes=(app_url + "/",))
     page.close()
 

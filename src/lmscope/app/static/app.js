@@ -81,9 +81,9 @@
   }
 
   /** A line at the top of a panel naming the prediction it explains (the same in every tab). */
-  function explains(parent, what) {
+  function explains(parent, what, after) {
     var line = lms.el("p", { className: "explains muted", "data-explains": String(S.position) },
-      (what || "Explains the") + " " + predictionSentence(S.position) + ".");
+      (what || "Explains the") + " " + predictionSentence(S.position) + (after || "") + ".");
     parent.appendChild(line);
     return line;
   }
@@ -232,15 +232,24 @@
         body.parentNode.setAttribute("data-kind", view.kind);
         mountFragment(body, view.html);
       });
+      focusable(details);
       if (c.kind === "a") { selectHead(dominantHead(details), true); }
       if (c.kind === "m" && S.run.n_heads) {  // after attention: which heads wrote the update here
         var body = viewBox(details, "details-block-heads", "Head importances in this block (click a head for what it promotes)");
         body.parentNode.setAttribute("data-kind", "HeadShares");
         return showAnalysis(body, "details-block-heads", "head_shares", { layer: c.layer, position: c.pos, data: false })
-          .then(function () { return reply; });
+          .then(function () { focusable(body); return reply; });
       }
       return reply;
     }, function () { return null; });
+  }
+
+  /** Heads and neurons in the details answer the keyboard as well as clicks. */
+  function focusable(container) {
+    container.querySelectorAll("[data-head], [data-neuron]").forEach(function (row) {
+      row.setAttribute("tabindex", "0");
+      row.setAttribute("role", "button");
+    });
   }
 
   /** The head with the largest share in the details' head importances (-1 if none shown). */
@@ -347,13 +356,17 @@
         var row = event.target.closest && event.target.closest("[data-head], [data-neuron]");
         if (row && row.closest(".details") === details) { clearError(); showPromoted(row); }
       });
+      details.addEventListener("keydown", function (event) {
+        var row = event.target.closest && event.target.closest("[data-head], [data-neuron]");
+        if (row && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); clearError(); showPromoted(row); }
+      });
       return refreshFlow();
     } },
     { name: "saliency", label: "Saliency", render: function (panel) {
       var body;
       explains(panel, "Saliency attributes the");
       var ctl = controls(panel, [
-        { name: "method", label: "Method", value: "grad_x_input", options: [["grad_x_input", "gradient \u00d7 input"], ["gradient", "gradient"], ["input_x_gradient", "input \u00d7 gradient (signed)"], ["integrated_gradients", "integrated gradients"]] },
+        { name: "method", label: "Method", value: "grad_x_input", options: [["grad_x_input", "gradient \u00d7 input"], ["gradient", "gradient"], ["input_x_gradient", "input \u00d7 gradient (signed)"], ["integrated_gradients", "integrated gradients"], ["occlusion", "occlusion (erase each token)"]] },
         { name: "style", label: "Style", value: "minimal", options: [["minimal", "minimal"], ["detailed", "detailed"]] }
       ], function () { draw(); });
       body = viewBox(panel, "saliency", "Input saliency of the selected prediction");
@@ -397,7 +410,7 @@
     } },
     { name: "attention", label: "Attention", render: function (panel) {
       var body;
-      explains(panel, "The neuron view starts at the state of the");
+      explains(panel, "Attention into the", "; the neuron view starts at that state");
       var ctl = controls(panel, [
         { name: "view", label: "View", value: "head", options: [["head", "head view"], ["model", "model view"], ["neuron", "neuron view"]] },
         { name: "kind", label: "Map", value: "weights", options: [["weights", "attention weights"], ["rollout", "rollout"], ["value_norm", "weight \u00d7 value norm"]] },
@@ -552,7 +565,7 @@
     var file = $("open-trace").files[0];
     if (!file) { return; }
     clearError();
-    api("/api/traces", { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file })
+    api("/api/traces?name=" + encodeURIComponent(file.name), { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file })
       .then(function (run) { clearError(); fillPrompt(run); showRun(run); }, function () { return null; })
       .finally(function () { $("open-trace").value = ""; });
   }
