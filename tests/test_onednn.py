@@ -1,9 +1,11 @@
 """oneDNN float32 products for gradient passes: routed only where eligible and chosen, equal to
-PyTorch's to float32 precision, local to the thread, and saliency equal to the loop either way."""
+PyTorch's to float32 precision, local to the thread, decided from a trial of the workload itself,
+and saliency equal to the loop under every routing."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from conftest import tiny
 from lmscope.analysis import _onednn
-from lmscope.analysis._onednn import matmul_backend, onednn_matmuls, onednn_pays
+from lmscope.analysis._onednn import choices, forget_choices, matmul_backend, onednn_matmuls, routed
 from test_saliency import PROMPT, assert_equal_to_loop, loop_gradients
 
 CPU = torch.device("cpu")
@@ -20,8 +22,8 @@ needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="this PyTorch build has
 
 
 @pytest.fixture
-def routed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """The shapes of the products that went to oneDNN."""
+def to_onednn(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of the products that went to oneDNN; every decision is forgotten before and after."""
     calls: list[tuple[int, ...]] = []
     linear = _onednn._linear
 
@@ -30,56 +32,58 @@ def routed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
         return linear(x, weight, bias)
 
     monkeypatch.setattr(_onednn, "_linear", counting)
-    return calls
+    forget_choices()
+    yield calls
+    forget_choices()
 
 
 @needs_onednn
-def test_products_go_to_onednn_and_agree(routed) -> None:
+def test_products_go_to_onednn_and_agree(to_onednn) -> None:
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(7, 16, generator=g), torch.randn(5, 16, generator=g), torch.randn(5, generator=g)
     x.requires_grad_(True)
     plain = torch.nn.functional.linear(x, w, b)
     (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
-    with matmul_backend("onednn"), onednn_matmuls(CPU):
+    with onednn_matmuls():
         fast = torch.nn.functional.linear(x, w, b)  # addmm [7, 16] @ [16, 5]
         (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)  # mm [7, 5] @ [5, 16]
         product = x.detach() @ w.t()  # mm
-    assert routed == [(7, 16, 5), (7, 5, 16), (7, 16, 5)]
+    assert to_onednn == [(7, 16, 5), (7, 5, 16), (7, 16, 5)]
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(product, x.detach() @ w.t(), rtol=1e-6, atol=1e-6)
 
 
 @needs_onednn
-def test_other_products_are_left_to_torch(routed) -> None:
+def test_other_products_are_left_to_torch(to_onednn) -> None:
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(6, 8, generator=g), torch.randn(8, 4, generator=g)
-    with matmul_backend("onednn"), onednn_matmuls(CPU):
+    with onednn_matmuls():
         a.double() @ b.double()  # float64
         a.t().contiguous().t() @ b  # a column-major left operand
         torch.randn(3, 6, 8) @ torch.randn(3, 8, 4)  # bmm
         torch.addmm(torch.zeros(4), a, b, beta=0.5)  # scaled bias
         a.half() @ b.half()
-    assert routed == []
-    with matmul_backend("torch"), onednn_matmuls(CPU):
-        a @ b
-    with matmul_backend("onednn"), onednn_matmuls(torch.device("meta")):
-        a @ b  # the model is not on the CPU
-    with matmul_backend("onednn"), onednn_matmuls(CPU, torch.bfloat16):
-        a @ b  # nor in float32
-    assert routed == []
+    assert to_onednn == []
+    product = lambda: a @ b  # noqa: E731
+    with matmul_backend("torch"):
+        routed(product, "test", CPU)
+    with matmul_backend("onednn"):
+        routed(product, "test", torch.device("meta"))  # the model is not on the CPU
+        routed(product, "test", CPU, torch.bfloat16)  # nor in float32
+    assert to_onednn == [] and choices() == {}
 
 
 @needs_onednn
-def test_the_mode_is_local_to_its_thread(routed) -> None:
+def test_the_mode_is_local_to_its_thread(to_onednn) -> None:
     a, b = torch.randn(4, 8), torch.randn(8, 4)
-    with matmul_backend("onednn"), onednn_matmuls(CPU):
+    with onednn_matmuls():
         worker = threading.Thread(target=lambda: a @ b)
         worker.start()
         worker.join()
-        assert routed == []
+        assert to_onednn == []
         a @ b
-    assert len(routed) == 1
+    assert len(to_onednn) == 1
 
 
 def test_a_product_onednn_refuses_is_left_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,21 +92,87 @@ def test_a_product_onednn_refuses_is_left_to_torch(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(_onednn, "_linear", refusing)
     a, b = torch.randn(4, 8), torch.randn(8, 3)
-    with matmul_backend("onednn"), onednn_matmuls(CPU):
+    with onednn_matmuls():
         product = a @ b
     torch.testing.assert_close(product, a @ b, rtol=0, atol=0)
 
 
-def test_onednn_is_refused_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
-    def lossy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return (x.bfloat16() @ weight.bfloat16().t()).float()  # what a bfloat16 float32 mode would give
+def timed_linear(monkeypatch: pytest.MonkeyPatch, delay: float, lossy: bool = False) -> list[bool]:
+    """Make oneDNN's products take ``delay`` s (or round to bfloat16); the list records each routed product."""
+    seen: list[bool] = []
 
-    monkeypatch.setattr(_onednn, "_linear", lossy)
-    onednn_pays.cache_clear()
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.append(True)
+        time.sleep(delay)
+        if lossy:  # what a bfloat16 "float32" mode would give
+            return (x.bfloat16() @ weight.bfloat16().t()).float()
+        return x @ weight.t()
+
+    monkeypatch.setattr(_onednn, "_linear", linear)
+    forget_choices()
+    return seen
+
+
+def workload(seen: list[bool], plain_delay: float):
+    """A pass of one product, which takes ``plain_delay`` s more when not routed to oneDNN."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
+
+    def run() -> torch.Tensor:
+        count = len(seen)
+        product = a @ b
+        if len(seen) == count:
+            time.sleep(plain_delay)
+        return product
+
+    return run
+
+
+@needs_onednn
+def test_auto_keeps_pytorch_where_onednn_is_slower_on_the_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = timed_linear(monkeypatch, delay=0.05)
+    run = workload(seen, plain_delay=0.0)
     try:
-        assert onednn_pays() is False
+        first = routed(run, "slow", CPU)  # a trial: once through oneDNN, once through PyTorch
+        assert len(seen) == 1
+        choice = choices()["slow"]
+        assert not choice.onednn and choice.agree and choice.onednn_seconds > choice.torch_seconds
+        assert "PyTorch's products (trial pass: oneDNN" in str(choice)
+        again = routed(run, "slow", CPU)  # decided: runs once, PyTorch's way
+        assert len(seen) == 1
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
     finally:
-        onednn_pays.cache_clear()
+        forget_choices()
+
+
+@needs_onednn
+def test_auto_routes_where_onednn_is_faster_on_the_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = timed_linear(monkeypatch, delay=0.0)
+    run = workload(seen, plain_delay=0.05)
+    try:
+        routed(run, ("fast", 256), CPU)
+        assert choices()[("fast", 256)].onednn and len(seen) == 1
+        routed(run, ("fast", 256), CPU)
+        assert len(seen) == 2  # decided: runs once, through oneDNN
+        routed(run, ("fast", 512), CPU)  # another class of workload is tried afresh
+        assert len(choices()) == 2 and len(seen) == 3
+        forget_choices()
+        assert choices() == {}
+    finally:
+        forget_choices()
+
+
+@needs_onednn
+def test_auto_refuses_onednn_when_it_disagrees_however_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = timed_linear(monkeypatch, delay=0.0, lossy=True)
+    run = workload(seen, plain_delay=0.05)
+    try:
+        result = routed(run, "lossy", CPU)
+        choice = choices()["lossy"]
+        assert not choice.onednn and not choice.agree and "results disagreed" in str(choice)
+        torch.testing.assert_close(result, run(), rtol=0, atol=0)  # PyTorch's result is returned
+    finally:
+        forget_choices()
 
 
 def test_unknown_backend_is_refused() -> None:
@@ -110,16 +180,34 @@ def test_unknown_backend_is_refused() -> None:
         pass
 
 
-@pytest.mark.parametrize("backend", ["onednn", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "onednn", "torch"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_saliency_equals_the_loop_with_either_backend(backend: str, family: str, routed) -> None:
-    if backend == "onednn" and not HAS_ONEDNN:
+def test_saliency_equals_the_loop_under_every_routing(backend: str, family: str, to_onednn) -> None:
+    if backend != "torch" and not HAS_ONEDNN:
         pytest.skip("this PyTorch build has no oneDNN inner product")
     lm = tiny(family)
     out = lm.generate(PROMPT, generate=3)
     positions = range(out.n_input, len(out.tokens))
+    loop = loop_gradients(lm, out.token_ids, positions)
     with matmul_backend(backend):
-        result = out.saliency("grad_x_input")
-    assert bool(routed) == (backend == "onednn")
-    assert_equal_to_loop(result, loop_gradients(lm, out.token_ids, positions), "grad_x_input")
+        for _ in range(2):  # under "auto": the trial, then the decided pass
+            result = out.saliency("grad_x_input")
+            assert_equal_to_loop(result, loop, "grad_x_input")
     np.testing.assert_array_equal(result.positions, list(positions))
+    # only the batched backward is routed (3 targets × their longest prefix per product), never the forward
+    assert bool(to_onednn) == (backend != "torch")
+    assert {shape[0] for shape in to_onednn} <= {len(positions) * max(positions)}
+
+
+@pytest.mark.parametrize("backend", ["auto", "onednn"])
+def test_integrated_gradients_agree_under_every_routing(backend: str, to_onednn) -> None:
+    if not HAS_ONEDNN:
+        pytest.skip("this PyTorch build has no oneDNN inner product")
+    out = tiny("llama").generate(PROMPT, generate=2)
+    with matmul_backend("torch"):
+        plain = out.saliency("ig", steps=6)
+    with matmul_backend(backend):
+        routed_ig = out.saliency("ig", steps=6)
+    assert to_onednn
+    for a, b in zip(routed_ig.attributions, plain.attributions, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

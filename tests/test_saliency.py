@@ -15,9 +15,10 @@ import lmscope
 from browser import open_html
 from conftest import tiny
 from lmscope import LmscopeError
-from lmscope.analysis import Saliency
+from lmscope.analysis import Saliency, _gradients
 from lmscope.cli import main
 from lmscope.views import page
+from lmscope.views.saliency import GRADIENT_NOTE
 
 PROMPT = "The keys to the cabinet"
 EVIL = "<img src=x onerror=alert(1)>"
@@ -116,6 +117,77 @@ def test_integrated_gradients_equals_captum_per_prefix() -> None:
     np.testing.assert_allclose(np.abs(sums - gap), result.completeness_error, rtol=1e-4, atol=1e-9)
 
 
+def loop_occlusion(lm: lmscope.LM, ids: torch.Tensor, positions, baseline: torch.Tensor, foil=None) -> list:
+    """The straightforward computation: re-run each output's prefix once per occluded token."""
+    embed = lm.model.get_input_embeddings()
+
+    def f(e: torch.Tensor, t: int) -> float:
+        logits = lm.model(inputs_embeds=e[None]).logits[0, -1].float()  # [vocab]
+        if foil is not None:
+            return float(logits[ids[t]] - logits[foil])
+        return float(torch.softmax(logits, -1)[ids[t]])
+
+    rows = []
+    with torch.no_grad():
+        for t in positions:
+            e = embed(ids[None, :t])[0]  # [pos, d_model]
+            whole = f(e, t)
+            row = []
+            for s in range(t):
+                occluded = e.clone()
+                occluded[s] = baseline
+                row.append(whole - f(occluded, t))
+            rows.append((np.array(row), whole))
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_occlusion_equals_a_loop_of_re_runs(family: str) -> None:
+    lm = tiny(family)
+    out = lm.generate(PROMPT, generate=3)
+    positions = range(1, len(out.tokens))
+    ids = out.token_ids
+    d_model = lm.model.get_input_embeddings().weight.shape[1]
+    erased = out.saliency("occlusion", positions=positions, batch_size=2 * len(ids))  # several batched passes
+    assert erased.signed and not erased.normalized and erased.method == "occlusion"
+    loop = loop_occlusion(lm, ids, positions, torch.zeros(d_model))
+    for row, (expected, _), t in zip(erased.attributions, loop, erased.positions, strict=True):
+        assert row.shape == (t,)
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(erased.values, [whole for _, whole in loop], rtol=1e-5)
+    # replacing by a token's embedding, with a contrastive target
+    token = ids[1]
+    replacement = lm.model.get_input_embeddings()(token[None])[0].detach()
+    foil = ids[2]
+    replaced = out.saliency("occlusion", positions=positions, baseline=int(token), contrast=int(foil))
+    loop = loop_occlusion(lm, ids, positions, replacement, foil=foil)
+    for row, (expected, _) in zip(replaced.attributions, loop, strict=True):
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)  # logit units: float32 rounding ~1e-6
+
+
+def test_gradient_views_say_they_can_under_credit_a_decisive_token() -> None:
+    out = tiny("llama").generate(PROMPT, generate=2)
+    for method in ("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients"):
+        result = out.saliency(method, steps=2)
+        assert GRADIENT_NOTE in str(result) and json.dumps(GRADIENT_NOTE) in result.to_html()
+    assert "' France' for ' Paris'" in GRADIENT_NOTE and "occlusion" in GRADIENT_NOTE
+    occluded = out.saliency("occlusion")
+    assert GRADIENT_NOTE not in str(occluded) and json.dumps(GRADIENT_NOTE) not in occluded.to_html()
+
+
+def test_row_budget_is_chosen_from_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _gradients.last_level_cache() > 0
+    lm = tiny("llama")
+    widest = max(lm.model.config.hidden_size, lm.model.config.intermediate_size)
+    monkeypatch.setattr(_gradients, "last_level_cache", lambda: 4 * 4 * widest * 1000)
+    assert _gradients.default_rows(lm.loaded) == 1000  # [rows, widest] float32 = a quarter of the cache
+    monkeypatch.setattr(_gradients, "last_level_cache", lambda: 1)
+    assert _gradients.default_rows(lm.loaded) == 256
+    monkeypatch.setattr(_gradients, "last_level_cache", lambda: 2**40)
+    assert _gradients.default_rows(lm.loaded) == 4096
+    assert _gradients._size("32768K\n") == 32 * 2**20 and _gradients._size("2M") == 2 * 2**20
+
+
 def test_saliency_leaves_the_model_as_it_was() -> None:
     lm = tiny("gpt2")
     params = list(lm.model.parameters())
@@ -179,8 +251,9 @@ def test_text_twin_lists_top_inputs_and_json_round_trips() -> None:
     result = out.saliency()
     lines = str(result).splitlines()
     assert lines[0] == "Saliency: grad_x_input of each output token's probability, 2 output token(s)"
-    assert len(lines) == 5  # title, header, rule, one row per output
-    for line, i in zip(lines[3:], range(2), strict=True):
+    assert lines[1] == GRADIENT_NOTE
+    assert len(lines) == 6  # title, note, header, rule, one row per output
+    for line, i in zip(lines[4:], range(2), strict=True):
         order = np.argsort(-result.attributions[i], kind="stable")[:5]
         shown = [f"{lmscope.views.visible(result.tokens[s])!r} {100 * result.attributions[i][s]:.2f}%" for s in order]
         assert line.split("  ", 1)[0].startswith(f"{result.positions[i]} ")
@@ -218,6 +291,17 @@ def test_embedded_batched_equals_loop_and_france_explains_paris(embedded: lmscop
     assert_equal_to_loop(result, loop_gradients(embedded, out.token_ids, positions), "grad_x_input")
     top3 = [out.tokens[s] for s, _ in result.top(len(positions) - 1, 3)]
     assert " France" in top3, str(result)
+
+
+@pytest.mark.embedded
+def test_embedded_occlusion_gives_france_the_credit_gradients_withhold(embedded: lmscope.LM) -> None:
+    out = embedded.trace("The capital of France is Paris")
+    france = out.tokens.index(" France")
+    occluded = out.saliency("occlusion", positions=-1)
+    # erasing " France" takes away nearly all of p(" Paris")
+    assert occluded.attributions[0][france] > 0.9 * occluded.values[0], str(occluded)
+    grads = out.saliency("grad_x_input", positions=-1)
+    assert grads.attributions[0][france] < grads.attributions[0].max(), str(grads)
 
 
 @pytest.mark.embedded
@@ -290,6 +374,7 @@ def test_minimal_view_colours_inputs_of_the_hovered_output(browser) -> None:
         assert got[t:] == [0] * (len(result.tokens) - t)
     info = root.locator(".lms-sal-info").text_content()
     assert info.startswith(f"output {json.dumps(result.tokens[-1])} at {result.positions[-1]}: probability")
+    assert root.locator(".lms-sal-note").text_content() == GRADIENT_NOTE
     opened.assert_clean()
 
 

@@ -4,35 +4,49 @@ PyTorch's CPU builds multiply float32 matrices with MKL. On AMD processors MKL r
 narrower than the CPU's vector units, while oneDNN, which PyTorch bundles as well, uses the full
 width: on a 2-core AMD EPYC with AVX-512, a ``[240, 1536] @ [1536, 576]`` product runs at about
 450 GFLOPS through oneDNN against about 200 through MKL. Saliency's batched backward pass is made
-of exactly such products (one row per target and token position), so its speed is set by them.
+of such products (one row per target and token position).
 
 :func:`onednn_matmuls` is a context in which the 2-D float32 CPU ``mm`` and ``addmm`` calls that
 PyTorch actually runs go to oneDNN's inner-product primitive. It is a ``TorchDispatchMode``: it
 sees the products below autograd and below vmap (a batched backward arrives with every target's
 rows already folded into one product) and, like any dispatch mode, it is local to the thread that
-enters it. The results are float32 products summed in another order (they differ from MKL's at
-the ~1e-6 relative level, as any two BLAS libraries do), so capture never uses them, since its
-logits must equal the model's bit for bit; saliency's gradient passes do.
+enters it. It also costs a Python call for every operation it sees (about 10 µs; a batched
+backward pass through a 30-layer model runs a few thousand), so it is entered around the batched
+backward only, never around a whole analysis. The results are float32 products summed in another
+order (they differ from MKL's at the ~1e-6 relative level, as any two BLAS libraries do), so
+capture never uses them, since its logits must equal the model's bit for bit.
 
-Whether oneDNN pays is measured once per process (:func:`onednn_pays`): both libraries multiply
-one matrix pair, and oneDNN is kept only if it agrees to float32 precision and is clearly faster.
+Whether oneDNN pays is decided from the workload itself, not from a product measured apart
+(:func:`routed`): a faster product does not make a faster pass once the mode's own cost is paid.
+The first time a class of workload is seen in a process (the caller names it: the model's shape,
+the rows of the pass, the thread count), the caller's pass runs once through oneDNN and once
+through PyTorch's products, oneDNN first, so that it bears any first-run cost. oneDNN is kept for
+that class only if its result agrees with PyTorch's to float32 precision and its pass, the mode's
+cost included, took at most 95 % of PyTorch's; every later pass of the class runs once, the chosen
+way. :func:`choices` lists what was decided, with both timings.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cache
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["available", "matmul_backend", "onednn_matmuls", "onednn_pays"]
+__all__ = ["Choice", "available", "choices", "forget_choices", "matmul_backend", "onednn_matmuls", "routed"]
 
-_aten = torch.ops.aten
+T = TypeVar("T")
+
+_MM = torch.ops.aten.mm.default
+_ADDMM = torch.ops.aten.addmm.default
 _BACKENDS = ("auto", "onednn", "torch")
+_MARGIN = 0.95  # oneDNN's trial pass must take at most this share of PyTorch's
 _backend: ContextVar[str] = ContextVar("lmscope_matmul_backend", default="auto")
 
 
@@ -67,16 +81,20 @@ def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _OneDnnMatmuls(TorchDispatchMode):
     """Routes eligible ``mm`` and ``addmm`` (``beta = alpha = 1``, a bias per column) to oneDNN.
 
-    A product oneDNN refuses (it raises) is left to PyTorch, which computes the same thing.
+    Every other operation goes straight back to PyTorch (the first test below is the only work it
+    costs). A product oneDNN refuses (it raises) is left to PyTorch, which computes the same thing.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        routed = None
-        if func is _aten.mm.default and not kwargs:
-            a, b = args
-            if _eligible(a, b):
-                routed = (a, b.t(), None)
-        elif func is _aten.addmm.default and not kwargs:
+        if func is _MM:
+            if not kwargs:
+                a, b = args
+                if _eligible(a, b):
+                    try:
+                        return _linear(a, b.t(), None)
+                    except RuntimeError:
+                        pass
+        elif func is _ADDMM and not kwargs:
             bias, a, b = args
             if (
                 _eligible(a, b)
@@ -85,51 +103,105 @@ class _OneDnnMatmuls(TorchDispatchMode):
                 and bias.shape[0] == b.shape[1]
                 and bias.is_contiguous()
             ):
-                routed = (a, b.t(), bias)
-        if routed is not None:
-            try:
-                return _linear(*routed)
-            except RuntimeError:
-                pass
-        return func(*args, **(kwargs or {}))
+                try:
+                    return _linear(a, b.t(), bias)
+                except RuntimeError:
+                    pass
+        return func(*args, **kwargs) if kwargs else func(*args)
 
 
-@cache
-def onednn_pays() -> bool:
-    """Whether oneDNN's float32 products agree with PyTorch's and are at least 1.25× faster here.
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`routed` decided for one class of workload, from one trial pass each way."""
 
-    Measured once per process on a ``[256, 1024] @ [1024, 1024]`` product, best of five runs each.
+    workload: Hashable
+    onednn: bool  # whether this class's passes run their products through oneDNN
+    onednn_seconds: float  # the trial pass through oneDNN (run first)
+    torch_seconds: float  # the trial pass through PyTorch's products
+    agree: bool  # whether the two results agreed to float32 precision
+
+    def __str__(self) -> str:
+        chosen = "oneDNN" if self.onednn else "PyTorch's products"
+        agreed = "" if self.agree else ", results disagreed"
+        return (
+            f"{chosen} (trial pass: oneDNN {1000 * self.onednn_seconds:.1f} ms, "
+            f"PyTorch {1000 * self.torch_seconds:.1f} ms{agreed})"
+        )
+
+
+_choices: dict[Hashable, Choice] = {}
+_lock = threading.Lock()
+
+
+def choices() -> dict[Hashable, Choice]:
+    """The routing decided so far in this process, per class of workload."""
+    with _lock:
+        return dict(_choices)
+
+
+def forget_choices() -> None:
+    """Forget every decision, so that the next pass of each class is tried both ways again."""
+    with _lock:
+        _choices.clear()
+
+
+def _agree(fast: object, plain: object) -> bool:
+    """Whether two results (tensors, or tuples of them) agree to float32 precision."""
+    if isinstance(plain, torch.Tensor):
+        if not isinstance(fast, torch.Tensor) or fast.shape != plain.shape:
+            return False
+        if plain.numel() == 0:
+            return True
+        scale = float(plain.abs().max())
+        return bool(torch.isfinite(fast).all()) and float((fast - plain).abs().max()) <= 1e-3 * scale
+    if isinstance(plain, (tuple, list)):
+        return len(fast) == len(plain) and all(_agree(f, p) for f, p in zip(fast, plain, strict=True))
+    return fast == plain
+
+
+def _timed(run: Callable[[], T], onednn: bool) -> tuple[T, float]:
+    start = time.perf_counter()
+    if onednn:
+        with _OneDnnMatmuls():
+            result = run()
+    else:
+        result = run()
+    return result, time.perf_counter() - start
+
+
+def routed(run: Callable[[], T], workload: Hashable, device: torch.device, dtype: torch.dtype = torch.float32) -> T:
+    """``run()``, with its float32 CPU products routed as the backend in force says.
+
+    ``run`` must give the same result when called twice (a backward pass keeps its graph for
+    this), since under ``"auto"`` the first pass of each ``workload`` class runs both ways (see
+    the module docstring). ``device`` and ``dtype`` are the model's: for a model in another
+    precision or on another device ``run`` runs once, untouched.
     """
-    if not available():
-        return False
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 1024, generator=generator)
-    w = torch.randn(1024, 1024, generator=generator)
-    try:
-        fast = _linear(a, w, None)
-    except RuntimeError:
-        return False
-    plain = a @ w.t()
-    if float((fast - plain).abs().max()) > 1e-5 * float(plain.abs().max()):
-        return False
-
-    def best(product) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(lambda: _linear(a, w, None)) * 1.25 <= best(lambda: a @ w.t())
+    backend = _backend.get()
+    if backend == "torch" or device.type != "cpu" or dtype is not torch.float32 or not available():
+        return run()
+    if backend == "onednn":
+        with _OneDnnMatmuls():
+            return run()
+    with _lock:
+        choice = _choices.get(workload)
+    if choice is not None:
+        return _timed(run, choice.onednn)[0]
+    fast, fast_s = _timed(run, True)
+    plain, plain_s = _timed(run, False)
+    agree = _agree(fast, plain)
+    choice = Choice(workload, agree and fast_s <= _MARGIN * plain_s, fast_s, plain_s, agree)
+    with _lock:
+        _choices.setdefault(workload, choice)
+    return fast if choice.onednn else plain
 
 
 @contextmanager
 def matmul_backend(name: str) -> Iterator[None]:
-    """Choose the float32 CPU products of :func:`onednn_matmuls` in this scope.
+    """Choose how :func:`routed` runs float32 CPU products in this scope.
 
-    ``"auto"`` (the default) uses oneDNN where :func:`onednn_pays`; ``"onednn"`` uses it wherever
-    it is available; ``"torch"`` keeps PyTorch's own.
+    ``"auto"`` (the default) decides per class of workload from a trial pass each way;
+    ``"onednn"`` uses oneDNN wherever it is available; ``"torch"`` keeps PyTorch's own.
     """
     if name not in _BACKENDS:
         raise ValueError(f"unknown matmul backend {name!r}: use one of {', '.join(_BACKENDS)}")
@@ -141,17 +213,7 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def onednn_matmuls(device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Run this scope's float32 CPU products through oneDNN, if the backend says so.
-
-    ``device`` and ``dtype`` are the model's: for a model in another precision or on another
-    device the scope changes nothing (and costs nothing, as no mode is entered).
-    """
-    choice = _backend.get()
-    wanted = choice == "onednn" or (choice == "auto" and onednn_pays())
-    use = device.type == "cpu" and dtype is torch.float32 and available() and wanted
-    if not use:
-        yield
-        return
+def onednn_matmuls() -> Iterator[None]:
+    """Run this scope's eligible float32 CPU products through oneDNN, unconditionally."""
     with _OneDnnMatmuls():
         yield

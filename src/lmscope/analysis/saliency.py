@@ -13,12 +13,18 @@ Explanations"). With ``g_s = ∂f_t/∂e_s``, the methods are:
 - ``integrated_gradients`` (Sundararajan et al. 2017): with a baseline ``b``,
   ``a_s = Σ_d (e_s − b_s)_d ∫₀¹ ∂f_t/∂e_{s,d}(b + α(e − b)) dα``, signed and not normalized; by
   completeness ``Σ_s a_s = f_t(e) − f_t(b)`` up to the quadrature error, which the result reports.
+- ``occlusion`` (Zeiler & Fergus 2014): ``a_s = f_t(e) − f_t(e with e_s := b_s)``, the drop of the
+  target when token ``s`` is erased (zero baseline) or replaced (a token's embedding), signed and
+  not normalized. Gradients measure sensitivity around the actual input and can under-credit a
+  token the prediction depends on decisively (" France" for " Paris"); occlusion measures the
+  effect of taking it away (see :mod:`lmscope.analysis._occlusion`).
 
 Every output token's attributions come from one forward pass and one batched backward pass
-(see :mod:`lmscope.analysis._gradients`), not a forward and backward pass per output token. On
-CPUs where oneDNN multiplies float32 matrices clearly faster than PyTorch's default library, these
-passes run their products through it (:mod:`lmscope.analysis._onednn`); the attributions agree
-with the default library's to float32 rounding.
+(see :mod:`lmscope.analysis._gradients`), not a forward and backward pass per output token;
+occlusion needs no backward pass: one batched forward pass of one variant per input token.
+Where it is faster on the workload, the batched backward runs its float32 CPU products through
+oneDNN (:mod:`lmscope.analysis._onednn`, decided per class of workload from a trial pass each
+way); the attributions agree with PyTorch's own products to float32 rounding.
 Teacher forcing is implicit: the attributed tokens are whatever the trace holds, generated or not.
 Positions name the explained token, as in Ecco: output ``t`` is predicted from the state at
 ``t − 1``. ``"next"`` (or ``len(tokens)``) explains the prediction after the last token, whose
@@ -35,13 +41,14 @@ import torch
 
 from lmscope.analysis._gradients import (
     Targets,
+    default_rows,
     frozen_parameters,
     gradients,
     input_embeddings,
     integrated_gradients,
     scores,
 )
-from lmscope.analysis._onednn import onednn_matmuls
+from lmscope.analysis._occlusion import occlusion
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
@@ -49,9 +56,9 @@ from lmscope.models import LoadedModel
 
 __all__ = ["METHODS", "Saliency", "primary_attributions"]
 
-METHODS = ("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients")
+METHODS = ("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients", "occlusion")
 _ALIASES = {"saliency": "gradient", "ig": "integrated_gradients", "grad": "gradient"}
-_SIGNED = ("input_x_gradient", "integrated_gradients")
+_SIGNED = ("input_x_gradient", "integrated_gradients", "occlusion")
 STYLES = ("minimal", "detailed")
 DEFAULT_STEPS = 50
 
@@ -186,20 +193,22 @@ def primary_attributions(
     contrast: TokenLike | Sequence[TokenLike] | None = None,
     steps: int = DEFAULT_STEPS,
     baseline: str | int | torch.Tensor = "zero",
-    batch_size: int = 2048,
+    batch_size: int | None = None,
 ) -> Saliency:
     """Attribute each output token of ``trace`` to the tokens before it (see the module docstring).
 
     Args:
-        attr_method: ``grad_x_input``, ``gradient`` (alias ``saliency``), ``input_x_gradient`` or
-            ``integrated_gradients`` (alias ``ig``).
+        attr_method: ``grad_x_input``, ``gradient`` (alias ``saliency``), ``input_x_gradient``,
+            ``integrated_gradients`` (alias ``ig``) or ``occlusion``.
         style: the view, ``minimal`` (hover an output, inputs coloured) or ``detailed`` (bars).
         positions: output positions; by default the generated tokens, else every token after the first.
         target: ``prob`` (Ecco) or ``logit``; ignored with ``contrast``, which uses the logit difference.
         contrast: a foil token (string or id), or one per output: attribute ``logit(x_t) − logit(foil)``.
         steps, baseline: integrated gradients' quadrature points and baseline (``"zero"``, a
-            token whose embedding fills every position, or a ``[d_model]``/``[pos, d_model]`` tensor).
-        batch_size: the most token positions in one batched backward pass (bounds memory).
+            token whose embedding fills every position, or a ``[d_model]``/``[pos, d_model]`` tensor);
+            occlusion replaces each token's embedding by the baseline's (``"zero"`` erases it).
+        batch_size: the most token positions in one batched pass (bounds memory); by default
+            chosen for the machine and model (:func:`lmscope.analysis._gradients.default_rows`).
     """
     method = _method(attr_method)
     if style not in STYLES:
@@ -225,8 +234,16 @@ def primary_attributions(
     rows: list[np.ndarray] = [np.zeros(0)] * len(out_pos)
     values = np.zeros(len(out_pos), dtype=np.float32)
     base_values = errors = None
-    with frozen_parameters(lm.model), onednn_matmuls(lm.device, lm.dtype):
-        if method == "integrated_gradients":
+    batch_size = default_rows(lm) if batch_size is None else batch_size
+    with frozen_parameters(lm.model):
+        if method == "occlusion":
+            base = _baseline(lm, baseline, embeds)  # [pos, d_model]
+            drops = torch.zeros(len(out_pos), max(out_pos), dtype=torch.float32)  # [n, pos']
+            for variants, drop, vals in occlusion(lm, embeds, base, targets, batch_size):
+                drops[:, variants] = drop.t().cpu()
+                values[:] = vals.cpu().numpy()
+            _store(rows, slice(0, len(out_pos)), drops, out_pos)
+        elif method == "integrated_gradients":
             base = _baseline(lm, baseline, embeds)  # [pos, d_model]
             base_values, errors = np.zeros_like(values), np.zeros_like(values)
             for sl, path in integrated_gradients(lm, embeds, base, targets, steps, batch_size):

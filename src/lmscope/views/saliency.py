@@ -11,9 +11,19 @@ from lmscope.analysis.saliency import Saliency
 from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
 
-__all__ = ["to_html", "to_text"]
+__all__ = ["GRADIENT_NOTE", "note", "to_html", "to_text"]
 
 _TARGETS = {"prob": "probability", "logit": "logit", "contrast": "logit difference"}
+GRADIENT_NOTE = (
+    "Gradient methods measure sensitivity around the actual input and can under-credit a token the "
+    "prediction depends on decisively (' France' for ' Paris'); method='occlusion' measures the effect "
+    "of removing each token."
+)
+
+
+def note(result: Saliency) -> str | None:
+    """The caveat shown with gradient-based attributions (every method but occlusion)."""
+    return None if result.method == "occlusion" else GRADIENT_NOTE
 
 
 def _value(result: Saliency, value: float) -> str:
@@ -40,6 +50,8 @@ def to_text(result: Saliency, k: int = 5) -> str:
             output += f" vs {visible(result.contrast[i])!r}"
         tops = "  ".join(f"{visible(result.tokens[s])!r} {_value(result, v)}" for s, v in result.top(i, k))
         rows.append([output, _target_value(result, float(result.values[i])), tops])
+    caveat = note(result)
+    head += "" if caveat is None else "\n" + caveat
     return head + "\n" + table(["output", _TARGETS[result.target], f"top {k} input tokens"], rows)
 
 
@@ -60,5 +72,6 @@ def to_html(result: Saliency) -> str:
         "target": _TARGETS[result.target],
         "signed": result.signed,
         "style": result.style,
+        "note": note(result),
     }
     return fragment("saliency", data, scripts=("saliency.js",), styles=("saliency.css",), text=to_text(result))

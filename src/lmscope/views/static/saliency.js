@@ -11,6 +11,7 @@
     var COOL = lms.cssVar(root, "--lms-cool", "31, 119, 180");
     var title = "Saliency: " + data.method + " of each output token's " + data.target;
     body.appendChild(lms.el("div", { className: "lms-title" }, title));
+    if (data.note) { body.appendChild(lms.el("div", { className: "lms-muted lms-sal-note" }, data.note)); }
     var controls = lms.el("div", { className: "lms-controls" });
     var buttons = {};
     ["minimal", "detailed"].forEach(function (name) {
