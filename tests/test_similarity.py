@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -201,3 +202,111 @@ def test_layer_pairs_over_a_collected_corpus() -> None:
     assert result.matrix[1, 2] == pytest.approx(cka(col.get("resid_post", 1), col.get("mlp_act", 2)), abs=1e-12)
     pw = col.layer_similarity("svcca", site_b="resid_post", dims=8)
     np.testing.assert_allclose(np.diag(pw.matrix), 1, atol=1e-9)
+
+
+# ---- precision, shared decompositions, positions ----
+
+
+def layer_normed(n: int = 400, p: int = 20, seed: int = 3) -> np.ndarray:
+    """LayerNorm-like rows (each row's features sum to 0): rank p − 1, exactly so only in float64."""
+    x = rng(seed).normal(size=(n, p)) * rng(seed + 1).uniform(0.5, 2, size=p)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / x.std(axis=1, keepdims=True)
+
+
+def test_rank_tolerance_follows_the_input_dtype() -> None:
+    """A float32 input's rounding-level direction is not a canonical direction (it was, at float64 eps)."""
+    import torch
+
+    a64 = layer_normed()
+    b = np.concatenate([a64, rng(9).normal(size=(len(a64), 1))], axis=1)  # a's span plus one unrelated direction
+    assert cca(a64, b) == pytest.approx(1.0, abs=1e-9)  # 19 correlations, all 1
+    a32 = a64.astype(np.float32)
+    singular = np.linalg.svd(a32.astype(np.float64) - a32.astype(np.float64).mean(0), compute_uv=False)
+    assert 1e-12 < singular[-1] / singular[0] < 1e-5  # the spurious direction: float32 rounding, above float64 eps
+    rho = cca_correlations(a32, b)
+    assert len(rho) == 19  # the rounding direction is dropped
+    assert cca(a32, b) == pytest.approx(1.0, abs=1e-6)
+    assert cca(torch.from_numpy(a32), b) == pytest.approx(cca(a32, b), abs=1e-12)
+    assert pwcca(a32, b) == pytest.approx(1.0, abs=1e-6)
+    bf16 = torch.from_numpy(a64).to(torch.bfloat16)  # bfloat16: no numpy twin, its own (coarser) epsilon
+    assert len(cca_correlations(bf16, b)) == 19
+
+
+@functools.cache
+def small_corpus() -> lmscope.Collection:
+    texts = ["The keys to the cabinet are on the table.", "I saw the man with the telescope.", "Yes, no."] * 14
+    return lmscope.collect(tiny("gpt2"), texts, sites=("resid_post",), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("svcca", {"dims": 6}), ("svcca", {"variance": 0.9}), ("pwcca", {}), ("cca", {}), ("cca", {"epsilon": 1e-3})],
+)
+def test_layer_pairs_decompose_each_layer_once_with_equal_results(method: str, options: dict) -> None:
+    col = small_corpus()
+    result = col.layer_similarity(method, site_a="resid_post", site_b="resid_post", **options)
+    measure = {"svcca": svcca, "pwcca": pwcca, "cca": cca}[method]
+    for i, la in enumerate(result.layers_a):
+        for j, lb in enumerate(result.layers_b):
+            direct = measure(col.get("resid_post", la), col.get("resid_post", lb), **options)
+            assert result.matrix[i, j] == pytest.approx(direct, abs=1e-10)
+
+
+def test_positions_choose_the_compared_tokens() -> None:
+    lm = tiny("llama")
+    trace = lm.trace("The keys to the cabinet are on the table, said Mrs. O'Neill to the man at the door.").trace
+    full = layer_similarity(trace, "cka", site_a="resid_post", site_b="resid_post")
+    skipped = layer_similarity(trace, "cka", site_a="resid_post", site_b="resid_post", skip_first=True)
+    assert skipped.n_tokens == full.n_tokens - 1 and skipped.selection == "first token skipped"
+    a, b = trace.at("resid_post", 0)[1:].numpy(), trace.at("resid_post", 2)[1:].numpy()
+    assert skipped.matrix[0, 2] == pytest.approx(cka(a, b, debiased=True), abs=1e-12)
+    chosen = layer_similarity(trace, "cka", site_a="resid_post", site_b="resid_post", positions=range(2, 12))
+    a, b = trace.at("resid_post", 0)[2:12].numpy(), trace.at("resid_post", 1)[2:12].numpy()
+    assert chosen.n_tokens == 10 and chosen.matrix[0, 1] == pytest.approx(cka(a, b, debiased=True), abs=1e-12)
+    assert "compared: positions" in str(chosen)
+    found = full.dominance[0]
+    assert 0 <= found.pos < trace.n_pos and 0 < found.share <= 1 and found.token == trace.tokens[found.pos]
+    with pytest.raises(LmscopeError, match="either skip_first"):
+        layer_similarity(trace, "cka", skip_first=True, positions=[1, 2])
+    with pytest.raises(LmscopeError, match="keeps no token"):
+        layer_similarity(trace, "cka", positions=[500])
+
+
+def test_one_dominant_position_is_noted_in_text_and_html() -> None:
+    """A synthetic sink: a trace whose first position is 100× every other (the note), then skip_first (none)."""
+    import dataclasses
+
+    out = tiny("llama").trace("The keys to the cabinet are on the table, said Mrs. O'Neill.")
+    tensors = dict(out.trace.tensors)
+    sink = tensors["resid_post"].clone()
+    sink[:, 0] *= 100.0
+    tensors["resid_post"] = sink
+    trace = dataclasses.replace(out.trace, tensors=tensors)
+    result = layer_similarity(trace, "cka", site_a="resid_post", site_b="resid_post")
+    assert result.dominance[0].pos == 0 and result.dominance[0].share > 0.5
+    text = str(result)
+    assert "note: position 0 ('The') holds" in text and "skip_first=True" in text
+    assert "holds" in result.to_html() and "skip_first=True" in result.to_html()
+    clean = layer_similarity(trace, "cka", site_a="resid_post", site_b="resid_post", skip_first=True)
+    assert "note:" not in str(clean) and "first token skipped" in str(clean)
+
+
+@pytest.mark.embedded
+def test_embedded_attention_sink_dominates_cka_until_skipped(embedded: lmscope.LM) -> None:
+    """SmolLM2's first token holds most of the centered squared norm: CKA ≈ 1 for later layers until it is left out."""
+    from lmscope.analysis.collect import read_texts
+    from lmscope.probing import ud_file
+
+    texts = [t for t in read_texts(ud_file("dev"))[:60] if len(t) > 40][:6]
+    col = lmscope.collect(embedded, texts, sites=("resid_post",), layers=(4, 12, 20, 28), progress=False)
+    full = col.layer_similarity("cka", site_a="resid_post", site_b="resid_post")
+    skipped = col.layer_similarity("cka", site_a="resid_post", site_b="resid_post", skip_first=True)
+    found = full.dominance[0]
+    assert found.pos == 0 and found.share > 0.5 and found.n_texts == 6
+    assert "note: position 0 of each text" in str(full) and "note:" not in str(skipped)
+    assert full.matrix[1, 2] > 0.98 and full.matrix[1, 3] > 0.95  # layers 12/20 and 12/28: the sink agrees
+    assert skipped.matrix[1, 2] < 0.95 and skipped.matrix[1, 3] < 0.8
+    assert np.abs(skipped.matrix - full.matrix).max() > 0.2
+    figure = full.plot()
+    assert "position 0 of each text" in figure.axes[0].get_title(loc="left")

@@ -145,9 +145,12 @@ class Output:
         lm = self._require_lm("rankings_watch")
         return rankings_watch(self.trace, lm.unembed, watch, position, site, norm, causal=self._causal(lm))
 
-    def activations(self, layers: Any = None, site: str = "mlp_act") -> Activations:
-        """Activations ``[layer, neuron, pos]`` of ``site`` (``mlp_act`` or a residual site) with the tokens."""
-        return activations(self.trace, layers, site)
+    def activations(self, layers: Any = None, site: str = "mlp_act", **options: Any) -> Activations:
+        """Activations ``[layer, neuron, pos]`` of ``site`` (``mlp_act`` or a residual site) with the tokens.
+
+        ``options``: ``positions`` or ``skip_first`` (see ``analysis.activations``).
+        """
+        return activations(self.trace, layers, site, **options)
 
     def run_nmf(
         self, n_components: int = 8, from_layer: int | None = None, to_layer: int | None = None, **options: Any

@@ -73,8 +73,13 @@ class Collection:
 
         return layer_similarity(self, method, **options)
 
-    def get(self, site: str, layer: int) -> np.ndarray:  # [n_tokens, features], float32
-        """Activations of ``site`` at model layer ``layer`` for every token, texts in input order."""
+    def get(
+        self, site: str, layer: int, *, positions: Any = None, skip_first: bool = False
+    ) -> np.ndarray:  # [n_tokens, features], float32
+        """Activations of ``site`` at model layer ``layer`` for every token, texts in input order.
+
+        ``positions`` (ints or a slice, within each text) or ``skip_first=True`` keep only those rows.
+        """
         if site not in self.sites:
             raise LmscopeError(f"this collection has sites {', '.join(self.sites)}, not {site!r}: collect it again")
         if layer < 0:
@@ -91,7 +96,12 @@ class Collection:
 
                 with safe_open(str(shard), framework="np") as handle:
                     out[handle.get_tensor("dest")] = handle.get_tensor(name)
-        return out
+        if positions is None and not skip_first:
+            return out
+        from lmscope.analysis._positions import select_rows
+
+        rows, _ = select_rows([len(ids) for ids in self.token_ids], positions, skip_first)
+        return out if rows is None else out[rows]
 
 
 def write_shard(shard: dict[str, np.ndarray], root: Path | None, number: int) -> Any:

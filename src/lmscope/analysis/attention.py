@@ -93,6 +93,12 @@ class Attention(Result):
     top_k: int | None  # None: every weight is shown
     neuron: NeuronData | None = None
 
+    def plot(self, layer: int | None = None, head: int | None = None) -> object:
+        """A matplotlib ``Figure`` of one layer's maps: every head, or ``head`` (query rows, key columns)."""
+        from lmscope.views._figure import plot_attention
+
+        return plot_attention(self, layer, head)
+
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:

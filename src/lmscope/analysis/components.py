@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,10 @@ class ContributionMap(Result):
     tokens: tuple[str, ...]
     attention: np.ndarray  # [head, pos_q, pos_k]
     contributions: np.ndarray  # [head, pos_q, pos_k]: share of each term in the block output at q
+
+    def plot(self, head: int | None = None) -> Any:
+        """A matplotlib ``Figure``: attention maps next to contribution maps (every head, or ``head``)."""
+        return self._view_module().plot(self, head)
 
 
 @dataclass(frozen=True)

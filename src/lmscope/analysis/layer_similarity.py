@@ -4,28 +4,40 @@ Ecco (Alammar 2021, Figure 6) compares the hidden states and FFN activations of 
 pair over the same tokens. :func:`layer_similarity` does this for any two sites of a Trace or a
 corpus :class:`~lmscope.analysis.collect.Collection` with any of the measures in
 :mod:`lmscope.analysis.similarity`; the result renders as a heatmap.
+
+Each layer's input is decomposed once (:func:`lmscope.analysis.similarity.prepare`) and reused
+for every pair, so SVCCA/PWCCA over ``L`` layers cost ``2L`` SVDs, not ``2L²``.
+
+The attention sink: on many causal LMs the first token's activations are orders of magnitude
+larger than the others', and one token holding most of the (centered) squared norm makes CKA ≈ 1
+for every layer pair that shares it. The result records, per site, the position with the largest
+share (:class:`~lmscope.analysis._positions.Dominance`), the views warn above 50%, and
+``skip_first=True`` or ``positions=`` leave such positions out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from lmscope.analysis._positions import Dominance, dominance, select_rows, within_text
 from lmscope.analysis._result import Result
-from lmscope.analysis.similarity import cca, cka, pwcca, svcca
+from lmscope.analysis.similarity import MEASURES, compare, prepare, ready
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 
 __all__ = ["LayerSimilarity", "layer_similarity"]
 
-MEASURES = {"cka": cka, "cca": cca, "svcca": svcca, "pwcca": pwcca}
-
 
 @dataclass(frozen=True)
 class LayerSimilarity(Result):
-    """``matrix[i, j]``: similarity of ``site_a`` at ``layers_a[i]`` and ``site_b`` at ``layers_b[j]``."""
+    """``matrix[i, j]``: similarity of ``site_a`` at ``layers_a[i]`` and ``site_b`` at ``layers_b[j]``.
+
+    ``selection`` says which positions were compared; ``dominance`` holds, for ``site_a`` and
+    ``site_b``, the position with the largest share of the centered squared norm over the layers.
+    """
 
     _view = "lmscope.views.similarity"
 
@@ -37,14 +49,33 @@ class LayerSimilarity(Result):
     layers_b: tuple[int, ...]
     matrix: np.ndarray  # [layer_a, layer_b]
     n_tokens: int
+    selection: str = "all positions"
+    dominance: tuple[Dominance, ...] = field(default=())
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A matplotlib ``Figure`` of the heatmap, for ``savefig`` as PNG or SVG."""
+        return self._view_module().plot(self, **kwargs)
 
 
 def _reader(source: Any, site: str) -> Any:
     if isinstance(source, Trace):
-        return lambda layer: source.at(site, layer).float().cpu().numpy().reshape(source.n_pos, -1)
+        return lambda layer: source.at(site, layer).cpu().reshape(source.n_pos, -1)
     if site not in source.sites:
         raise LmscopeError(f"this collection has sites {', '.join(source.sites)}, not {site!r}: collect it again")
     return lambda layer: source.get(site, layer)
+
+
+def _dominance(
+    shares: list[tuple[int, float]], tokens: Any, n_texts: int, site: str, layers: tuple[int, ...]
+) -> Dominance:
+    """The strongest position over the layers, and over how many layers one position dominates."""
+    best = max(range(len(shares)), key=lambda i: shares[i][1])
+    pos, share = shares[best]
+    many = sum(s > 0.5 for _, s in shares)
+    where = f"{site} (centered) at layer {layers[best]}"
+    if many > 1:
+        where += f" (over half of it at {many} of {len(layers)} layers)"
+    return Dominance(pos=pos, token=tokens[pos] if pos < len(tokens) else "", share=share, where=where, n_texts=n_texts)
 
 
 def layer_similarity(
@@ -53,13 +84,17 @@ def layer_similarity(
     site_a: str = "resid_post",
     site_b: str = "mlp_act",
     layers: Any = None,
+    *,
+    positions: Any = None,
+    skip_first: bool = False,
     **options: Any,
 ) -> LayerSimilarity:
     """Compare ``site_a`` and ``site_b`` at every pair of ``layers`` (default: every captured layer).
 
     ``options`` pass to the measure (``kernel``, ``dims``, ``epsilon``, ...). For CKA without an
     explicit ``debiased``, the unbiased estimator is used when features outnumber tokens, and the
-    result records it.
+    result records it. ``positions`` (ints or a slice, within each text) or ``skip_first=True``
+    compare only those tokens: leave out an attention sink that would dominate every measure.
     """
     if method not in MEASURES:
         raise LmscopeError(f"unknown similarity {method!r}: choose from {', '.join(MEASURES)}")
@@ -68,18 +103,33 @@ def layer_similarity(
     missing = [layer for layer in chosen if layer not in captured]
     if missing or not chosen:
         raise LmscopeError(f"layers {missing or list(chosen)} were not captured (captured: {list(captured)})")
-    read_a, read_b = _reader(source, site_a), _reader(source, site_b)
-    side_b = [read_b(layer) for layer in chosen]  # [tokens, features] each
-    first_a = read_a(chosen[0])
-    n_tokens = first_a.shape[0]
+    if isinstance(source, Trace):
+        lengths, first = [source.n_pos], source.tokens
+    else:
+        lengths, first = [len(ids) for ids in source.token_ids], source.tokens[0]
+    rows, selection = select_rows(lengths, positions, skip_first)
+    groups = within_text(lengths) if rows is None else within_text(lengths)[rows]  # [row]
+
+    def side(read: Any, site: str) -> tuple[list[Any], Dominance]:
+        prepared, shares = [], []
+        for layer in chosen:
+            x = read(layer)  # [tokens, features], in the dtype it was captured in
+            x = x if rows is None else x[rows]
+            shares.append(dominance(np.asarray(x.float() if hasattr(x, "float") else x), True, groups))
+            prepared.append(prepare(x, name=site, what=method))
+        if method != "cka" or "debiased" in options:
+            prepared = [ready(p, method, **options) for p in prepared]
+        return prepared, _dominance(shares, first, len(lengths), site, chosen)
+
+    side_a, found_a = side(_reader(source, site_a), site_a)
+    side_b, found_b = (side_a, found_a) if site_b == site_a else side(_reader(source, site_b), site_b)
+    n_tokens = side_a[0].n_tokens
     if method == "cka" and "debiased" not in options:
-        options = {**options, "debiased": n_tokens < max(first_a.shape[1], side_b[0].shape[1])}
-    measure = MEASURES[method]
+        options = {**options, "debiased": n_tokens < max(side_a[0].n_features, side_b[0].n_features)}
     matrix = np.empty((len(chosen), len(chosen)))  # [layer_a, layer_b]
-    for i, layer in enumerate(chosen):
-        a = first_a if i == 0 else read_a(layer)  # [tokens, features]
+    for i, a in enumerate(side_a):
         for j, b in enumerate(side_b):
-            matrix[i, j] = measure(a, b, **options)
+            matrix[i, j] = compare(a, b, method, **options)
     return LayerSimilarity(
         method=method,
         options=options,
@@ -89,4 +139,6 @@ def layer_similarity(
         layers_b=chosen,
         matrix=matrix,
         n_tokens=n_tokens,
+        selection=selection,
+        dominance=(found_a,) if site_b == site_a else (found_a, found_b),
     )

@@ -46,6 +46,12 @@ class LayerPredictions(Result):
     input_tokens: tuple[str, ...]
     n_input: int | None = None  # tokens before generated ones (None: all input)
 
+    def plot(self) -> object:
+        """A matplotlib ``Figure``: layers as rows, the top tokens as cells coloured by probability."""
+        from lmscope.views._figure import plot_lens
+
+        return plot_lens(self)
+
 
 def lens_logits(
     trace: Trace,

@@ -21,6 +21,12 @@ PCA (centered, via SVD) and FastICA (Hyvärinen & Oja 2000) are signed alternati
 scikit-learn; their factor signs are fixed so that each factor's largest-magnitude value is positive.
 All methods run with a fixed ``seed``, and report the reconstruction error ``‖X − X̂‖_F`` and
 its relative size ``‖X − X̂‖_F / ‖X‖_F`` (``X`` after the non-negativity step).
+
+Positions: ``positions=`` (within each text) or ``skip_first=True`` factorize only those tokens.
+The first token of many causal LMs carries activations far larger than any other (an attention
+sink), so without it one factor often just marks that token; results record the position with the
+largest share of the squared norm (``dominance``; of ``X`` for NMF, of the centered ``X`` for
+PCA/ICA) and the views say when one position holds more than half of it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from lmscope.analysis._positions import Dominance, dominance, select_rows, within_text
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
@@ -52,6 +59,12 @@ class Activations(Result):
     layers: tuple[int, ...]
     values: np.ndarray  # [layer, neuron, pos]
     tokens: tuple[str, ...]
+    positions: tuple[int, ...] = ()  # the trace positions of the pos axis (empty: all of them)
+    dominance: Dominance | None = None  # the position with the largest share of Σ values²
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A matplotlib ``Figure``: the top neurons' activations over the tokens."""
+        return self._view_module().plot(self, **kwargs)
 
     def top_neurons(self, k: int = 8) -> list[tuple[int, int, float]]:
         """The ``k`` (layer, neuron, peak activation) triples with the highest activation anywhere."""
@@ -86,6 +99,12 @@ class Factors(Result):
     negative_fraction: float
     seed: int
     n_iter: int
+    selection: str = "all positions"
+    dominance: Dominance | None = None
+
+    def plot(self, **kwargs: Any) -> Any:
+        """A matplotlib ``Figure``: every factor's strength over the tokens of the first text."""
+        return self._view_module().plot(self, **kwargs)
 
     @property
     def n_components(self) -> int:
@@ -110,12 +129,31 @@ class Factors(Result):
         self.show()
 
 
-def activations(trace: Trace, layers: Any = None, site: str = "mlp_act") -> Activations:
-    """``[layer, neuron, pos]`` activations of ``site`` for the chosen captured layers."""
+def activations(
+    trace: Trace, layers: Any = None, site: str = "mlp_act", *, positions: Any = None, skip_first: bool = False
+) -> Activations:
+    """``[layer, neuron, pos]`` activations of ``site`` for the chosen captured layers.
+
+    ``positions`` (ints or a slice) or ``skip_first=True`` keep only those tokens.
+    """
     chosen = _layers_of(trace, layers)
     index = [trace.layer_index(layer) for layer in chosen]
     values = trace.get(_site(site))[index].float().cpu().numpy()  # [layer, pos, neuron]
-    return Activations(site=site, layers=chosen, values=values.transpose(0, 2, 1), tokens=trace.tokens)
+    rows, _ = select_rows([trace.n_pos], positions, skip_first)
+    kept = tuple(range(trace.n_pos)) if rows is None else tuple(rows.tolist())
+    values = values[:, list(kept)]
+    per_pos = values.transpose(1, 0, 2).reshape(len(kept), -1)  # [pos, layer·neuron]
+    pos, share = dominance(per_pos, centered=False)
+    where = f"{site} (all {len(chosen)} layers, raw activations)"
+    found = Dominance(kept[pos], trace.tokens[kept[pos]], share, where) if kept else None
+    return Activations(
+        site=site,
+        layers=chosen,
+        values=values.transpose(0, 2, 1),
+        tokens=tuple(trace.tokens[p] for p in kept),
+        positions=() if rows is None else kept,
+        dominance=found,
+    )
 
 
 def factorize(
@@ -129,13 +167,17 @@ def factorize(
     nonneg: str = "clip",
     seed: int = 0,
     max_iter: int = 500,
+    positions: Any = None,
+    skip_first: bool = False,
 ) -> Factors:
     """Factorize activations of layers ``from_layer:to_layer`` (Python slice: ``to_layer`` excluded).
 
     Without either bound, every captured layer is used.
 
     ``source`` is a :class:`Trace` (one text) or a :class:`~lmscope.analysis.collect.Collection`
-    (a corpus; its texts are concatenated on the ``pos`` axis).
+    (a corpus; its texts are concatenated on the ``pos`` axis). ``positions`` (ints or a slice,
+    within each text) or ``skip_first=True`` factorize only those tokens (e.g. without the
+    attention sink on the first token).
     """
     if method not in METHODS:
         raise LmscopeError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
@@ -143,6 +185,14 @@ def factorize(
         raise LmscopeError(f"nonneg must be one of {', '.join(NONNEG)}, not {nonneg!r}")
     site = _site(site)
     layers, matrix, tokens, offsets = _matrix(source, site, from_layer, to_layer)  # [pos, layer·neuron]
+    lengths = np.diff([*offsets, len(tokens)])
+    rows, selection = select_rows(lengths, positions, skip_first)
+    groups = within_text(lengths)  # [pos]: each row's position within its text
+    first = tokens[: int(lengths[0])]
+    if rows is not None:
+        matrix, groups = matrix[rows], groups[rows]
+        tokens = tuple(tokens[r] for r in rows.tolist())
+        offsets = tuple(int(i) for i in np.flatnonzero(np.r_[True, np.diff(groups) <= 0]))  # a new text starts
     n_pos, n_features = matrix.shape
     if not 1 <= n_components <= min(n_pos, n_features):
         raise LmscopeError(
@@ -152,6 +202,10 @@ def factorize(
     negative = float((matrix < 0).mean())
     if method == "nmf":
         matrix = _nonnegative(matrix, nonneg)
+    pos, share = dominance(matrix, centered=method != "nmf", groups=groups)
+    measured = "X after clipping negatives" if nonneg == "clip" else "X after shifting" if nonneg == "shift" else "X"
+    where = f"{site}, {'the centered X' if method != 'nmf' else measured}"
+    found = Dominance(pos, first[pos] if pos < len(first) else "", share, where, n_texts=len(lengths))
     components, loadings, rebuilt, n_iter = _fit(method, matrix, n_components, seed, max_iter)
     if method != "nmf":
         flip = np.sign(components[np.arange(n_components), np.abs(components).argmax(1)])
@@ -174,6 +228,8 @@ def factorize(
         negative_fraction=negative,
         seed=seed,
         n_iter=n_iter,
+        selection=selection,
+        dominance=found,
     )
 
 

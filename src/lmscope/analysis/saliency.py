@@ -95,6 +95,12 @@ class Saliency(Result):
     completeness_error: np.ndarray | None = None  # [output]
     next_token: str | None = None  # the top prediction after the last token, explained as output len(tokens)
 
+    def plot(self) -> object:
+        """A matplotlib ``Figure``: one row per explained token, one column per input token."""
+        from lmscope.views._figure import plot_saliency
+
+        return plot_saliency(self)
+
     def matrix(self) -> np.ndarray:
         """Attributions as ``[output, pos]``, zero at and after each output's own position."""
         out = np.zeros((len(self.positions), len(self.tokens)), dtype=np.float32)

@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from lmscope.analysis.components import ContributionMap, HeadShares, Promoted, TopNeurons
+from lmscope.views._figure import heatmap_grid, token_labels
 from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
 
-__all__ = ["to_html", "to_text"]
+__all__ = ["plot", "to_html", "to_text"]
 
 Component = ContributionMap | HeadShares | TopNeurons | Promoted
 
@@ -86,3 +87,31 @@ def _data(result: Component) -> tuple[str, dict[str, Any]]:
 def to_html(result: Component) -> str:
     view, data = _data(result)
     return fragment(view, data, scripts=("components.js",), styles=("flow.css",), text=to_text(result))
+
+
+def plot(result: ContributionMap, head: int | None = None) -> Any:
+    """Attention maps (top) next to contribution maps (bottom), query rows and key columns.
+
+    Every head, or only ``head``: its attention map beside its contribution map.
+    """
+    if not isinstance(result, ContributionMap):
+        raise TypeError(f"only contribution maps have a figure, not {type(result).__name__}")
+    n_heads = result.contributions.shape[0]
+    heads = list(range(n_heads)) if head is None else [head % n_heads]
+    if head is not None and not -n_heads <= head < n_heads:
+        raise ValueError(f"head {head} is out of range: layer {result.layer} has heads 0..{n_heads - 1}")
+    panels = [(result.attention[h], f"attention, head {h}") for h in heads]
+    peak = max(float(result.contributions[heads].max()), 1e-12)  # one scale for every head: heads compare
+    panels += [(result.contributions[h] / peak, f"contribution, head {h}") for h in heads]
+    labels = token_labels(result.tokens)
+    return heatmap_grid(
+        panels,
+        rows=labels,
+        columns=labels,
+        title=f"Layer {result.layer}: attention maps and contribution maps (scaled to the largest term, "
+        f"{peak:.3f} of the block output); query rows, key columns",
+        ncols=len(heads) if len(heads) > 1 else 2,
+        vmin=0.0,
+        vmax=1.0,
+        colorbar="attention weight; contribution / largest term",
+    )

@@ -101,11 +101,11 @@ def to_html(result: ProbingResult) -> str:
 
 def plot(result: ProbingResult, path: str | os.PathLike[str] | None = None) -> Any:
     """Two panels by layer: accuracy (solid) and control accuracy (dashed); selectivity. Error bars: std."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, works headless (Agg)
+    from lmscope.views._figure import new_figure  # no pyplot; a clear message without matplotlib
 
     labels = _layer_labels(result)
     x_of = {label: i for i, label in enumerate(labels)}
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    figure = new_figure(figsize=(9, 3.6), layout="constrained")
     accuracy, selectivity = figure.subplots(1, 2, sharex=True)
     colors = {"hidden": "#1f77b4", "FFN": "#d62728"}
     for group in _series(result):

@@ -31,6 +31,9 @@
   lms.views.nmf = function (body, data) {
     body.appendChild(lms.el("div", { className: "lms-title" }, data.title));
     body.appendChild(lms.el("div", { className: "lms-muted" }, data.subtitle));
+    (data.notes || []).forEach(function (note) {
+      body.appendChild(lms.el("div", { className: "lms-muted lms-nmf-note" }, note));
+    });
     var state = { text: 0, focus: null, pinned: null };
     var controls = lms.el("div", { className: "lms-controls" });
     body.appendChild(controls);

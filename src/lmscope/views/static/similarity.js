@@ -7,6 +7,9 @@
 
   lms.views.similarity = function (body, data) {
     body.appendChild(lms.el("div", { className: "lms-title" }, data.title));
+    (data.notes || []).forEach(function (note) {
+      body.appendChild(lms.el("div", { className: "lms-muted lms-sim-note" }, note));
+    });
     var readout = lms.el("div", { className: "lms-muted lms-sim-readout" }, "hover a cell");
     body.appendChild(readout);
     var rows = data.layers_a.length, cols = data.layers_b.length;
