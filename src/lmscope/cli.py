@@ -168,6 +168,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         import uvicorn
 
         from lmscope.app import create_app
+        from lmscope.app.server import GRACEFUL_SHUTDOWN_S
     except ImportError as error:
         raise LmscopeError(f"the web app needs FastAPI and uvicorn ({error}): pip install 'lmscope[app]'") from error
     app = create_app(args.config)
@@ -175,7 +176,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     # Load the default model while the server starts, so the first run does not wait for it.
     threading.Thread(target=state.preload, name="lmscope-preload", daemon=True).start()
     print(f"lmscope: serving on http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def _layer_range(text: str | None) -> slice:

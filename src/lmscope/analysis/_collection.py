@@ -4,12 +4,20 @@ Written by :func:`lmscope.collect` (see ``lmscope.analysis.collect`` for the API
 Each shard holds tensors ``"<site>.<layer>"`` ``[row, features]`` (float32) and ``"dest"`` ``[row]``,
 each row's place on the concatenated token axis, so shards can hold texts in any order (collection
 runs texts sorted by length) while :meth:`Collection.get` returns them in input order.
+
+Every file is written atomically (a temporary name, then a rename: :mod:`lmscope._files`), and the
+manifest ``collection.json`` is written last, so a folder holds a loadable collection exactly when the
+manifest is there. While a collection is being written, ``collection.partial.json`` records the run's
+plan (a hash of the model, sites, layers, batching and token ids) and the shards finished so far; a
+collection that stopped half-way (an error, a full disk, Ctrl+C) resumes from there when ``collect``
+runs again with the same texts and settings, or is discarded with ``restart=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +26,10 @@ import numpy as np
 from lmscope.capture import ModelInfo
 from lmscope.errors import LmscopeError
 
-__all__ = ["FORMAT", "META", "VERSION", "Collection", "load_collection", "write_shard"]
+__all__ = ["FORMAT", "META", "PARTIAL", "VERSION", "Collection", "load_collection", "write_json", "write_shard"]
 
 FORMAT, VERSION, META = "lmscope-collection", 1, "collection.json"
+PARTIAL = "collection.partial.json"  # the record of a collection being written (gone once it is complete)
 
 
 class Collection:
@@ -104,15 +113,58 @@ class Collection:
         return out if rows is None else out[rows]
 
 
-def write_shard(shard: dict[str, np.ndarray], root: Path | None, number: int) -> Any:
-    """Shard ``number``: kept as is when ``root`` is None, else written to ``root`` (its path is returned)."""
-    if root is None:
-        return shard
-    from safetensors.numpy import save_file
+def write_shard(parts: list[dict[str, np.ndarray]], root: Path | None, number: int) -> Any:
+    """Shard ``number`` from buffered ``parts`` (each ``name -> [row, ...]``, the same names in each).
 
-    path = root / f"shard-{number:05d}.safetensors"
-    save_file(shard, str(path))
-    return path
+    With ``root`` None the parts are concatenated and kept in memory; else they are streamed into
+    ``root/shard-NNNNN.safetensors`` part by part (no concatenated copy is made, so memory stays at
+    the buffered parts), atomically, and the path is returned.
+    """
+    if root is None:
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    from lmscope._files import write_with
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "xb") as file:
+            _stream_safetensors(parts, file)
+            file.flush()
+            os.fsync(file.fileno())
+
+    return write_with(root / f"shard-{number:05d}.safetensors", write)
+
+
+_DTYPES = {"float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32"}
+
+
+def _stream_safetensors(parts: list[dict[str, np.ndarray]], file: Any) -> None:
+    """Write the row-wise concatenation of ``parts`` in the safetensors format (an 8-byte little-endian
+    header length, a JSON header of dtypes, shapes and byte offsets, then each tensor's bytes in order)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in parts[0]:
+        arrays = [part[name] for part in parts]
+        nbytes = sum(a.nbytes for a in arrays)
+        shape = [sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]]
+        header[name] = {
+            "dtype": _DTYPES[arrays[0].dtype.name],
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    file.write(struct.pack("<Q", len(text)) + text)
+    for name in parts[0]:
+        for part in parts:
+            array = np.ascontiguousarray(part[name], dtype=part[name].dtype.newbyteorder("<"))
+            file.write(memoryview(array).cast("B"))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """``data`` as JSON in ``path``, written atomically."""
+    from lmscope._files import write_atomic
+
+    return write_atomic(path, json.dumps(data, ensure_ascii=False))
 
 
 def load_collection(out_dir: str | os.PathLike[str]) -> Collection:
@@ -120,6 +172,11 @@ def load_collection(out_dir: str | os.PathLike[str]) -> Collection:
     root = Path(out_dir)
     path = root / META
     if not path.is_file():
+        if (root / PARTIAL).is_file():
+            raise LmscopeError(
+                f"{root} holds an unfinished collection: run lmscope.collect again with the same texts and "
+                "settings to finish it (or with restart=True to start over)"
+            )
         raise LmscopeError(f"{root} holds no lmscope collection ({META} not found): run lmscope.collect first")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -62,12 +62,11 @@ class Result:
         return self._view_module().to_html(self)
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
-        """Write a standalone HTML page with this view."""
+        """Write a standalone HTML page with this view (atomically: a temporary file, then a rename)."""
+        from lmscope._files import write_atomic
         from lmscope.views import page
 
-        path = Path(path)
-        path.write_text(page(self.to_html(), title=type(self).__name__), encoding="utf-8")
-        return path
+        return write_atomic(path, page(self.to_html(), title=type(self).__name__))
 
     def _repr_html_(self) -> str:
         return self.to_html()

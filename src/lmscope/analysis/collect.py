@@ -35,10 +35,18 @@ Storage: activations are buffered until about ``shard_mb`` and written as one sa
 row's place on the concatenated token axis), with ``collection.json`` holding tokens and metadata.
 Memory stays bounded by one shard plus one batch however large the corpus; ``get`` reads one
 tensor from each shard. With ``out_dir=None`` the shards stay in memory.
+
+Files are written atomically and ``collection.json`` last. A collection that stopped half-way (an
+error, a full disk, Ctrl+C) leaves ``collection.partial.json`` and its finished shards: calling
+``collect`` again with the same texts and settings resumes after the last finished shard, and
+``restart=True`` discards it and starts over. A folder that holds a finished collection is never
+written into.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -49,7 +57,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmscope.analysis._collection import FORMAT, META, VERSION, Collection, load_collection, write_shard
+from lmscope._files import TEMP_PREFIX, file_error
+from lmscope.analysis._collection import (
+    FORMAT,
+    META,
+    PARTIAL,
+    VERSION,
+    Collection,
+    load_collection,
+    write_json,
+    write_shard,
+)
 from lmscope.capture import (
     check_length,
     model_info,
@@ -134,11 +152,14 @@ def collect(
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard_mb: float = 64.0,
+    restart: bool = False,
 ) -> Collection:
     """Collect per-token activations of ``sites`` at ``layers`` for every text (see the module docstring).
 
     ``lm`` is an :class:`lmscope.LM` (or a ``LoadedModel``). ``out_dir`` (created if missing, must not
-    hold a collection already) receives the shards; ``None`` keeps them in memory.
+    hold a finished collection) receives the shards; ``None`` keeps them in memory. An unfinished
+    collection in ``out_dir`` is resumed if it was started with the same texts and settings;
+    ``restart=True`` discards it instead.
     """
     loaded, max_tokens = getattr(lm, "loaded", lm), getattr(lm, "max_tokens", None)
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -153,12 +174,7 @@ def collect(
     chosen_layers = resolve_layers(layers, loaded.arch.n_layers)
     if not chosen_layers:
         raise LmscopeError("no layers chosen: give layers within the model's range")
-    root = None
-    if out_dir is not None:
-        root = Path(out_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / META).exists() or any(root.glob("shard-*.safetensors")):
-            raise LmscopeError(f"{root} already holds a collection: choose a new directory or delete it")
+    root = None if out_dir is None else _prepare(Path(out_dir))
 
     ids = _tokenize(loaded, texts, max_tokens)
     lengths = np.array([len(seq) for seq in ids], dtype=np.int64)
@@ -166,24 +182,32 @@ def collect(
     flat = token_strings(loaded, [t for seq in ids for t in seq])
     pad = _pad_id(loaded.tokenizer)
 
-    features: dict[str, int] = {}
-    shards: list[Any] = []
+    info = model_info(loaded)
+    plan = _plan(info, chosen_sites, chosen_layers, batch_size, shard_mb, ids)
+    record = _resume(root, plan, restart) if root is not None else {"plan": plan, "shards": [], "batches": 0}
+    features: dict[str, int] = dict(record.get("features", {}))
+    shards: list[Any] = [root / name for name in record["shards"]] if root is not None else []
+    batches = list(_batches(ids, batch_size))
+    done = int(record["batches"])
     buffer: list[dict[str, np.ndarray]] = []
     buffered = 0
     limit = shard_mb * 2**20
 
-    def flush() -> None:
+    def flush(finished: int) -> None:
         nonlocal buffer, buffered
         if buffer:
-            shard = {name: np.concatenate([part[name] for part in buffer]) for name in buffer[0]}
-            shards.append(write_shard(shard, root, len(shards)))
+            shards.append(write_shard(buffer, root, len(shards)))
+            if root is not None:  # the shard is complete on disk: record it, so a rerun can resume after it
+                names = [p.name for p in shards]
+                write_json(root / PARTIAL, {**record, "shards": names, "batches": finished, "features": features})
         buffer, buffered = [], 0
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(texts), desc="collect", unit="text", disable=not progress)
+    bar.update(sum(len(group) for group in batches[:done]))
     try:
-        for group in _batches(ids, batch_size):
+        for number, group in enumerate(batches[done:], start=done):
             captured = _run_batch(loaded, [ids[i] for i in group], chosen_sites, chosen_layers, pad)
             part = {"dest": np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in group])}
             for site, tensor in captured.items():  # [batch, layer, pos, features]
@@ -194,9 +218,9 @@ def collect(
             buffer.append(part)
             buffered += sum(a.nbytes for a in part.values())
             if buffered >= limit:
-                flush()
+                flush(number + 1)
             bar.update(len(group))
-        flush()
+        flush(len(batches))
     finally:
         bar.close()
 
@@ -204,7 +228,7 @@ def collect(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": asdict(model_info(loaded)),
+        "model": asdict(info),
         "sites": list(chosen_sites),
         "layers": list(chosen_layers),
         "features": features,
@@ -214,17 +238,81 @@ def collect(
         "shards": [p.name for p in shards] if root is not None else [],
     }
     if root is not None:
-        (root / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        write_json(root / META, meta)  # last: the folder now holds a finished collection
+        (root / PARTIAL).unlink(missing_ok=True)
     return Collection(meta, shards, root)
 
 
+def _prepare(root: Path) -> Path:
+    """``root`` created if missing; a clear error if it is a file, unwritable or holds a finished collection."""
+    if root.exists() and not root.is_dir():
+        raise LmscopeError(f"{root} is a file, not a folder: give a folder for the collection's shards")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise file_error(root, error, "create the folder") from error
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise LmscopeError(f"cannot write into {root}: permission denied: choose a folder you may write to")
+    if (root / META).exists():
+        raise LmscopeError(f"{root} already holds a collection: choose a new folder, or delete it first")
+    return root
+
+
+def _plan(info: Any, sites: tuple[str, ...], layers: tuple[int, ...], batch_size: int, shard_mb: float,
+          ids: list[list[int]]) -> str:  # fmt: skip
+    """A hash of everything that decides the shards' contents (a resumed run must match it exactly)."""
+    digest = hashlib.sha256()
+    settings = {"model": asdict(info), "sites": sites, "layers": layers, "batch_size": batch_size, "shard_mb": shard_mb}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(np.array([len(seq) for seq in ids], dtype=np.int64).tobytes())
+    digest.update(np.array([t for seq in ids for t in seq], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _resume(root: Path, plan: str, restart: bool) -> dict[str, Any]:
+    """Where to start in ``root``: an unfinished collection's record if it matches ``plan``, else a fresh one."""
+    fresh: dict[str, Any] = {"format": f"{FORMAT}-partial", "plan": plan, "shards": [], "batches": 0}
+    record: dict[str, Any] | None = None
+    path = root / PARTIAL
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            names = record["shards"]
+            ok = all(isinstance(n, str) and Path(n).name == n and (root / n).is_file() for n in names)
+            ok = ok and isinstance(record["batches"], int) and isinstance(record.get("features", {}), dict)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok and record["plan"] == plan and not restart:
+            return record
+        if not restart:
+            why = "of other texts or settings" if ok else "whose record is damaged"
+            raise LmscopeError(
+                f"{root} holds an unfinished collection {why}: run collect with the same texts and settings "
+                "to resume it, or restart it (restart=True, lmscope collect --restart) to discard it"
+            )
+    stale = sorted(root.glob("shard-*.safetensors"))
+    if stale and not restart and record is None:
+        raise LmscopeError(
+            f"{root} holds shard files but no collection: delete them, choose a new folder, or restart "
+            "(restart=True, lmscope collect --restart) to replace them"
+        )
+    for old in [*stale, *root.glob(f"{TEMP_PREFIX}*shard-*.safetensors"), path]:
+        old.unlink(missing_ok=True)
+    return fresh
+
+
 def read_texts(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
-    """Texts of a file: the ``# text = ...`` sentences of a CoNLL-U file, else each non-empty line."""
+    """Texts of a file (gzip-compressed if it ends in ``.gz``): the ``# text = ...`` sentences of a CoNLL-U
+    file, else each non-empty line."""
     path = Path(path)
     if not path.is_file():
         raise LmscopeError(f"text file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".conllu":
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    if path.name.endswith((".conllu", ".conllu.gz")):
         texts = [line.split("=", 1)[1].strip() for line in lines if line.startswith("# text =")]
     else:
         texts = [line.strip() for line in lines if line.strip()]

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -274,6 +275,11 @@ def _from_source(label: str, trust_remote_code: bool, load_kwargs: dict[str, Any
             return _from_directory(path, trust_remote_code, **load_kwargs)
         except (OSError, ValueError) as error:
             raise LmscopeError(f"{path} could not be loaded as a model: {error}") from error
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met an object that is not weights
+            raise LmscopeError(
+                f"{path} holds pickle weights with objects other than tensors, which lmscope never loads "
+                "(loading them could run code): use a copy of the model in safetensors format"
+            ) from error
     if label.startswith((".", "/", "~")) or label.count("/") > 1:
         raise LmscopeError(f"model path not found: {path}")
     try:
