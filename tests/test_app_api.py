@@ -73,6 +73,11 @@ def post_run(client: TestClient, text: str = TEXT, **body: Any) -> dict[str, Any
     return response.json()
 
 
+def upload(client: TestClient, data: bytes, **params: Any) -> Any:
+    """POST a trace file as the page does (raw body, ``application/octet-stream``)."""
+    return client.post("/api/traces", params=params, content=data, headers={"content-type": "application/octet-stream"})
+
+
 def error(response: Any, status: int) -> str:
     """The one-line message of a JSON error reply (never an HTML page or a traceback)."""
     assert response.status_code == status, response.text
@@ -158,7 +163,7 @@ def test_bad_run_requests(client: TestClient) -> None:
 def test_bad_analysis_requests(client: TestClient) -> None:
     run_id = post_run(client)["id"]
     lens = f"/api/runs/{run_id}/lens"
-    assert "position 5 is out of range for 5 tokens" in error(client.get(lens, params={"position": 5}), 400)
+    assert "position 6 is out of range for 5 tokens" in error(client.get(lens, params={"position": 6}), 400)
     assert "position -6" in error(client.get(lens, params={"position": -6}), 400)
     assert "layer 3 is out of range" in error(client.get(lens, params={"layer": 3}), 400)
     assert "site must be one of" in error(client.get(lens, params={"site": "attn_out"}), 400)
@@ -180,16 +185,16 @@ def test_trace_export_and_open_again(client: TestClient, tmp_path: Path) -> None
     for site in saved.sites:
         torch.testing.assert_close(saved.get(site), direct.get(site))
 
-    again = client.post("/api/traces", content=exported.content).json()  # the configured model is re-attached
+    again = upload(client, exported.content).json()  # the configured model is re-attached
     assert again["tokens"] == run["tokens"] and again["has_model"] and again["capabilities"]["lens"]
     assert again["predictions"] == run["predictions"]
-    bare = client.post("/api/traces", params={"attach": False}, content=exported.content).json()
+    bare = upload(client, exported.content, attach=False).json()
     assert not bare["has_model"] and not bare["capabilities"]["lens"]
     assert "needs the model's weights" in error(client.get(f"/api/runs/{bare['id']}/lens"), 400)
-    mismatch = client.post("/api/traces", params={"model": "tiny-gpt2"}, content=exported.content)
+    mismatch = upload(client, exported.content, model="tiny-gpt2")
     assert "not 'tiny-gpt2'" in error(mismatch, 400)
-    assert "not a readable lmscope trace" in error(client.post("/api/traces", content=b"not a trace"), 400)
-    assert "empty" in error(client.post("/api/traces", content=b""), 400)
+    assert "not a readable lmscope trace" in error(upload(client, b"not a trace"), 400)
+    assert "empty" in error(upload(client, b""), 400)
 
 
 def test_upload_limit(site: Path) -> None:
@@ -197,7 +202,7 @@ def test_upload_limit(site: Path) -> None:
     run = post_run(small)
     data = small.get(f"/api/runs/{run['id']}/trace").content
     assert len(data) > 0.25 * 2**20
-    assert "limit of 0 MB" in error(small.post("/api/traces", content=data), 413)
+    assert "limit of 0.25 MB" in error(upload(small, data), 413)
 
 
 def test_paths_only_inside_allowed_dirs(client: TestClient, site: Path) -> None:
@@ -347,11 +352,12 @@ def test_analysis_routes_equal_library_calls(client: TestClient) -> None:
     assert attention["text"] == str(out.attention(1, "neuron", head=3, query=2)) and "data" not in attention
 
     # Clicks in the graph: node ids and edge ids as the flow view names them.
+    # A node is a residual state; its logit lens is the prediction read from that state (position + 1).
     final = get("nodes/x3.4", topk=5)
-    assert [v["text"] for v in final["views"]] == [str(out.layer_predictions(4, 2, 5, True, "resid_post"))]
+    assert [v["text"] for v in final["views"]] == [str(out.layer_predictions(5, 2, 5, True, "resid_post"))]
     middle = get("nodes/m1.2", norm=False)
-    assert [v["text"] for v in middle["views"]] == [str(out.layer_predictions(2, 1, 10, False, "resid_mid"))]
-    assert get("nodes/x0.1")["views"][0]["text"] == str(out.layer_predictions(1, 0, 10, True, "resid_pre"))
+    assert [v["text"] for v in middle["views"]] == [str(out.layer_predictions(3, 1, 10, False, "resid_mid"))]
+    assert get("nodes/x0.1")["views"][0]["text"] == str(out.layer_predictions(2, 0, 10, True, "resid_pre"))
     ffn = get("nodes/f2.3", topk=4)
     assert [v["text"] for v in ffn["views"]] == [
         str(out.top_neurons(2, 3, 4)),

@@ -94,7 +94,12 @@ def client_session(
 
 def test_twenty_clients_two_hundred_requests(expected: dict[Any, Any]) -> None:
     config = load_config(
-        default_model="tiny-llama", run_cache_size=16, run_cache_mb=64, max_input_tokens=64, model_cache_size=1
+        default_model="tiny-llama",
+        run_cache_size=16,
+        run_cache_mb=64,
+        max_input_tokens=64,
+        model_cache_size=1,
+        queue_size=CLIENTS + 4,  # every client may wait for the one model (a smaller queue answers 503)
     )
     app = create_app(config)
     with serving(app) as url:

@@ -1,27 +1,50 @@
-"""The app's core, shared by its routes: configuration, the model and run caches, and JSON replies."""
+"""The app's core, shared by its routes: configuration, the model and run caches, model work on
+worker threads (:mod:`lmscope.app._jobs`), uploads, cost limits and JSON replies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from lmscope._lm import LM, from_pretrained, load_trace
 from lmscope._output import Output
+from lmscope.app._jobs import Cancelled, Jobs, cancellable
 from lmscope.app.config import AppConfig
 from lmscope.app.state import ModelCache, ModelKey, Run, RunCache
-from lmscope.capture import ALL_SITES
-from lmscope.errors import LmscopeError
+from lmscope.capture import ALL_SITES, Trace
+from lmscope.errors import LmscopeError, TraceFileError
 
-__all__ = ["App", "Service", "check_upload", "describe", "json_response", "temp_file"]
+__all__ = [
+    "App",
+    "Service",
+    "check_text",
+    "check_upload",
+    "describe",
+    "file_job",
+    "json_response",
+    "receive_upload",
+    "renamed",
+    "temp_file",
+]
 
 log = logging.getLogger("lmscope.app")
+T = TypeVar("T")
+POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
+def file_job() -> Hashable:
+    """A job key of its own, for work on a file without a model (reading or writing a trace)."""
+    return ("file", object())
 
 
 class App:
@@ -31,21 +54,36 @@ class App:
         self.config = config
         self.models = ModelCache(config.model_cache_size, self._load)
         self.runs = RunCache(config.run_cache_size, int(config.run_cache_mb * 2**20))
+        self.jobs = Jobs(config.workers, config.queue_size, config.queue_size * (config.model_cache_size + 2))
 
     def _load(self, key: ModelKey) -> LM:
         entry = self.config.models.get(key.model)
         source = entry.source if entry is not None else str(self.config.path_allowed(key.model))
-        # trust_remote_code stays off: the app never runs code shipped with a model.
-        return from_pretrained(source, device=key.device, dtype=key.dtype, max_tokens=self.config.max_input_tokens)
+        shown = repr(key.model) if entry is not None else repr(source)
+        try:
+            # trust_remote_code stays off: the app never runs code shipped with a model.
+            return from_pretrained(source, device=key.device, dtype=key.dtype, max_tokens=self.config.max_input_tokens)
+        except LmscopeError as error:  # the configured source may be a server path: name the model instead
+            raise LmscopeError(str(error).replace(source, shown).splitlines()[0]) from None
+        except Exception as error:
+            log.warning("lmscope: could not load %s: %s", source, error)
+            raise LmscopeError(
+                f"model {shown} could not be loaded ({type(error).__name__}): "
+                "lmscope loads safetensors weights and never runs pickled code"
+            ) from None
 
     def key(self, model: str | None, device: str | None, dtype: str | None) -> ModelKey:
-        """A checked model key; unknown names, devices and dtypes are refused with the choices."""
+        """A checked model key; unknown names, devices and dtypes are refused with the choices.
+
+        A model given by path is keyed by its resolved path, so ``m``, ``m/`` and ``./x/../m`` are one model."""
         config = self.config
-        model = model or config.default_model
+        model = check_text(model, "model name") or config.default_model
+        device, dtype = check_text(device, "device"), check_text(dtype, "dtype")
         if model not in config.models:
             if not config.allow_paths or not any(ch in model for ch in "/\\.~"):
-                raise LmscopeError(f"unknown model {model!r}: choose one of {', '.join(config.models)}")
-            config.path_allowed(model)  # raises PermissionError (403) outside the allowed dirs
+                shown = repr(model) if len(model) <= 80 else repr(model[:60]) + "…"
+                raise LmscopeError(f"unknown model {shown}: choose one of {', '.join(config.models)}")
+            model = str(config.path_allowed(model))  # PermissionError (403) outside the allowed dirs
         device = device or config.devices[0]
         if device not in config.devices:
             raise LmscopeError(f"device {device!r} is not available here: choose one of {', '.join(config.devices)}")
@@ -62,6 +100,31 @@ class App:
         except Exception as error:
             log.warning("lmscope: could not preload %s: %s", self.config.default_model, error)
 
+    async def work(self, request: Request, key: Hashable, work: Callable[[threading.Event], T]) -> T:
+        """``work(cancel)`` on a model worker, queued under ``key`` (:class:`~lmscope.app._jobs.Busy`
+        when the queue is full); cancelled when the client goes away or this request is cancelled."""
+        job = self.jobs.submit(key, work)
+        waiting = asyncio.wrap_future(job.future)
+        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, even if late
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
+                if done:
+                    return waiting.result()
+                if await request.is_disconnected():
+                    raise Cancelled("the client went away")
+        finally:
+            if not job.future.done():
+                self.jobs.cancel(job)
+
+    def check_cost(self, cost: int, how: str) -> None:
+        """Refuse a request whose ``cost`` (see the config's ``max_cost``) is over the limit, before it runs."""
+        if cost > self.config.max_cost:
+            raise LmscopeError(
+                f"this request would cost {cost:,} ({how}), more than this app's max_cost of "
+                f"{self.config.max_cost:,}: ask for less (fewer steps, positions or tokens)"
+            )
+
     def run(self, run_id: str) -> Run:
         run = self.runs.get(run_id)
         if run is None:
@@ -70,9 +133,10 @@ class App:
             )
         return run
 
-    def new_run(self, key: ModelKey, text: str, generate: int) -> Run:
-        """Trace (or generate, then trace) ``text`` on the model under ``key``; cache and describe the run."""
+    def check_run(self, text: str, generate: int) -> None:
+        """Refuse a text or a generation length out of bounds (before any model work)."""
         limit = self.config.max_input_tokens
+        check_text(text, "text")
         if not isinstance(text, str) or not text.strip():
             raise LmscopeError("the text is empty: type or pick a prompt to run")
         if len(text) > 32 * limit:  # refuse before tokenizing megabytes
@@ -81,43 +145,60 @@ class App:
             )
         if not 0 <= generate <= self.config.max_generate:
             raise LmscopeError(f"generate must be between 0 and {self.config.max_generate}, not {generate}")
+
+    def new_run(self, key: ModelKey, text: str, generate: int, cancel: threading.Event | None = None) -> Run:
+        """Trace (or generate, then trace) ``text`` on the model under ``key``; cache and describe the run."""
+        self.check_run(text, generate)
         sites = self.config.sites or ALL_SITES
-        with self.models.using(key) as lm:
+        with self.models.using(key) as lm, cancellable(lm, cancel):
             out = lm.generate(text, generate, sites=sites) if generate else lm.trace(text, sites=sites)
             info = describe(out, lm)
         return self.runs.add(out.trace, key, info)
 
-    def add_trace(self, path: Path, key: ModelKey | None = None, attach: bool = True) -> Run:
-        """Open a saved Trace; attach ``key``'s model (checked to match), else the configured model of the
-        trace's own name when ``attach``, else none (then only analyses without weights work)."""
-        out = load_trace(path)
+    def read_trace(self, path: Path, key: ModelKey | None, attach: bool) -> tuple[Trace, ModelKey | None]:
+        """A saved Trace (checked on reading) and the model to attach: ``key`` (checked to match later),
+        else the configured model of the trace's own name when ``attach``, else none."""
+        trace = load_trace(path).trace
         limit = self.config.max_input_tokens + self.config.max_generate
-        if out.trace.n_pos > limit:
-            raise LmscopeError(f"the trace has {out.trace.n_pos} tokens, more than this app's limit of {limit}")
-        model = out.trace.model
+        if trace.n_pos > limit:
+            raise LmscopeError(f"the trace has {trace.n_pos} tokens, more than this app's limit of {limit}")
+        model = trace.model
         if key is None and attach and model.name in self.config.models:
-            dtype = model.dtype if model.dtype in self.config.dtypes else None
-            key = self.key(model.name, None, dtype)
+            key = self.key(model.name, None, model.dtype if model.dtype in self.config.dtypes else None)
+        return trace, key
+
+    def attach(self, trace: Trace, key: ModelKey | None, cancel: threading.Event | None = None) -> Run:
+        """Cache ``trace`` as a run, with the model under ``key`` attached (checked to match) or none."""
         if key is None:
-            return self.runs.add(out.trace, None, describe(out, None))
-        with self.models.using(key) as lm:
-            out = lm.attach(out.trace, where="this trace file")
+            return self.runs.add(trace, None, describe(Output(trace), None))
+        with self.models.using(key) as lm, cancellable(lm, cancel):
+            out = lm.attach(trace, where="this trace file")
             info = describe(out, lm)
         return self.runs.add(out.trace, key, info)
 
-    def analyze(self, run_id: str, method: Callable[[Output], Any]) -> Any:
+    def add_trace(self, path: Path, key: ModelKey | None = None, attach: bool = True) -> Run:
+        """Open a saved Trace and cache it as a run (see :meth:`read_trace` for the model attached)."""
+        return self.attach(*self.read_trace(path, key, attach))
+
+    def analyze(self, run: str | Run, method: Callable[[Output], T], cancel: threading.Event | None = None) -> T:
         """Call ``method`` on the run's Output, holding its model's lock (re-attached from the model cache)."""
-        run = self.run(run_id)
+        run = self.run(run) if isinstance(run, str) else run
         if run.key is None:
-            return method(Output(run.trace))
-        with self.models.using(run.key) as lm:
-            return method(Output(run.trace, lm))
+            result = method(Output(run.trace))
+        else:
+            with self.models.using(run.key) as lm, cancellable(lm, cancel):
+                result = method(Output(run.trace, lm))
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
+        return result
 
     def status(self) -> dict[str, Any]:
         return {
             "models": [vars(k) for k in self.models.loaded()],
             "model_cache_size": self.models.size,
+            "model_locks": self.models.locks(),
             "runs": self.runs.stats(),
+            "jobs": self.jobs.stats(),
         }
 
 
@@ -151,27 +232,81 @@ def describe(out: Output, lm: LM | None) -> dict[str, Any]:
     return info
 
 
-def json_response(payload: Any, status: int = 200) -> Response:
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """JSON without FastAPI's generic encoder (results are already plain Python; large ones stay fast)."""
     body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return Response(body.encode("utf-8"), status_code=status, media_type="application/json")
+    try:
+        data = body.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (echoed from the request): JSON escapes carry it
+        data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode("ascii")
+    return Response(data, status_code=status, media_type="application/json", headers=headers)
+
+
+def check_text(value: str | None, what: str) -> str | None:
+    """``value``, if it can be encoded as UTF-8 (JSON may carry lone surrogates, which cannot)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise LmscopeError(
+                f"the {what} holds a lone surrogate (U+{ord(value[error.start]):04X}) at character {error.start}, "
+                "which is not a Unicode character: fix the text's encoding"
+            ) from None
+    return value
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.3g} MB"
 
 
 def check_upload(size: int, max_bytes: int) -> None:
     """Refuse an upload of ``size`` bytes over the limit (413) or empty (400)."""
     if size > max_bytes:
         raise HTTPException(
-            413, f"the trace file is {size >> 20} MB, more than this app's limit of {max_bytes >> 20} MB"
+            413, f"the trace file is {_megabytes(size)}, more than this app's limit of {_megabytes(max_bytes)}"
         )
     if size == 0:
         raise LmscopeError("the upload is empty: choose a trace file saved by lmscope")
 
 
+async def receive_upload(request: Request, max_bytes: int) -> Path:
+    """The request body in a temporary file, counted as it arrives: a body over ``max_bytes`` (announced
+    or chunked) is refused (413) as soon as it passes the limit, so memory and disk stay bounded."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit():
+        check_upload(max(1, int(announced)), max_bytes)
+    path, size = temp_file(), 0
+    try:
+        with path.open("wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HTTPException(413, f"the trace file is more than this app's limit of {_megabytes(max_bytes)}")
+                handle.write(chunk)
+        check_upload(size, max_bytes)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def renamed(error: Exception, path: Path, shown: str) -> Exception:
+    """``error`` with the server's (temporary) ``path`` replaced by ``shown``, the user's name for it."""
+    if isinstance(error, TraceFileError):
+        return LmscopeError(f"{shown} {error.problem}")
+    if isinstance(error, LmscopeError | PermissionError):
+        message = str(error)
+        message = message.replace(str(path) if str(path) in message else path.name, shown)
+        return PermissionError(message) if isinstance(error, PermissionError) else LmscopeError(message)
+    return error
+
+
 def temp_file(data: bytes = b"") -> Path:
     """A temporary ``.safetensors`` file holding ``data`` (the caller deletes it)."""
-    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as handle:
-        handle.write(data)
-    return Path(handle.name)
+    handle, name = tempfile.mkstemp(prefix="lmscope-", suffix=".safetensors")
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+    return Path(name)
 
 
 def _app(request: Request) -> App:

@@ -9,12 +9,14 @@ with ``html=false``), the same fragment a notebook shows. Clicks in the flow gra
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from lmscope.app._core import Service, json_response
+from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 
 __all__ = ["ANALYSES", "capabilities", "router"]
@@ -57,9 +59,48 @@ def _result(result: Any, html: bool = True, data: bool = True) -> Response:
     return json_response(_payload(result, html, data))
 
 
-@router.get("/lens")
-def lens(
+async def _analysis(
+    request: Request,
+    app: Service,
     run_id: str,
+    method: Callable[[Any], Any],
+    html: bool,
+    data: bool,
+    cost: Callable[[Trace], tuple[int, str]] | None = None,
+) -> Response:
+    """``method(output)`` on the run's model worker (its cost checked first), answered as JSON."""
+    run = app.run(run_id)
+    if cost is not None:
+        app.check_cost(*cost(run.trace))
+    return await app.work(request, run.key, lambda cancel: _result(app.analyze(run, method, cancel), html, data))
+
+
+def _outputs(trace: Trace, positions: list[int] | None) -> int:
+    if positions:
+        return len(positions)
+    return trace.n_pos - trace.n_input if trace.n_pos > trace.n_input else trace.n_pos - 1
+
+
+def saliency_cost(trace: Trace, method: str, positions: list[int] | None, steps: int) -> tuple[int, str]:
+    """Cost of saliency: outputs × tokens × layers (integrated gradients: 2 × steps × that)."""
+    outputs, tokens, layers = _outputs(trace, positions), trace.n_pos, trace.model.n_layers
+    if method in ("integrated_gradients", "ig"):
+        how = f"integrated gradients: 2 × {steps} steps × {outputs} outputs × {tokens} tokens × {layers} layers"
+        return 2 * steps * outputs * tokens * layers, how
+    return outputs * tokens * layers, f"saliency: {outputs} outputs × {tokens} tokens × {layers} layers"
+
+
+def flow_cost(trace: Trace, position: int | None) -> tuple[int, str]:
+    """Cost of the flow graph: 4 × target positions × tokens × layers."""
+    targets, tokens, layers = trace.n_pos if position is None else 1, trace.n_pos, trace.model.n_layers
+    how = f"flow graph: 4 × {targets} target positions × {tokens} tokens × {layers} layers"
+    return 4 * targets * tokens * layers, how
+
+
+@router.get("/lens")
+async def lens(
+    run_id: str,
+    request: Request,
     app: Service,
     position: int = -1,
     layer: int | None = None,
@@ -70,13 +111,14 @@ def lens(
     data: Data = True,
 ) -> Response:
     """Logit lens at ``position`` after every layer (or one ``layer``) of a residual ``site``."""
-    result = app.analyze(run_id, lambda out: out.layer_predictions(position, layer, topk, norm, site))
-    return _result(result, html, data)
+    method = lambda out: out.layer_predictions(position, layer, topk, norm, site)  # noqa: E731
+    return await _analysis(request, app, run_id, method, html, data)
 
 
 @router.get("/attention")
-def attention(
+async def attention(
     run_id: str,
+    request: Request,
     app: Service,
     layer: int | None = None,
     view: str = "head",
@@ -88,13 +130,14 @@ def attention(
     data: Data = False,
 ) -> Response:
     """BertViz's head, model or neuron view of the run's attention (``kind``: weights, rollout, value_norm)."""
-    result = app.analyze(run_id, lambda out: out.attention(layer, view, kind, head, query, top_k))
-    return _result(result, html, data)
+    method = lambda out: out.attention(layer, view, kind, head, query, top_k)  # noqa: E731
+    return await _analysis(request, app, run_id, method, html, data)
 
 
 @router.get("/flow")
-def flow(
+async def flow(
     run_id: str,
+    request: Request,
     app: Service,
     threshold: float = 0.04,
     position: int | None = -1,
@@ -107,15 +150,14 @@ def flow(
 ) -> Response:
     """The information-flow graph of the prediction at ``position`` (none: every position)."""
     mode = "renormalize" if renormalize else "prune"
-    result = app.analyze(
-        run_id, lambda out: out.flow(threshold, position, mode=mode, tolerance=tolerance, details=details, topk=topk)
-    )
-    return _result(result, html, data)
+    method = lambda out: out.flow(threshold, position, mode=mode, tolerance=tolerance, details=details, topk=topk)  # noqa: E731
+    return await _analysis(request, app, run_id, method, html, data, lambda trace: flow_cost(trace, position))
 
 
 @router.get("/saliency")
-def saliency(
+async def saliency(
     run_id: str,
+    request: Request,
     app: Service,
     method: str = "grad_x_input",
     style: str = "minimal",
@@ -130,21 +172,29 @@ def saliency(
     options: dict[str, Any] = {"positions": position, "target": target, "contrast": contrast}
     if method in ("integrated_gradients", "ig"):
         options["steps"] = steps
-    result = app.analyze(run_id, lambda out: out.primary_attributions(method, style, **options))
-    return _result(result, html, data)
+    call = lambda out: out.primary_attributions(method, style, **options)  # noqa: E731
+    cost = lambda trace: saliency_cost(trace, method, position, steps)  # noqa: E731
+    return await _analysis(request, app, run_id, call, html, data, cost)
 
 
 @router.get("/rankings")
-def rankings(
-    run_id: str, app: Service, site: str = "resid_post", norm: bool = True, html: Html = True, data: Data = True
+async def rankings(
+    run_id: str,
+    request: Request,
+    app: Service,
+    site: str = "resid_post",
+    norm: bool = True,
+    html: Html = True,
+    data: Data = True,
 ) -> Response:
     """Rank of each output token among the logit lens predictions after every layer (1 = top)."""
-    return _result(app.analyze(run_id, lambda out: out.rankings(site, norm)), html, data)
+    return await _analysis(request, app, run_id, lambda out: out.rankings(site, norm), html, data)
 
 
 @router.get("/rankings_watch")
-def rankings_watch(
+async def rankings_watch(
     run_id: str,
+    request: Request,
     app: Service,
     watch: Annotated[list[str], Query(description="words (or token ids as #123) to follow")],
     position: int = -1,
@@ -155,18 +205,22 @@ def rankings_watch(
 ) -> Response:
     """Rank of the ``watch`` words among the predictions at ``position``, after every layer."""
     words: list[str | int] = [int(w[1:]) if re.fullmatch(r"#\d+", w) else w for w in watch]
-    return _result(app.analyze(run_id, lambda out: out.rankings_watch(words, position, site, norm)), html, data)
+    method = lambda out: out.rankings_watch(words, position, site, norm)  # noqa: E731
+    return await _analysis(request, app, run_id, method, html, data)
 
 
 @router.get("/contribution_map")
-def contribution_map(run_id: str, app: Service, layer: int, html: Html = True, data: Data = False) -> Response:
+async def contribution_map(
+    run_id: str, request: Request, app: Service, layer: int, html: Html = True, data: Data = False
+) -> Response:
     """Every head's attention map beside its contribution map at ``layer``."""
-    return _result(app.analyze(run_id, lambda out: out.contribution_map(layer)), html, data)
+    return await _analysis(request, app, run_id, lambda out: out.contribution_map(layer), html, data)
 
 
 @router.get("/head_shares")
-def head_shares(
+async def head_shares(
     run_id: str,
+    request: Request,
     app: Service,
     layer: int,
     position: int = -1,
@@ -175,12 +229,13 @@ def head_shares(
     data: Data = True,
 ) -> Response:
     """Each head's share of the attention edge ``source -> position`` (or of the whole block)."""
-    return _result(app.analyze(run_id, lambda out: out.head_shares(layer, position, source)), html, data)
+    return await _analysis(request, app, run_id, lambda out: out.head_shares(layer, position, source), html, data)
 
 
 @router.get("/top_neurons")
-def top_neurons(
+async def top_neurons(
     run_id: str,
+    request: Request,
     app: Service,
     layer: int,
     position: int = -1,
@@ -189,12 +244,13 @@ def top_neurons(
     data: Data = True,
 ) -> Response:
     """The FFN neurons contributing most to the block output at ``position``."""
-    return _result(app.analyze(run_id, lambda out: out.top_neurons(layer, position, topk)), html, data)
+    return await _analysis(request, app, run_id, lambda out: out.top_neurons(layer, position, topk), html, data)
 
 
 @router.get("/promoted")
-def promoted(
+async def promoted(
     run_id: str,
+    request: Request,
     app: Service,
     layer: int,
     position: int = -1,
@@ -208,13 +264,13 @@ def promoted(
     data: Data = True,
 ) -> Response:
     """Tokens promoted and suppressed by an update: attention block, head or edge; FFN block or neuron."""
-    result = app.analyze(
-        run_id,
-        lambda out: out.promoted_tokens(
+
+    def method(out: Any) -> Any:
+        return out.promoted_tokens(
             layer, position, component, head=head, neuron=neuron, source=source, topk=topk, norm=norm
-        ),
-    )
-    return _result(result, html, data)
+        )
+
+    return await _analysis(request, app, run_id, method, html, data)
 
 
 _NODE = re.compile(r"([xmf])(\d+)\.(\d+)")
@@ -231,9 +287,10 @@ def residual_site(kind: str, layer: int, n_layers: int) -> tuple[str, int]:
 
 
 @router.get("/nodes/{node_id}")
-def node(
+async def node(
     run_id: str,
     node_id: str,
+    request: Request,
     app: Service,
     topk: Annotated[int, Query(ge=1, le=100)] = 10,
     norm: bool = True,
@@ -246,7 +303,8 @@ def node(
     if match is None:
         raise LmscopeError(f"unknown node id {node_id!r}: use x<layer>.<pos>, m<layer>.<pos> or f<layer>.<pos>")
     kind, layer, pos = match[1], int(match[2]), int(match[3])
-    n_layers = app.run(run_id).trace.model.n_layers
+    run = app.run(run_id)
+    n_layers = run.trace.model.n_layers
 
     def details(out: Any) -> list[Any]:
         if kind == "f":
@@ -254,14 +312,18 @@ def node(
         site, at = residual_site(kind, layer, n_layers)
         return [out.layer_predictions(out.position_of_state(pos), at, topk, norm, site)]  # the state at pos
 
-    views = [_payload(r, html, data) for r in app.analyze(run_id, details)]
-    return json_response({"id": node_id, "views": views})
+    def answer(cancel: Any) -> Response:
+        views = [_payload(r, html, data) for r in app.analyze(run, details, cancel)]
+        return json_response({"id": node_id, "views": views})
+
+    return await app.work(request, run.key, answer)
 
 
 @router.get("/edges/{edge_id}")
-def edge(
+async def edge(
     run_id: str,
     edge_id: str,
+    request: Request,
     app: Service,
     topk: Annotated[int, Query(ge=1, le=100)] = 10,
     norm: bool = True,
@@ -289,5 +351,10 @@ def edge(
             ]
         raise LmscopeError("a residual edge carries the state unchanged: click its nodes for their logit lens")
 
-    views = [_payload(r, html, data) for r in app.analyze(run_id, details)]
-    return json_response({"id": edge_id, "views": views})
+    run = app.run(run_id)
+
+    def answer(cancel: Any) -> Response:
+        views = [_payload(r, html, data) for r in app.analyze(run, details, cancel)]
+        return json_response({"id": edge_id, "views": views})
+
+    return await app.work(request, run.key, answer)

@@ -16,8 +16,17 @@ the embedded model and the tiny models. A config file names::
     run_cache_size    runs kept (least recently used dropped first) ...
     run_cache_mb      ... and the most memory their captured tensors may hold
     max_upload_mb     the largest Trace file that may be uploaded
+    max_cost          the most work one request may ask for, counted before it runs (a token through
+                      one layer is 1: saliency costs outputs × tokens × layers, integrated gradients
+                      2 × steps × outputs × tokens × layers, the flow graph 4 × targets × tokens × layers)
+    workers           threads running models (at most one request per model at a time)
+    queue_size        requests one model may have queued or running; more get 503 and Retry-After
+    allowed_hosts     host names, besides loopback and the listening address, that requests may
+                      use in their Host header (a guard against DNS rebinding)
+    sites             the sites a run captures (default: all)
 
-Relative paths (model sources that exist as files, the prompts file, allowed dirs) are resolved
+Values are checked against a schema (strict types, no unknown keys): a wrong type is a one-line
+error naming the key. Relative paths (model sources that exist as files, the prompts file, allowed dirs) are resolved
 against the config file's directory, so a config can sit next to its models.
 """
 
@@ -25,11 +34,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmscope.capture import ALL_SITES
 from lmscope.errors import LmscopeError
 
 __all__ = ["AppConfig", "ModelEntry", "load_config"]
@@ -62,6 +74,10 @@ class AppConfig:
     run_cache_mb: float = 512.0
     max_upload_mb: float = 256.0
     sites: tuple[str, ...] | None = field(default=None)
+    max_cost: int = 1_000_000
+    workers: int = 2
+    queue_size: int = 8
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -70,7 +86,7 @@ class AppConfig:
             raise LmscopeError(
                 f"default_model {self.default_model!r} is not among the configured models ({', '.join(self.models)})"
             )
-        for name in ("max_input_tokens", "max_generate", "model_cache_size", "run_cache_size"):
+        for name in ("max_input_tokens", "max_generate", "model_cache_size", "run_cache_size", "max_cost", "workers"):
             if int(getattr(self, name)) < 1:
                 raise LmscopeError(f"{name} must be at least 1 in the app config")
         if self.run_cache_mb <= 0 or self.max_upload_mb <= 0:
@@ -82,9 +98,9 @@ class AppConfig:
         """``path`` resolved, if requests may load it; otherwise a clear error."""
         if not self.allow_paths:
             raise PermissionError("loading files by path is turned off in this app's config (allow_paths)")
-        resolved = Path(path).expanduser().resolve()
+        resolved = resolve_path(path)
         if not any(resolved.is_relative_to(d) for d in self.allowed_dirs):
-            raise PermissionError(f"{path} is outside the directories this app may read: {_names(self.allowed_dirs)}")
+            raise PermissionError(f"{_shown(path)} is outside the directories this app may read")
         return resolved
 
     def public(self) -> dict[str, Any]:
@@ -101,8 +117,31 @@ class AppConfig:
         }
 
 
-def _names(dirs: tuple[Path, ...]) -> str:
-    return ", ".join(map(str, dirs)) or "none"
+MAX_PATH = 1024
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    text = repr(os.fspath(path))
+    return text if len(text) <= 120 else text[:100] + "…"
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute with every symlink and ``..`` resolved, so that one file has one name;
+    a path that cannot name a file (NUL byte, too long, a symlink loop) is a clear error."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise LmscopeError(f"the path {_shown(text)} holds a NUL byte")
+    if len(text) > MAX_PATH or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in Path(text).parts):
+        raise LmscopeError(f"the path {_shown(text)} is too long")
+    try:
+        text.encode("utf-8")
+        return Path(text).expanduser().resolve()
+    except UnicodeEncodeError:
+        raise LmscopeError(f"the path {_shown(text)} is not valid Unicode") from None
+    except RuntimeError:  # Python < 3.13 raises this for a symlink loop
+        raise LmscopeError(f"the path {_shown(text)} is a symlink loop") from None
+    except (OSError, ValueError) as error:
+        raise LmscopeError(f"the path {_shown(text)} cannot be resolved ({type(error).__name__})") from None
 
 
 def _available_devices(devices: list[str]) -> tuple[str, ...]:
@@ -135,6 +174,56 @@ def _prompts(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+Positive = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _ModelSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str
+    description: str = ""
+
+
+class _Schema(BaseModel):
+    """The app config file's schema: strict types (no "false" for false), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    models: dict[str, _ModelSchema | str]
+    default_model: str | None = None
+    sample_prompts: str | list[str] = []
+    max_input_tokens: Positive = 128
+    max_generate: Positive = 16
+    devices: list[str] = ["cpu"]
+    dtypes: list[str] = ["float32"]
+    allow_paths: bool = False
+    allowed_dirs: list[str] = []
+    model_cache_size: Positive = 2
+    run_cache_size: Positive = 16
+    run_cache_mb: PositiveFloat = 512.0
+    max_upload_mb: PositiveFloat = 256.0
+    sites: list[str] | None = None
+    max_cost: Positive = 1_000_000
+    workers: Annotated[int, Field(ge=1, le=64)] = 2
+    queue_size: Positive = 8
+    allowed_hosts: list[str] = []
+
+
+def _schema_error(error: ValidationError, where: str) -> LmscopeError:
+    item = error.errors()[0]
+    key = ".".join(str(part) for part in item["loc"] if not str(part).startswith(("function-", "str", "_Model")))
+    if item["type"] == "extra_forbidden":
+        known = ", ".join(_Schema.model_fields)
+        return LmscopeError(f"{where} has an unknown key {key!r}: known keys are {known}")
+    if item["type"] == "missing":
+        return LmscopeError(f"{where} lacks the key {key!r}")
+    value = repr(item.get("input"))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    message = item["msg"].removeprefix("Input ")
+    return LmscopeError(f"{where}: {key!r} {message}, not {value}")
+
+
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> AppConfig:
     """Read and validate a config file (``None``: the default config); ``overrides`` replace its keys."""
     if path is None:
@@ -155,13 +244,12 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     if not isinstance(raw, dict):
         raise LmscopeError(f"{where} must hold a JSON object")
     raw.update(overrides)
-    known = {f.name for f in fields(AppConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise LmscopeError(
-            f"{where} has unknown key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}"
-        )
-    return from_dict(raw, base)
+    try:
+        # JSON mode: strict types, yet a model entry may be a JSON object
+        checked = _Schema.model_validate_json(json.dumps(raw, default=str))
+    except ValidationError as error:
+        raise _schema_error(error, where) from None
+    return from_dict(checked.model_dump(exclude_unset=True), base)
 
 
 def from_dict(raw: dict[str, Any], base: Path) -> AppConfig:
@@ -170,19 +258,19 @@ def from_dict(raw: dict[str, Any], base: Path) -> AppConfig:
     for name, entry in dict(raw.get("models") or {}).items():
         if isinstance(entry, str):
             entry = {"source": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("source", name), str):
-            raise LmscopeError(f"model {name!r} in the app config needs a 'source' string")
-        source = _resolve_source(entry.get("source", name), base)
-        models[name] = ModelEntry(name, source, str(entry.get("description", "")))
-    settings = {k: v for k, v in raw.items() if k not in ("models", "sample_prompts", "devices", "allowed_dirs")}
-    try:
-        return AppConfig(
-            models=models,
-            default_model=settings.pop("default_model", next(iter(models), "")),
-            sample_prompts=_prompts(raw.get("sample_prompts", []), base),
-            devices=_available_devices(list(raw.get("devices", ["cpu"]))),
-            allowed_dirs=tuple((base / Path(d).expanduser()).resolve() for d in raw.get("allowed_dirs", [])),
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()},
-        )
-    except TypeError as error:
-        raise LmscopeError(f"the app config has a value of the wrong type ({error})") from error
+        source = _resolve_source(entry["source"], base)
+        models[name] = ModelEntry(name, source, entry.get("description", ""))
+    sites = raw.get("sites")
+    unknown = sorted(set(sites or ()) - set(ALL_SITES))
+    if unknown:
+        raise LmscopeError(f"the app config's 'sites' has unknown sites {unknown}: choose from {', '.join(ALL_SITES)}")
+    plain = ("models", "sample_prompts", "devices", "allowed_dirs", "default_model")
+    settings = {k: v for k, v in raw.items() if k not in plain}
+    return AppConfig(
+        models=models,
+        default_model=raw.get("default_model") or next(iter(models), ""),
+        sample_prompts=_prompts(raw.get("sample_prompts", []), base),
+        devices=_available_devices(list(raw.get("devices", ["cpu"]))),
+        allowed_dirs=tuple(resolve_path(base / Path(d).expanduser()) for d in raw.get("allowed_dirs", [])),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()},
+    )

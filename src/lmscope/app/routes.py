@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
-from lmscope.app._core import Service, check_upload, json_response, temp_file
+from lmscope.app._core import Service, file_job, json_response, receive_upload, renamed, temp_file
 from lmscope.app.analyses import ANALYSES, capabilities
 
 __all__ = ["router"]
@@ -47,48 +44,54 @@ class OpenRequest(BaseModel):
 
 
 @router.get("/config")
-def get_config(app: Service) -> Response:
+async def get_config(app: Service) -> Response:
     """Models, devices, dtypes, sample prompts and limits offered by this app."""
     return json_response({**app.config.public(), "analyses": list(ANALYSES)})
 
 
 @router.get("/status")
-def get_status(app: Service) -> Response:
-    """Loaded models and the run cache's size and memory."""
+async def get_status(app: Service) -> Response:
+    """Loaded models, the run cache's size and memory, and the model workers' queues."""
     return json_response(app.status())
 
 
 @router.post("/runs")
-def create_run(body: RunRequest, app: Service) -> Response:
+async def create_run(body: RunRequest, request: Request, app: Service) -> Response:
     """Run a text on a model (trace, or generate then trace); the reply describes the cached run."""
-    run = app.new_run(app.key(body.model, body.device, body.dtype), body.text, body.generate)
+    key = app.key(body.model, body.device, body.dtype)
+    app.check_run(body.text, body.generate)
+    run = await app.work(request, key, lambda cancel: app.new_run(key, body.text, body.generate, cancel))
     return _reply(dict(run.info))
 
 
 @router.get("/runs/{run_id}")
-def get_run(run_id: str, app: Service) -> Response:
+async def get_run(run_id: str, app: Service) -> Response:
     return _reply(dict(app.run(run_id).info))
 
 
 @router.delete("/runs/{run_id}")
-def delete_run(run_id: str, app: Service) -> Response:
+async def delete_run(run_id: str, app: Service) -> Response:
     app.run(run_id)
     app.runs.remove(run_id)
     return json_response({"deleted": run_id})
 
 
-@router.get("/runs/{run_id}/trace")
-def export_trace(run_id: str, app: Service) -> Response:
-    """The run's Trace as one safetensors file (open it again with POST /api/traces or lmscope.load_trace)."""
-    run = app.run(run_id)
+def _saved(trace: Any, run_id: str) -> Response:
     path = temp_file()
     try:
-        run.trace.save(path)
+        trace.save(path)
         data = path.read_bytes()
     finally:
         path.unlink(missing_ok=True)
     headers = {"Content-Disposition": f'attachment; filename="lmscope-{run_id}.safetensors"'}
     return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/runs/{run_id}/trace")
+async def export_trace(run_id: str, request: Request, app: Service) -> Response:
+    """The run's Trace as one safetensors file (open it again with POST /api/traces or lmscope.load_trace)."""
+    trace = app.run(run_id).trace
+    return await app.work(request, file_job(), lambda cancel: _saved(trace, run_id))
 
 
 @router.post("/traces")
@@ -99,29 +102,33 @@ async def upload_trace(
     device: str | None = None,
     dtype: str | None = None,
     attach: bool = True,
+    name: Annotated[str | None, Query(description="the file's name, for messages")] = None,
 ) -> Response:
-    """Open a Trace file sent as the raw request body.
+    """Open a Trace file sent as the raw request body (``Content-Type: application/octet-stream``).
 
     With ``model`` that model is attached (checked to match); otherwise the configured model of the
     trace's own name, unless ``attach=false`` (then only analyses that need no weights work).
     """
-    limit = int(app.config.max_upload_mb * 2**20)
-    with contextlib.suppress(ValueError):  # refuse an announced oversized body before reading it
-        check_upload(max(1, int(request.headers.get("content-length", "1"))), limit)
-    data = await request.body()
-    check_upload(len(data), limit)
-    path = temp_file(data)
+    key = app.key(model, device, dtype) if model else None
+    path = await receive_upload(request, int(app.config.max_upload_mb * 2**20))
     try:
-        key = app.key(model, device, dtype) if model else None
-        run = await run_in_threadpool(app.add_trace, path, key, attach)
+        trace, key = await app.work(request, file_job(), lambda cancel: app.read_trace(path, key, attach))
+        run = await app.work(request, key, lambda cancel: app.attach(trace, key, cancel))
+    except Exception as error:
+        raise renamed(error, path, repr(name[:120]) if name else "the uploaded file") from None
     finally:
-        os.unlink(path)
+        path.unlink(missing_ok=True)
     return _reply(dict(run.info))
 
 
 @router.post("/traces/open")
-def open_trace(body: OpenRequest, app: Service) -> Response:
+async def open_trace(body: OpenRequest, request: Request, app: Service) -> Response:
     """Open a Trace file by path: refused unless paths are allowed and it lies in an allowed directory."""
     path = app.config.path_allowed(body.path)
     key = app.key(body.model, body.device, body.dtype) if body.model else None
-    return _reply(dict(app.add_trace(path, key).info))
+    try:
+        trace, key = await app.work(request, file_job(), lambda cancel: app.read_trace(path, key, True))
+        run = await app.work(request, key, lambda cancel: app.attach(trace, key, cancel))
+    except Exception as error:
+        raise renamed(error, path, repr(body.path)) from None
+    return _reply(dict(run.info))

@@ -12,6 +12,8 @@ allowed directories, 404 for unknown runs, 413 for oversized uploads, 422 for ma
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -22,16 +24,21 @@ from fastapi.staticfiles import StaticFiles
 
 from lmscope.app import analyses, routes
 from lmscope.app._core import App, json_response
+from lmscope.app._guard import RequestGuard
+from lmscope.app._jobs import Busy, Cancelled, limit_allocator
 from lmscope.app.config import AppConfig, load_config
 from lmscope.errors import LmscopeError
 
-__all__ = ["create_app"]
+__all__ = ["GRACEFUL_SHUTDOWN_S", "create_app"]
 
 log = logging.getLogger("lmscope.app")
 
+GRACEFUL_SHUTDOWN_S = 2
+"""Seconds uvicorn waits for open requests on shutdown before cancelling them (and their model work)."""
 
-def _error(status: int, message: str) -> Response:
-    return json_response({"detail": message}, status)
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"detail": message}, status, headers)
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -65,6 +72,14 @@ def _install_errors(api: FastAPI) -> None:
         detail = "not found" if error.status_code == 404 else str(error.detail)
         return _error(error.status_code, f"{detail}: {request.url.path}" if error.status_code == 404 else detail)
 
+    @api.exception_handler(Busy)
+    async def busy(request: Request, error: Busy) -> Response:
+        return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+
+    @api.exception_handler(Cancelled)
+    async def cancelled(request: Request, error: Cancelled) -> Response:
+        return _error(503, f"the request was cancelled: {error}", {"Retry-After": "1"})
+
     @api.exception_handler(RequestValidationError)
     async def malformed(request: Request, error: RequestValidationError) -> Response:
         return _error(422, _validation_message(error))
@@ -72,15 +87,32 @@ def _install_errors(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("lmscope: unexpected error on %s", request.url.path)
-        return _error(500, f"internal error ({type(error).__name__}): {error}".splitlines()[0])
+        # The exception's text may name server paths: the client learns its type, the log the rest.
+        return _error(500, f"internal error ({type(error).__name__}); the server's log has the details")
 
 
 def create_app(config: AppConfig | str | Path | None = None) -> FastAPI:
     """The FastAPI app for ``config`` (an :class:`AppConfig`, a config file path, or ``None``: the default)."""
     if not isinstance(config, AppConfig):
         config = load_config(config)
-    api = FastAPI(title="lmscope", version="1", description="See inside Transformer language models.")
-    api.state.lmscope = App(config)
+    state = App(config)
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        limit_allocator()  # before the model workers start: they then share few malloc arenas
+        yield
+        state.jobs.close(timeout=GRACEFUL_SHUTDOWN_S)
+
+    api = FastAPI(
+        title="lmscope",
+        version="1",
+        description="See inside Transformer language models.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    api.state.lmscope = state
+    api.add_middleware(RequestGuard, allowed_hosts=config.allowed_hosts)
     _install_errors(api)
     static = resources.files("lmscope.app").joinpath("static")
     views = resources.files("lmscope.views").joinpath("static")
@@ -88,7 +120,7 @@ def create_app(config: AppConfig | str | Path | None = None) -> FastAPI:
     api.mount("/static/views", StaticFiles(directory=str(views)), name="views-static")
 
     @api.get("/", include_in_schema=False)
-    def index() -> FileResponse:
+    async def index() -> FileResponse:
         return FileResponse(str(static.joinpath("index.html")), media_type="text/html")
 
     api.include_router(routes.router)

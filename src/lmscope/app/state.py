@@ -3,7 +3,8 @@
 * :class:`ModelCache` keeps at most ``size`` models, keyed by ``(model, device, dtype)``, so a
   change of device or dtype really loads the model anew (and the old one is dropped once the cache
   is full). Each key has one lock: every request that runs a model holds it, so concurrent users
-  never interleave hooks or gradients on the same weights.
+  never interleave hooks or gradients on the same weights. A lock lives only while someone holds
+  or waits for it, so the lock table is bounded by the requests in flight, not by the keys ever seen.
 * :class:`RunCache` keeps runs (a Trace plus the model key it came from) least-recently-used first
   out, bounded both in count and in the bytes their captured tensors hold (``Trace.nbytes``).
   A run holds no reference to the model: analyses re-attach it from the model cache, so evicting a
@@ -41,13 +42,31 @@ class ModelCache:
         self.size = size
         self._load = load
         self._models: OrderedDict[ModelKey, Any] = OrderedDict()
-        self._locks: dict[ModelKey, threading.Lock] = {}
+        self._locks: dict[ModelKey, tuple[threading.Lock, int]] = {}  # key -> (lock, holders and waiters)
         self._guard = threading.Lock()
 
-    def lock(self, key: ModelKey) -> threading.Lock:
-        """The lock that serializes all work on the model under ``key``."""
+    @contextmanager
+    def lock(self, key: ModelKey) -> Iterator[None]:
+        """Hold the lock that serializes all work on the model under ``key``."""
         with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+            lock, users = self._locks.get(key, (None, 0))
+            lock = lock or threading.Lock()
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users = self._locks[key][1] - 1
+                if users:
+                    self._locks[key] = (lock, users)
+                else:
+                    del self._locks[key]
+
+    def locks(self) -> int:
+        """How many locks the table holds (one per key in use)."""
+        with self._guard:
+            return len(self._locks)
 
     @contextmanager
     def using(self, key: ModelKey) -> Iterator[Any]:
