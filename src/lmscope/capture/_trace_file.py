@@ -41,8 +41,9 @@ _META, _META_CRC = "lmscope", "lmscope_crc32"
 _FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LIMIT = 2**31  # no dimension, layer count or vocabulary of a real model comes near
-_KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b"}
-_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums"}  # absent from early version 1 files
+_KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b",
+         "checksums"}  # fmt: skip
+_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums"}  # absent from version 1 files (some or all)
 _MODEL_OPTIONAL = {"n_neurons"}  # absent from version 1 files
 
 
@@ -146,9 +147,8 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
         raise _Invalid(f"it was written by a newer lmscope (trace format {version}): upgrade lmscope", "cannot be read")
     if version >= 2:
         _verify_header(header)
-    _keys(
-        "metadata", meta, _KEYS | {"checksums"}, required=_KEYS - _OPTIONAL | ({"checksums"} if version >= 2 else set())
-    )
+    required = _KEYS - _OPTIONAL | ({"checksums"} if version >= 2 else set())
+    _keys("metadata", meta, _KEYS, required)
     if "checksums" in meta:
         _verify_tensors(meta["checksums"], tensors)
     model = _model(meta["model"], version)
