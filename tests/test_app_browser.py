@@ -435,7 +435,8 @@ def graph_layout(page: Any) -> dict[str, Any]:
         return {
           wrap: rect(wrap), axis: rect(axis), clientWidth: wrap.clientWidth, svgWidth: svg.width.baseVal.value,
           scrollHeight: wrap.scrollHeight, clientHeight: wrap.clientHeight, viewport: window.innerHeight,
-          labels: Array.from(axis.querySelectorAll('text.lms-flow-token')).map(rect),
+          labels: Array.from(axis.querySelectorAll('text.lms-flow-token')).map(rect), graph: rect(svg),
+          shapes: Array.from(svg.querySelectorAll('circle.lms-flow-node, rect.lms-flow-ffn, text')).map(rect),
           edges: Array.from(svg.querySelectorAll('.lms-flow-edge')).map(l => [
             parseFloat(l.getAttribute('data-weight')), parseFloat(l.getAttribute('stroke-width')),
             parseFloat(l.getAttribute('stroke').split(',')[3])]),
@@ -453,6 +454,7 @@ def inside(inner: list[float], outer: list[float]) -> bool:
 def check_graph(layout: dict[str, Any], n_tokens: int) -> None:
     assert len(layout["labels"]) == n_tokens
     assert all(inside(label, layout["axis"]) for label in layout["labels"])  # never cut off
+    assert all(inside(shape, layout["graph"]) for shape in layout["shapes"])  # nodes, squares, layer labels too
     assert all(label[3] <= min(layout["wrap"][3], layout["viewport"]) for label in layout["labels"])  # in view
     edges = layout["edges"]
     assert [e[0] for e in edges] == sorted(e[0] for e in edges)  # the decisive edges drawn last, on top

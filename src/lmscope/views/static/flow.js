@@ -91,7 +91,10 @@
       var axisH = flat ? 22 : Math.ceil(longest * CHAR * SLANT + FONT + 8);
       var room = Math.min(720, Math.max(300, 0.72 * (window.innerHeight || 900))) - axisH - 14;
       var rowH = Math.max(9, Math.min(22, Math.floor(room / (2 * nLayers + 0.5))));
-      return { left: left, top: 10, colW: colW, rowH: rowH, flat: flat, axisH: axisH,
+      var r = Math.max(3, Math.min(4.5, 0.4 * rowH)), half = Math.max(3, Math.min(5, 0.4 * rowH));
+      var off = Math.max(r + half + 1, Math.min(14, 0.3 * colW));  // FFN squares sit beside their column
+      right = Math.max(right, off + half + 2 - colW / 2);  // the last column's squares stay inside
+      return { left: left, top: 10, colW: colW, rowH: rowH, flat: flat, axisH: axisH, r: r, half: half, off: off,
         width: left + nPos * colW + right, height: 10 + 2 * nLayers * rowH + 10 };
     }
 
@@ -203,8 +206,7 @@
         text.appendChild(tip);
         axis.appendChild(text);
       });
-      var r = Math.max(3, Math.min(4.5, 0.4 * L.rowH)), half = Math.max(3, Math.min(5, 0.4 * L.rowH));
-      var off = Math.max(r + half + 1, Math.min(14, 0.3 * L.colW));  // FFN squares sit beside the column
+      var r = L.r, half = L.half, off = L.off;
       var ffn = {};
       // Light edges first, so that the decisive ones lie on top of them.
       graph.edges.slice().sort(function (a, b) { return a[6] - b[6]; }).forEach(function (e) {
