@@ -360,6 +360,26 @@ def test_byte_flips_in_the_header_are_caught(original: Path, tmp_path: Path) -> 
             lmscope.load_trace(flipped(original, offset, tmp_path / "header.safetensors"))
 
 
+def test_random_byte_changes_never_load_changed_values(original: Path, tmp_path: Path) -> None:
+    """258 seeded changes of one byte anywhere in the file: each is refused, or reads exactly as before
+    (as a space of the header's padding turned into another space does)."""
+    real = lmscope.load_trace(original).trace
+    size = original.stat().st_size
+    generator = torch.Generator().manual_seed(20)
+    offsets = torch.randint(0, size, (258,), generator=generator).tolist()
+    masks = torch.randint(1, 256, (258,), generator=generator).tolist()
+    refused = 0
+    for offset, mask in zip(offsets, masks, strict=True):
+        try:
+            trace = lmscope.load_trace(flipped(original, offset, tmp_path / "changed.safetensors", mask)).trace
+        except TraceFileError:
+            refused += 1
+            continue
+        assert trace.tokens == real.tokens and trace.model == real.model and trace.n_input == real.n_input
+        assert all(torch.equal(trace.tensors[name], real.tensors[name]) for name in real.tensors), (offset, mask)
+    assert refused >= 250
+
+
 def as_format_1(meta: dict[str, Any], early: bool = False) -> dict[str, Any]:
     """Metadata as lmscope wrote it before checksums (``early``: before attention factors too)."""
     meta = copy.deepcopy(meta)
@@ -448,8 +468,10 @@ def test_app_refuses_every_forgery_and_keeps_working(corpus: list[tuple[Forgery,
     from lmscope.app import create_app
 
     config = tmp_path / "app.json"
+    folder = corpus[0][1].parent
     config.write_text(json.dumps({"default_model": "tiny-llama", "models": {"tiny-llama": "tiny-llama"},
-                                  "max_input_tokens": 24, "max_generate": 4, "devices": ["cpu"]}))  # fmt: skip
+                                  "max_input_tokens": 24, "max_generate": 4, "devices": ["cpu"],
+                                  "allow_paths": True, "allowed_dirs": [str(folder)]}))  # fmt: skip
     client = TestClient(create_app(config), raise_server_exceptions=False)
     for case, path in corpus:
         response = client.post("/api/traces", headers=OCTETS, content=path.read_bytes())
@@ -457,6 +479,9 @@ def test_app_refuses_every_forgery_and_keeps_working(corpus: list[tuple[Forgery,
         detail = response.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail and tempfile.gettempdir() not in detail, detail
         assert re.search(case.expected, detail), (case.label, detail)
+    for case, path in corpus[::10]:  # files opened by path on the server go through the same checks
+        response = client.post("/api/traces/open", json={"path": str(path)})
+        assert response.status_code == 400 and re.search(case.expected, response.json()["detail"]), case.label
     for name, (start, end) in tensor_spans(original).items():
         damaged = flipped(original, (start + end) // 2, tmp_path / "flipped.safetensors")
         response = client.post("/api/traces", headers=OCTETS, content=damaged.read_bytes())
