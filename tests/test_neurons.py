@@ -130,6 +130,64 @@ def test_text_twin_lists_top_tokens_per_factor(out: lmscope.Output) -> None:
         assert f"{lmscope.views.visible(token)!r} {value:.2f}" in line
 
 
+def test_positions_and_skip_first_choose_the_factorized_tokens(out: lmscope.Output) -> None:
+    skipped = out.run_nmf(3, 0, 3, skip_first=True)
+    direct = factorize(out.trace, 3, 0, 3, positions=slice(1, None))
+    np.testing.assert_array_equal(skipped.components, direct.components)
+    assert skipped.tokens == out.tokens[1:] and skipped.components.shape == (3, len(out.tokens) - 1)
+    assert skipped.selection == "first token skipped" and "first token skipped" in str(skipped).splitlines()[1]
+    pca = out.factorize("pca", 2, 0, 3, positions=[0, 2, 4, 6, -1])
+    assert pca.tokens == tuple(out.tokens[p] for p in (0, 2, 4, 6, len(out.tokens) - 1))
+    acts = out.activations(layers=[0, 2], skip_first=True)
+    assert acts.positions == tuple(range(1, len(out.tokens))) and acts.tokens == out.tokens[1:]
+    np.testing.assert_array_equal(acts.values[1], out.trace.at("mlp_act", 2).numpy()[1:].T)
+    assert "positions 1.." in str(acts)
+    with pytest.raises(LmscopeError, match="either skip_first"):
+        out.run_nmf(2, skip_first=True, positions=[1])
+
+
+def test_collections_skip_the_first_token_of_every_text() -> None:
+    lm = tiny("llama")
+    texts = [TEXT, "Colorless green ideas sleep furiously.", "I saw the man with the telescope."]
+    col = lmscope.collect(lm, texts, sites=("mlp_act",), progress=False)
+    full = col.get("mlp_act", 1)
+    starts = set(col.offsets)
+    keep = [i for i in range(col.n_tokens) if i not in starts]
+    np.testing.assert_array_equal(col.get("mlp_act", 1, skip_first=True), full[keep])
+    last = [s.stop - 1 for s in map(col.span, range(len(col)))]
+    np.testing.assert_array_equal(col.get("mlp_act", 1, positions=[-1]), full[last])
+    nmf = col.run_nmf(3, 1, 3, skip_first=True)
+    assert nmf.components.shape[1] == len(keep) and len(nmf.offsets) == 3
+    assert nmf.offsets == tuple(int(o) - i for i, o in enumerate(col.offsets))  # each text one token shorter
+    assert list(nmf.tokens) == [col.all_tokens[i] for i in keep]
+    similarity = col.layer_similarity("cka", site_a="mlp_act", site_b="mlp_act", skip_first=True)
+    assert similarity.n_tokens == len(keep) and "first token of each text skipped" in str(similarity)
+
+
+def sink_output() -> lmscope.Output:
+    """The fixture's trace with position 0's activations multiplied by 100: a synthetic attention sink."""
+    import dataclasses
+
+    base = tiny("llama").trace(TEXT, sites=("mlp_act", "resid_post"))
+    tensors = dict(base.trace.tensors)
+    act = tensors["mlp_act"].clone()
+    act[:, 0] *= 100.0
+    tensors["mlp_act"] = act
+    return lmscope.Output(dataclasses.replace(base.trace, tensors=tensors), base.lm)
+
+
+def test_one_dominant_position_is_noted_for_nmf_pca_and_activations() -> None:
+    sink = sink_output()
+    for result in (sink.run_nmf(3, 0, 3), sink.factorize("pca", 3, 0, 3), sink.activations()):
+        assert result.dominance.pos == 0 and result.dominance.share > 0.5
+        assert "note: position 0 ('The') holds" in str(result) and "skip_first=True" in str(result)
+        assert "note: position 0" in result.to_html()
+    for result in (sink.run_nmf(3, 0, 3, skip_first=True), sink.activations(skip_first=True)):
+        assert "note:" not in str(result)
+    plain = tiny("llama").trace(TEXT, sites=("mlp_act",)).run_nmf(3, 0, 3)
+    assert plain.dominance.share < 0.5 and "note:" not in str(plain)
+
+
 def test_cli_nmf_and_collect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     html = tmp_path / "nmf.html"
     args = ["nmf", TEXT, "--model", "tiny-llama", "--components", "3", "--layers", "0:2", "--html", str(html)]

@@ -310,3 +310,8 @@ def test_embedded_attention_sink_dominates_cka_until_skipped(embedded: lmscope.L
     assert np.abs(skipped.matrix - full.matrix).max() > 0.2
     figure = full.plot()
     assert "position 0 of each text" in figure.axes[0].get_title(loc="left")
+    for method in ("nmf", "pca"):  # the same sink dominates factorizations of the residual stream
+        factors = col.run_nmf(3, site="resid_post", method=method)
+        assert factors.dominance.pos == 0 and factors.dominance.share > 0.5, factors.dominance
+        assert "note: position 0 of each text" in str(factors) and "note: position 0" in factors.to_html()
+        assert "note:" not in str(col.run_nmf(3, site="resid_post", method=method, skip_first=True))
