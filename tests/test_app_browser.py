@@ -489,3 +489,17 @@ def test_embedded_graph_reads_like_lm_tt(browser: Any, app_url: str) -> None:
     shot(page, "embedded-graph")
     opened.assert_clean(allowed_prefixes=(app_url + "/",))
     page.close()
+
+    # A low window: the graph scrolls in its box, and the token labels stay in view at the box's bottom.
+    page, opened = open_page(browser, app_url)
+    page.set_viewport_size({"width": 1200, "height": 560})
+    run(page, "The keys to the cabinet are on the table, said", model="smollm2-135m")
+    wrap = page.locator("#panel-flow .lms-flow-wrap")
+    assert wrap.evaluate("w => w.scrollHeight > w.clientHeight + 1")
+    for scroll in (0, 10_000):
+        wrap.evaluate(f"w => {{ w.scrollTop = {scroll}; }}")
+        layout = graph_layout(page)
+        assert all(inside(label, layout["wrap"]) for label in layout["labels"])
+    shot(page, "embedded-graph-low-window")
+    opened.assert_clean(allowed_prefixes=(app_url + "/",))
+    page.close()

@@ -503,7 +503,12 @@
       chip.setAttribute("data-pos", String(i));
       chip.title = "position " + i + ": " + JSON.stringify(token) + " (click to explain the prediction read from here)";
       if (i === S.position) { chip.classList.add("selected"); }
+      chip.setAttribute("tabindex", "0");
+      chip.setAttribute("role", "button");
       chip.addEventListener("click", function () { clearError(); selectPosition(i); });
+      chip.addEventListener("keydown", function (event) {
+        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); clearError(); selectPosition(i); }
+      });
       box.appendChild(chip);
     });
     var prediction = run.predictions && run.predictions[S.position];

@@ -89,7 +89,7 @@
         if (flat) { right = 8; }
       }
       var axisH = flat ? 22 : Math.ceil(longest * CHAR * SLANT + FONT + 8);
-      var room = Math.min(720, Math.max(300, 0.72 * (window.innerHeight || 900))) - axisH - 14;
+      var room = Math.min(720, 0.75 * (window.innerHeight || 900)) - axisH - 14;  // the box's max-height
       var rowH = Math.max(9, Math.min(22, Math.floor(room / (2 * nLayers + 0.5))));
       var r = Math.max(3, Math.min(4.5, 0.4 * rowH)), half = Math.max(3, Math.min(5, 0.4 * rowH));
       var off = Math.max(r + half + 1, Math.min(14, 0.3 * colW));  // FFN squares sit beside their column
