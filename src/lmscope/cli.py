@@ -1,8 +1,20 @@
-"""``lmscope`` command line: the library's verbs over text, printing text twins or JSON."""
+"""``lmscope`` command line: the library's verbs over text, printing text twins or JSON.
+
+Every problem a user can fix is one line on stderr (``lmscope: error: ...``) and exit status 2, never
+a traceback: bad option values are refused by the parser (each option's type says its range), paths
+are checked before a model loads, and errors from the library arrive as :class:`LmscopeError`.
+
+Text and files: a positional ``TEXT`` is always the text itself. ``nmf`` and ``collect`` read texts
+from files with ``--file PATH`` (one text per line, or the sentences of a ``.conllu`` file). A
+``TEXT`` that looks like a file name (one word ending in ``.txt``, ``.conllu`` and the like, or the
+name of an existing file) is refused with a pointer to ``--file``, so a mistyped path is never run
+through the model as text.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,11 +25,152 @@ from lmscope.errors import LmscopeError
 
 __all__ = ["main"]
 
+# Suffixes that make a one-word TEXT a file name typed by mistake (see the module docstring).
+_FILE_SUFFIXES = (".txt", ".conllu", ".gz", ".csv", ".tsv", ".json", ".jsonl", ".md", ".text", ".tok")
+MAX_TOPK = 100  # lens: a table of more candidates per layer is unreadable (use the Python API for more)
+MAX_GENERATE = 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``lmscope lens: error: ...``) with exit status 2."""
+
+    def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer within ``[low, high]`` (either bound may be None)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if (low is not None and number < low) or (high is not None and number > high):
+            span = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{number} is out of range: give {span}")
+        return number
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number within ``[low, high]``."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not low <= number <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a number from {low:g} to {high:g}")
+        return number
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmscope")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _text_arg(parser: argparse.ArgumentParser, corpus: bool = False) -> None:
+    """The positional TEXT (optional where ``--file`` can give the texts instead)."""
+    if corpus:
+        parser.add_argument("text", nargs="?", default=None, metavar="TEXT", help="the text itself (or use --file)")
+        parser.add_argument(
+            "--file",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="read texts from a file: one per line, or the sentences of a .conllu(.gz) file (repeatable)",
+        )
+    else:
+        parser.add_argument("text", metavar="TEXT", help="the text itself (not a file name)")
+
+
+def _check_text(text: str, command: str, corpus: bool) -> None:
+    """Refuse a TEXT that is evidently a file name (see the module docstring)."""
+    from pathlib import Path
+
+    word = text.strip()
+    if not word or any(c.isspace() for c in word):
+        return
+    exists = Path(word).expanduser().is_file()
+    if not exists and not word.lower().endswith(_FILE_SUFFIXES):
+        return
+    found = "" if exists else " (no such file here)"
+    if corpus:
+        raise LmscopeError(f"{word!r} looks like a file name{found}: to read texts from a file, use --file {word}")
+    raise LmscopeError(
+        f"{word!r} looks like a file name{found}: lmscope {command} takes the text itself; "
+        'to use a file\'s contents, pass "$(cat FILE)"'
+    )
+
+
+def _check_device(device: str | None) -> None:
+    """A one-line error for a device this machine or this PyTorch build does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LmscopeError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cpu":
+        return
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise LmscopeError(f"--device {device}: {build}: use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise LmscopeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if chosen.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LmscopeError(f"--device {device}: Apple's MPS is not available here: use --device cpu")
+        return
+    backend = getattr(torch, chosen.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise LmscopeError(f"--device {device}: not available on this machine: use cpu, cuda or mps")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Check output paths and the device before any model loads, so a typo fails at once."""
+    from pathlib import Path
+
+    from lmscope._files import check_writable
+
+    for name in ("html", "plot"):
+        if getattr(args, name, None):
+            check_writable(getattr(args, name))
+    out = getattr(args, "out", None)
+    if out is not None:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise LmscopeError(f"--out {out} is a file: give a folder for the collection's shards")
+        if not (folder.exists() or folder.parent.exists()):
+            raise LmscopeError(f"--out {out}: the folder {folder.parent} does not exist: create it first")
+    _check_device(getattr(args, "device", None))
+    text = getattr(args, "text", None)
+    if isinstance(text, str):
+        _check_text(text, args.command, corpus=hasattr(args, "file"))
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name, directory, .gguf file or HF id (default: embedded)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    parser.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument(
+        "--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="weights' dtype (default: float32)"
+    )
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +196,7 @@ def _emit(result: Any, args: argparse.Namespace) -> None:
 
 def _add_models(commands: Any) -> None:
     parser = commands.add_parser("models", help="list embedded and tiny models")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=_cmd_models)
 
 
@@ -77,10 +230,12 @@ POSITION_HELP = (
 
 def _add_lens(commands: Any) -> None:
     parser = commands.add_parser("lens", help="logit lens: top tokens after every layer for one prediction")
-    parser.add_argument("text")
+    _text_arg(parser)
     parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
-    parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--topk", type=int, default=5)
+    parser.add_argument("--layer", type=int, default=None, help="only this layer (default: every layer)")
+    parser.add_argument(
+        "--topk", type=_int(1, MAX_TOPK), default=5, help=f"candidates per layer, 1 to {MAX_TOPK} (default 5)"
+    )
     parser.add_argument("--no-norm", action="store_true", help="skip the final norm before unembedding")
     _model_args(parser)
     _output_args(parser)
@@ -96,8 +251,10 @@ def _cmd_lens(args: argparse.Namespace) -> None:
 
 def _add_rankings(commands: Any) -> None:
     parser = commands.add_parser("rankings", help="rank of each generated (else next) token after every layer")
-    parser.add_argument("text")
-    parser.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens first and rank them")
+    _text_arg(parser)
+    parser.add_argument(
+        "--generate", type=_int(0, MAX_GENERATE), default=0, metavar="N", help="generate N tokens first and rank them"
+    )
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_rankings)
@@ -114,7 +271,7 @@ def _cmd_rankings(args: argparse.Namespace) -> None:
 
 def _add_watch(commands: Any) -> None:
     parser = commands.add_parser("watch", help="rank of chosen words for one prediction after every layer")
-    parser.add_argument("text")
+    _text_arg(parser)
     parser.add_argument("--words", nargs="+", required=True, help='words to rank, e.g. --words " is" " are"')
     parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
     _model_args(parser)
@@ -130,16 +287,24 @@ def _cmd_watch(args: argparse.Namespace) -> None:
 
 def _add_saliency(commands: Any) -> None:
     parser = commands.add_parser("saliency", help="input saliency of each generated (else next) token (Ecco)")
-    parser.add_argument("text")
-    parser.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens first and explain them")
+    _text_arg(parser)
+    parser.add_argument(
+        "--generate", type=_int(0, MAX_GENERATE), default=0, metavar="N", help="generate N tokens first, explain them"
+    )
     parser.add_argument(
         "--method",
         default="grad_x_input",
         choices=("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients"),
+        help="attribution method (default grad_x_input)",
     )
     parser.add_argument("--target", choices=("prob", "logit"), default="prob", help="probability (default) or logit")
     parser.add_argument("--contrast", metavar="TOKEN", help="why each output rather than TOKEN (logit difference)")
-    parser.add_argument("--steps", type=int, default=50, help="integrated gradients: quadrature points (default 50)")
+    parser.add_argument(
+        "--steps",
+        type=_int(1, 1024),
+        default=50,
+        help="integrated gradients: quadrature points, 1 to 1024 (default 50)",
+    )
     parser.add_argument("--style", choices=("minimal", "detailed"), default="minimal", help="HTML view style")
     _model_args(parser)
     _output_args(parser)
@@ -156,13 +321,63 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
 def _add_serve(commands: Any) -> None:
     parser = commands.add_parser("serve", help="start the web app (interactive explorer) on the embedded model")
     parser.add_argument("--config", default=None, help="app config JSON file (default: the one shipped)")
+    parser.add_argument("--print-config", action="store_true", help="print the default config (JSON) and exit")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_int(1, 65535), default=8000, help="port to listen on (default 8000)")
     parser.set_defaults(run=_cmd_serve)
+
+
+def _default_config() -> str:
+    """The default app config as one self-contained JSON object: every key, the sample prompts inlined."""
+    import dataclasses
+    from importlib import resources
+
+    package = resources.files("lmscope.app")
+    raw = json.loads(package.joinpath("default_config.json").read_text(encoding="utf-8"))
+    if isinstance(raw.get("sample_prompts"), str):  # a file next to the default config: inline its prompts
+        raw["sample_prompts"] = json.loads(package.joinpath(raw["sample_prompts"]).read_text(encoding="utf-8"))
+    with contextlib.suppress(ImportError):  # the config's own defaults for the keys the file leaves out
+        from lmscope.app.config import AppConfig
+
+        for item in dataclasses.fields(AppConfig):
+            if item.name not in raw and item.default is not dataclasses.MISSING and item.default is not None:
+                raw[item.name] = list(item.default) if isinstance(item.default, tuple) else item.default
+    return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A one-line error if ``host:port`` cannot be listened on (bad address, port taken)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        raise LmscopeError(f"--host {host!r} is not an address of this machine ({error}): try 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            why = " ".join((error.strerror or str(error)).split())
+            raise LmscopeError(f"cannot listen on {host}:{port} ({why}): choose another --port or --host") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     import threading
+    from pathlib import Path
+
+    if args.print_config:
+        print(_default_config(), end="")
+        return
+    if args.config is not None and not Path(args.config).expanduser().is_file():
+        what = "is a folder" if Path(args.config).is_dir() else "does not exist"
+        raise LmscopeError(
+            f"the app config {args.config} {what}: a config is a JSON object such as "
+            '{"default_model": "tiny-gpt2", "models": {"tiny-gpt2": {"source": "tiny-gpt2"}}, '
+            '"max_input_tokens": 128}; '
+            "start from the default with: lmscope serve --print-config > app.json"
+        )
 
     try:
         import uvicorn
@@ -171,12 +386,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         from lmscope.app.server import GRACEFUL_SHUTDOWN_S
     except ImportError as error:
         raise LmscopeError(f"the web app needs FastAPI and uvicorn ({error}): pip install 'lmscope[app]'") from error
+    _check_listen(args.host, args.port)
     app = create_app(args.config)
     state = app.state.lmscope
     # Load the default model while the server starts, so the first run does not wait for it.
     threading.Thread(target=state.preload, name="lmscope-preload", daemon=True).start()
     print(f"lmscope: serving on http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+LAYERS_HELP = "layer range A:B (B excluded; either may be left out) or one layer A (default: all)"
 
 
 def _layer_range(text: str | None) -> slice:
@@ -186,32 +405,59 @@ def _layer_range(text: str | None) -> slice:
     try:
         if ":" in text:
             start, stop = (int(part) if part.strip() else None for part in text.split(":", 1))
-            return slice(start, stop)
-        layer = int(text)
+        else:
+            layer = int(text)
+            return slice(layer, layer + 1 if layer != -1 else None)
     except ValueError:
         raise LmscopeError(f"--layers takes A:B (B excluded) or one layer number, not {text!r}") from None
-    return slice(layer, layer + 1 if layer != -1 else None)
+    if start is not None and stop is not None and (start >= 0) == (stop >= 0) and start >= stop:
+        raise LmscopeError(f"--layers {text} is empty: A:B takes layers A to B-1, so A must be below B")
+    return slice(start, stop)
 
 
-def _texts(source: str, limit: int | None = None) -> list[str]:
-    """A file's texts (CoNLL-U sentences, else non-empty lines), or ``source`` itself as one text."""
-    from pathlib import Path
+def _layers(lm: Any, text: str | None) -> tuple[int, ...]:
+    """The model's layers that ``--layers`` selects (at least one, else a clear error)."""
+    from lmscope.capture import resolve_layers
 
+    n_layers = lm.loaded.arch.n_layers
+    chosen = resolve_layers(_layer_range(text), n_layers)
+    if not chosen:
+        raise LmscopeError(f"--layers {text} selects no layer: this model has layers 0..{n_layers - 1}")
+    return chosen
+
+
+def _sites(text: str) -> list[str]:
+    """``--sites``: a comma-separated list of at least one site."""
+    sites = [site.strip() for site in text.split(",") if site.strip()]
+    if not sites:
+        raise LmscopeError("--sites is empty: name at least one site, e.g. --sites resid_post,mlp_act")
+    return sites
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    """The texts of ``nmf``/``collect``: TEXT and the texts of each ``--file`` (a missing file is an error)."""
     from lmscope.analysis.collect import read_texts
 
-    return read_texts(source, limit) if Path(source).is_file() else [source]
+    texts = [args.text] if args.text is not None else []
+    for path in args.file:
+        texts += read_texts(path)
+    if not texts:
+        raise LmscopeError(f"no text given: lmscope {args.command} TEXT, or --file PATH to read texts from a file")
+    return texts[: args.limit] if args.limit is not None else texts
 
 
 def _add_nmf(commands: Any) -> None:
     parser = commands.add_parser("nmf", help="factor explorer: NMF (or PCA/ICA) of FFN activations")
-    parser.add_argument("text", help="a text, or a file (one text per line, or a .conllu file) for a corpus")
-    parser.add_argument("--components", type=int, default=8, help="number of factors (default 8)")
-    parser.add_argument("--layers", default=None, help="layer range A:B, B excluded (default: all)")
-    parser.add_argument("--method", choices=("nmf", "pca", "ica"), default="nmf")
+    _text_arg(parser, corpus=True)
+    parser.add_argument(
+        "--components", type=_int(1, 1000), default=8, help="number of factors, at most the tokens (default 8)"
+    )
+    parser.add_argument("--layers", default=None, help=LAYERS_HELP)
+    parser.add_argument("--method", choices=("nmf", "pca", "ica"), default="nmf", help="factorization (default nmf)")
     parser.add_argument("--site", default="mlp_act", help="mlp_act (default) or a residual site")
     parser.add_argument("--nonneg", choices=("clip", "shift", "error"), default="clip", help="negative values (NMF)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many texts of a file")
+    parser.add_argument("--seed", type=_int(0, 2**32 - 1), default=0, help="random seed (default 0)")
+    parser.add_argument("--limit", type=_int(1), default=None, help="use at most this many texts")
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_nmf)
@@ -220,24 +466,29 @@ def _add_nmf(commands: Any) -> None:
 def _cmd_nmf(args: argparse.Namespace) -> None:
     from lmscope.analysis import collect, factorize
 
-    texts, layers = _texts(args.text, args.limit), _layer_range(args.layers)
+    texts = _texts(args)
+    _layer_range(args.layers)  # a malformed range fails before the model loads
     lm = _load(args)
+    layers = _layers(lm, args.layers)
     options = dict(method=args.method, site=args.site, nonneg=args.nonneg, seed=args.seed)
     if len(texts) == 1:
         source = lm.trace(texts[0], sites=[args.site], layers=layers).trace
     else:
         source = collect(lm, texts, sites=[args.site], layers=layers, progress=sys.stderr.isatty())
-    _emit(factorize(source, args.components, layers.start, layers.stop, **options), args)
+    _emit(factorize(source, args.components, layers[0], layers[-1] + 1, **options), args)
 
 
 def _add_collect(commands: Any) -> None:
     parser = commands.add_parser("collect", help="collect per-token activations of a corpus into safetensors shards")
-    parser.add_argument("text", help="a file with one text per line, or a .conllu file (or a single text)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="new directory for the shards")
+    _text_arg(parser, corpus=True)
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the shards (a stopped run there resumes)"
+    )
+    parser.add_argument("--restart", action="store_true", help="discard an unfinished collection in --out first")
     parser.add_argument("--sites", default="resid_post", help="comma-separated sites (default resid_post)")
-    parser.add_argument("--layers", default=None, help="layer range A:B, B excluded (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many texts")
+    parser.add_argument("--layers", default=None, help=LAYERS_HELP)
+    parser.add_argument("--batch-size", type=_int(1, 4096), default=16, help="texts per forward pass (default 16)")
+    parser.add_argument("--limit", type=_int(1), default=None, help="use at most this many texts")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     _model_args(parser)
     parser.set_defaults(run=_cmd_collect)
@@ -246,9 +497,12 @@ def _add_collect(commands: Any) -> None:
 def _cmd_collect(args: argparse.Namespace) -> None:
     from lmscope.analysis import collect
 
-    texts, layers = _texts(args.text, args.limit), _layer_range(args.layers)
+    texts, sites = _texts(args), _sites(args.sites)
+    _layer_range(args.layers)
     lm = _load(args)
-    col = collect(lm, texts, args.sites, layers, args.batch_size, args.out, progress=sys.stderr.isatty())
+    layers = _layers(lm, args.layers)
+    progress = sys.stderr.isatty()
+    col = collect(lm, texts, sites, layers, args.batch_size, args.out, progress=progress, restart=args.restart)
     summary = {"out": str(col.root), "texts": len(col), "tokens": col.n_tokens, "sites": list(col.sites)}
     summary["layers"] = list(col.layers)
     print(json.dumps(summary) if args.json else repr(col))
@@ -256,14 +510,21 @@ def _cmd_collect(args: argparse.Namespace) -> None:
 
 def _add_attention(commands: Any) -> None:
     parser = commands.add_parser("attention", help="attention head view, model view or neuron view (BertViz)")
-    parser.add_argument("text")
+    _text_arg(parser)
     parser.add_argument("--text-pair", default=None, help="a second sentence (BERT-style sentence pairs)")
     parser.add_argument("--layer", type=int, default=None, help="one layer (default: all; pick one for long texts)")
-    parser.add_argument("--view", choices=("head", "model", "neuron"), default="head")
-    parser.add_argument("--kind", choices=("weights", "rollout", "value_norm"), default="weights")
-    parser.add_argument("--head", type=int, default=0, help="neuron view: the head to start on")
+    parser.add_argument(
+        "--view", choices=("head", "model", "neuron"), default="head", help="BertViz view (default head)"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("weights", "rollout", "value_norm"),
+        default="weights",
+        help="attention weights (default), rollout, or weights times value norms",
+    )
+    parser.add_argument("--head", type=_int(0), default=0, help="neuron view: the head to start on")
     parser.add_argument("--query", type=int, default=-1, help="the query position to start on (default: last)")
-    parser.add_argument("--top-k", type=int, default=None, help="show only the strongest K keys per query")
+    parser.add_argument("--top-k", type=_int(1), default=None, help="show only the strongest K keys per query")
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_attention)
@@ -285,12 +546,16 @@ def _add_probe(commands: Any) -> None:
     parser = commands.add_parser("probe", help="linear probes with control tasks at every layer (UD English EWT)")
     parser.add_argument("--task", default="upos", help="upos (default), xpos or deprel")
     parser.add_argument("--sites", default="embeddings,resid_post,mlp_act", help="comma-separated probing sites")
-    parser.add_argument("--layers", default=None, help="layer range A:B, B excluded (default: all)")
-    parser.add_argument("--tokens", type=int, default=10_000, help="words of UD English EWT to probe (default 10000)")
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    parser.add_argument("--layers", default=None, help=LAYERS_HELP)
+    parser.add_argument(
+        "--tokens", type=_int(1), default=10_000, help="words of UD English EWT to probe (default 10000)"
+    )
+    parser.add_argument("--seeds", type=_int(1, 100), default=5, help="number of seeds (default 5)")
     parser.add_argument("--pool", choices=("first", "last", "mean"), default="first", help="subword(s) of a word")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--data", default=None, help="folder of en_ewt-ud-*.conllu (default ../shared/data/...)")
+    parser.add_argument("--epochs", type=_int(1, 10_000), default=50, help="training epochs per probe (default 50)")
+    parser.add_argument(
+        "--data", default=None, help="folder of en_ewt-ud-*.conllu[.gz] (default: the copy inside lmscope)"
+    )
     parser.add_argument("--plot", metavar="FILE", help="write the accuracy/selectivity-by-layer figure (PNG, SVG)")
     _model_args(parser)
     _output_args(parser)
@@ -301,14 +566,15 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from lmscope.probing import ProbingDataset, load_ud, probe
 
     sentences = load_ud(args.tokens, args.data)  # fails fast, before the model loads, if the data is missing
+    _layer_range(args.layers)
+    sites = _sites(args.sites)
     lm = _load(args)
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     dataset = ProbingDataset.build(lm.tokenizer, sentences, args.task)
     result = probe(
         lm,
         dataset,
         sites=sites,
-        layers=_layer_range(args.layers),
+        layers=_layers(lm, args.layers),
         seeds=args.seeds,
         pool=args.pool,
         epochs=args.epochs,
@@ -322,10 +588,14 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 def _add_flow(commands: Any) -> None:
     parser = commands.add_parser("flow", help="information-flow graph of a prediction (LM Transparency Tool)")
-    parser.add_argument("text")
-    parser.add_argument("--threshold", type=float, default=0.04, help="prune edges lighter than this (default 0.04)")
+    _text_arg(parser)
+    parser.add_argument(
+        "--threshold", type=_float(0.0, 1.0), default=0.04, help="prune edges lighter than this, 0 to 1 (default 0.04)"
+    )
     parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
-    parser.add_argument("--mode", choices=("prune", "renormalize"), default="prune")
+    parser.add_argument(
+        "--mode", choices=("prune", "renormalize"), default="prune", help="drop light edges, or also renormalize"
+    )
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_flow)
@@ -354,21 +624,57 @@ _COMMANDS: tuple[Callable[[Any], None], ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmscope", description="See inside Transformer language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lmscope", description="See inside Transformer language models.")
+    parser.add_argument("--version", action="version", version=f"lmscope {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(commands)
     return parser
 
 
+def _fail(message: str, status: int = 2) -> int:
+    print(f"lmscope: error: {' '.join(message.split())}", file=sys.stderr)  # always one line
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 with a one-line message on bad input)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for number, value in enumerate(argv, start=1):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+            shown = value.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            return _fail(f"argument {number} ({shown}) is not valid UTF-8: give text in UTF-8")
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a one-line usage error already printed
+        return stop.code if isinstance(stop.code, int) else 2
     run: Callable[[argparse.Namespace], None] = args.run
     try:
+        _check_outputs(args)
         run(args)
     except LmscopeError as error:
-        print(f"lmscope: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
+    except BrokenPipeError:  # the reader went away (``lmscope ... | head``): stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as error:
+        from lmscope._files import file_error
+
+        if error.filename is None:
+            return _fail(error.strerror or str(error))
+        return _fail(str(file_error(error.filename, error, "use")))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as error:
+        if os.environ.get("LMSCOPE_TRACEBACK"):
+            raise
+        return _fail(
+            f"unexpected {type(error).__name__}: {error} (a bug in lmscope: please report it; "
+            "LMSCOPE_TRACEBACK=1 shows where)",
+            1,
+        )
     return 0

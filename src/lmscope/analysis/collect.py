@@ -307,11 +307,16 @@ def read_texts(path: str | os.PathLike[str], limit: int | None = None) -> list[s
     path = Path(path)
     if not path.is_file():
         raise LmscopeError(f"text file not found: {path}")
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    else:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise LmscopeError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except (OSError, EOFError) as error:  # unreadable, or a damaged .gz
+        raise LmscopeError(f"cannot read {path}: {error}") from None
     if path.name.endswith((".conllu", ".conllu.gz")):
         texts = [line.split("=", 1)[1].strip() for line in lines if line.startswith("# text =")]
     else:
