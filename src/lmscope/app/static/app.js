@@ -224,6 +224,7 @@
       if (S.seq.details !== seq) { return null; }
       S.details = c;
       details.replaceChildren();
+      details.removeAttribute("data-dominant-head");
       details.setAttribute("data-details", id);
       reply.views.forEach(function (view, i) {
         var name = "details-" + view.kind.toLowerCase() + "-" + i;
