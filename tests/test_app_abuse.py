@@ -303,6 +303,18 @@ def test_jobs_run_one_at_a_time_per_key_and_refuse_a_full_queue() -> None:
         jobs.submit("a", work("a"))
 
 
+def test_jobs_bound_the_whole_app_too() -> None:
+    jobs = Jobs(workers=1, queue_size=5, max_jobs=2)
+    release = threading.Event()
+    held = [jobs.submit(key, lambda cancel: release.wait(5)) for key in ("a", "b")]
+    with pytest.raises(Busy, match="the server is busy: 2 requests"):
+        jobs.submit("c", lambda cancel: None)  # a new key does not widen the bound
+    release.set()
+    assert [job.future.result(5) for job in held] == [True, True]
+    assert jobs.submit("c", lambda cancel: "room again").future.result(5) == "room again"
+    jobs.close()
+
+
 def test_cancellable_stops_the_model_at_its_next_block() -> None:
     lm = tiny("llama")
     cancel = threading.Event()

@@ -75,7 +75,7 @@ def test_light_routes_answer_while_workers_are_busy_and_hangups_free_them(child:
         runs[model] = reply["id"]
     with ThreadPoolExecutor(4) as pool:
         # One minute-long request per model: both model workers are busy.
-        long = [pool.submit(give_up_after, url, f"/api/runs/{runs[m]}/saliency", IG, 4) for m in runs]
+        long = [pool.submit(give_up_after, url, f"/api/runs/{runs[m]}/saliency", IG, 8) for m in runs]
         wait_for(lambda: jobs(url)["running"] == 2, 3)
         for path in ("/api/status", "/api/config", "/", "/static/app/app.css", "/static/views/common.js"):
             start = time.perf_counter()
@@ -84,7 +84,7 @@ def test_light_routes_answer_while_workers_are_busy_and_hangups_free_them(child:
             print(f"\n{path}: {took * 1000:.0f} ms while both model workers were busy", end="")
             assert response.status_code == 200 and took < 1, (path, took)
         # tiny-llama's queue holds 2 (its running request and one more); the next gets 503 at once.
-        queued = pool.submit(give_up_after, url, f"/api/runs/{runs['tiny-llama']}/lens", {"html": False}, 4)
+        queued = pool.submit(give_up_after, url, f"/api/runs/{runs['tiny-llama']}/lens", {"html": False}, 8)
         wait_for(lambda: jobs(url)["queued"] == 1, 3)
         start = time.perf_counter()
         full = httpx.get(f"{url}/api/runs/{runs['tiny-llama']}/lens", timeout=5)
@@ -233,7 +233,7 @@ def test_sigterm_stops_the_server_within_seconds(child: tuple[str, Any]) -> None
         process.wait(timeout=20)
         took = time.perf_counter() - start
         print(f"\nSIGTERM with a long request running: the server exited in {took:.1f} s")
-        assert took < 6
+        assert took < 8  # uvicorn's 2 s grace, then the running request is cancelled
         assert long.result(10) != "hung up"  # the client got an answer or a closed connection, not silence
 
 
