@@ -63,13 +63,13 @@ class App:
         try:
             # trust_remote_code stays off: the app never runs code shipped with a model.
             return from_pretrained(source, device=key.device, dtype=key.dtype, max_tokens=self.config.max_input_tokens)
-        except LmscopeError as error:  # the configured source may be a server path: name the model instead
-            raise LmscopeError(str(error).replace(source, shown).splitlines()[0]) from None
+        except LmscopeError as error:  # a configured source may be a server path: name the model instead
+            message = str(error).splitlines()[0]
+            raise LmscopeError(message.replace(source, shown) if os.path.isabs(source) else message) from None
         except Exception as error:
             log.warning("lmscope: could not load %s: %s", source, error)
             raise LmscopeError(
-                f"model {shown} could not be loaded ({type(error).__name__}): "
-                "lmscope loads safetensors weights and never runs pickled code"
+                f"model {shown} could not be loaded ({type(error).__name__}); the server's log has the details"
             ) from None
 
     def key(self, model: str | None, device: str | None, dtype: str | None) -> ModelKey:
