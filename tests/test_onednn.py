@@ -133,13 +133,13 @@ def test_auto_keeps_pytorch_where_onednn_is_slower_on_the_workload(monkeypatch: 
     seen = timed_linear(monkeypatch, delay=0.05)
     run = workload(seen, plain_delay=0.0)
     try:
-        first = routed(run, "slow", CPU)  # a trial: once through oneDNN, once through PyTorch
-        assert len(seen) == 1
+        first = routed(run, "slow", CPU)  # a trial: oneDNN untimed, PyTorch timed, oneDNN timed
+        assert len(seen) == 2
         choice = choices()["slow"]
         assert not choice.onednn and choice.agree and choice.onednn_seconds > choice.torch_seconds
         assert "PyTorch's products (trial pass: oneDNN" in str(choice)
         again = routed(run, "slow", CPU)  # decided: runs once, PyTorch's way
-        assert len(seen) == 1
+        assert len(seen) == 2
         torch.testing.assert_close(first, again, rtol=0, atol=0)
     finally:
         forget_choices()
@@ -151,11 +151,11 @@ def test_auto_routes_where_onednn_is_faster_on_the_workload(monkeypatch: pytest.
     run = workload(seen, plain_delay=0.05)
     try:
         routed(run, ("fast", 256), CPU)
-        assert choices()[("fast", 256)].onednn and len(seen) == 1
+        assert choices()[("fast", 256)].onednn and len(seen) == 2
         routed(run, ("fast", 256), CPU)
-        assert len(seen) == 2  # decided: runs once, through oneDNN
+        assert len(seen) == 3  # decided: runs once, through oneDNN
         routed(run, ("fast", 512), CPU)  # another class of workload is tried afresh
-        assert len(choices()) == 2 and len(seen) == 3
+        assert len(choices()) == 2 and len(seen) == 5
         forget_choices()
         assert choices() == {}
     finally:

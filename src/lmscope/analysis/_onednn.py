@@ -19,11 +19,12 @@ capture never uses them, since its logits must equal the model's bit for bit.
 Whether oneDNN pays is decided from the workload itself, not from a product measured apart
 (:func:`routed`): a faster product does not make a faster pass once the mode's own cost is paid.
 The first time a class of workload is seen in a process (the caller names it: the model's shape,
-the rows of the pass, the thread count), the caller's pass runs once through oneDNN and once
-through PyTorch's products, oneDNN first, so that it bears any first-run cost. oneDNN is kept for
-that class only if its result agrees with PyTorch's to float32 precision and its pass, the mode's
-cost included, took at most 95 % of PyTorch's; every later pass of the class runs once, the chosen
-way. :func:`choices` lists what was decided, with both timings.
+the rows of the pass, the thread count), the caller's pass runs three times: through oneDNN
+untimed (oneDNN builds its kernels for new shapes on first use), then timed through PyTorch's
+products, then timed through oneDNN. oneDNN is kept for that class only if its result agrees with
+PyTorch's to float32 precision and its pass, the mode's cost included, took at most 95 % of
+PyTorch's; every later pass of the class runs once, the chosen way. :func:`choices` lists what
+was decided, with both timings.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Choice:
 
     workload: Hashable
     onednn: bool  # whether this class's passes run their products through oneDNN
-    onednn_seconds: float  # the trial pass through oneDNN (run first)
+    onednn_seconds: float  # the timed trial pass through oneDNN (after an untimed one)
     torch_seconds: float  # the trial pass through PyTorch's products
     agree: bool  # whether the two results agreed to float32 precision
 
@@ -173,7 +174,7 @@ def routed(run: Callable[[], T], workload: Hashable, device: torch.device, dtype
     """``run()``, with its float32 CPU products routed as the backend in force says.
 
     ``run`` must give the same result when called twice (a backward pass keeps its graph for
-    this), since under ``"auto"`` the first pass of each ``workload`` class runs both ways (see
+    this), since under ``"auto"`` the first pass of each ``workload`` class is a trial (see
     the module docstring). ``device`` and ``dtype`` are the model's: for a model in another
     precision or on another device ``run`` runs once, untouched.
     """
@@ -187,8 +188,9 @@ def routed(run: Callable[[], T], workload: Hashable, device: torch.device, dtype
         choice = _choices.get(workload)
     if choice is not None:
         return _timed(run, choice.onednn)[0]
-    fast, fast_s = _timed(run, True)
+    fast = _timed(run, True)[0]  # oneDNN builds its kernels for these shapes: not timed
     plain, plain_s = _timed(run, False)
+    fast_s = _timed(run, True)[1]
     agree = _agree(fast, plain)
     choice = Choice(workload, agree and fast_s <= _MARGIN * plain_s, fast_s, plain_s, agree)
     with _lock:
