@@ -162,6 +162,21 @@ def test_out_dir_that_is_a_file_or_unwritable_is_one_clear_error(tmp_path: Path)
         lmscope.collect(lm, TEXTS, out_dir=a_file / "below", **OPTIONS)
 
 
+def test_an_unwritable_out_dir_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    lm = tiny("llama")
+
+    def refused(self, *args, **kwargs):  # as for a folder the user may not write to (tests may run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(LmscopeError, match=r"cannot create the folder .*acts: permission denied: choose a folder"):
+        lmscope.collect(lm, TEXTS, out_dir=tmp_path / "acts", **OPTIONS)
+    monkeypatch.undo()
+    monkeypatch.setattr(COLLECT.os, "access", lambda path, mode: False)
+    with pytest.raises(LmscopeError, match=r"cannot write into .*: permission denied"):
+        lmscope.collect(lm, TEXTS, out_dir=tmp_path, **OPTIONS)
+
+
 def test_shards_are_standard_safetensors(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
