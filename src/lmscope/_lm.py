@@ -175,16 +175,27 @@ def from_pretrained(
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
-    return LM(loaded, max_tokens=max_tokens)
+    return _checked(LM(loaded, max_tokens=max_tokens))
+
+
+def _checked(lm: LM) -> LM:
+    """A layout guessed for a model type the table lacks is kept only if ``lmscope.verify`` passes."""
+    from lmscope.models._fallback import is_guessed
+
+    if is_guessed(lm.arch):
+        from lmscope.analysis.verify import accept_guessed
+
+        accept_guessed(lm)
+    return lm
 
 
 def wrap(model: Any, tokenizer: Any, name: str | None = None, max_tokens: int | None = None) -> LM:
     """An ``LM`` around a model object the caller already has (the model is not modified)."""
-    from lmscope.models import architecture_of
+    from lmscope.models._fallback import bind_architecture
 
     label = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
     model.eval()
-    return LM(LoadedModel(label, model, tokenizer, architecture_of(model)), max_tokens=max_tokens)
+    return _checked(LM(LoadedModel(label, model, tokenizer, bind_architecture(model)), max_tokens=max_tokens))
 
 
 def load_trace(path: str | os.PathLike[str]) -> Output:

@@ -34,7 +34,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from lmscope.errors import LmscopeError
-from lmscope.models._architectures import Architecture, architecture_of
+from lmscope.models._architectures import Architecture
+from lmscope.models._fallback import bind_architecture
 from lmscope.models._tiny import TINY_FAMILIES, build_tiny
 
 __all__ = [
@@ -172,7 +173,15 @@ def _quiet_weights() -> Iterator[None]:
 
 
 def _from_directory(source: str | Path, trust_remote_code: bool, **kwargs: Any) -> tuple[Any, Any]:
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise LmscopeError(
+            f"{source} needs its own modeling code (remote code), which lmscope runs only when asked: pass "
+            "trust_remote_code=True to lmscope.from_pretrained in Python if you trust that code"
+        ) from error
     auto = _auto_class(config)
     with _quiet_weights():
         model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
@@ -236,7 +245,7 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(name=label, model=model, tokenizer=tokenizer, arch=architecture_of(model))
+    return LoadedModel(name=label, model=model, tokenizer=tokenizer, arch=bind_architecture(model))
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:
