@@ -195,11 +195,12 @@ def test_cli_nmf_and_collect(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "NMF of mlp_act, layers 0..1 (3 factors" in capsys.readouterr().out and html.is_file()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(f"{TEXT}\n\nI saw the man with the telescope.\n", encoding="utf-8")
-    assert main(["nmf", str(corpus), "--model", "tiny-llama", "--components", "2", "--method", "pca", "--json"]) == 0
+    model = ["--model", "tiny-llama"]
+    assert main(["nmf", "--file", str(corpus), *model, "--components", "2", "--method", "pca", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kind"] == "Factors" and data["method"] == "pca" and len(data["offsets"]) == 2
     out_dir = tmp_path / "col"
-    args = ["collect", str(corpus), "--model", "tiny-llama", "--out", str(out_dir), "--sites", "mlp_act", "--json"]
+    args = ["collect", "--file", str(corpus), *model, "--out", str(out_dir), "--sites", "mlp_act", "--json"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["texts"] == 2 and lmscope.load_collection(out_dir).sites == ("mlp_act",)
