@@ -11,6 +11,7 @@ from lmscope import probing
 from lmscope._lm import LM, from_pretrained, load_trace, wrap
 from lmscope._output import Output
 from lmscope.analysis.collect import Collection, collect, load_collection
+from lmscope.analysis.verify import VerifyReport, verify
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError, TraceFileError
 from lmscope.models import available_models
@@ -22,11 +23,13 @@ __all__ = [
     "Output",
     "Trace",
     "TraceFileError",
+    "VerifyReport",
     "available_models",
     "collect",
     "from_pretrained",
     "load_collection",
     "load_trace",
     "probing",
+    "verify",
     "wrap",
 ]

@@ -197,12 +197,28 @@ def _emit(result: Any, args: argparse.Namespace) -> None:
 def _add_models(commands: Any) -> None:
     parser = commands.add_parser("models", help="list embedded and tiny models")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--all", action="store_true", help="every text model type of the installed transformers, with its status"
+    )
     parser.set_defaults(run=_cmd_models)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from lmscope import available_models
 
+    if args.all:
+        from lmscope.models._support import model_support
+
+        rows = model_support()
+        if args.json:
+            print(json.dumps([vars(row) for row in rows]))
+            return
+        width = max(len(row.model_type) for row in rows)
+        for row in rows:
+            print(f"{row.model_type.ljust(width)}  {row.kind:<6}  {row.status:<11}  {row.note}")
+        counts = {s: sum(r.status == s for r in rows) for s in ("table", "fallback", "unsupported", "untried")}
+        print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(rows)} model types")
+        return
     models = available_models()
     if args.json:
         print(json.dumps(models))
@@ -607,6 +623,26 @@ def _cmd_flow(args: argparse.Namespace) -> None:
     _emit(out.flow(threshold=args.threshold, position=args.position, mode=args.mode), args)
 
 
+def _add_verify(commands: Any) -> None:
+    parser = commands.add_parser("verify", help="check that lmscope reproduces a model exactly (run it on your model)")
+    parser.add_argument("name", nargs="?", metavar="MODEL", help="model to check (default: --model, else embedded)")
+    _model_args(parser)
+    parser.add_argument("--text", default=None, help="input to check on (default: a fixed sentence)")
+    parser.add_argument("--generate", type=_int(1, 64), default=4, help="greedy tokens to compare (default 4)")
+    _output_args(parser)
+    parser.set_defaults(run=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from lmscope.analysis.verify import TEXT, verify
+
+    args.model = args.name or args.model
+    report = verify(_load(args), text=args.text or TEXT, generate=args.generate)
+    _emit(report, args)
+    if not report.passed:
+        raise LmscopeError(f"verify failed: {'; '.join(report.failed)}")
+
+
 # One entry per subcommand, in the order `lmscope --help` lists them.
 _COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_models,
@@ -620,6 +656,7 @@ _COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_attention,
     _add_probe,
     _add_flow,
+    _add_verify,
 )
 
 
