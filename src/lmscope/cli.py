@@ -597,7 +597,9 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         progress=True,
     )
     if args.plot:
-        result.plot(args.plot)
+        from lmscope._files import write_with
+
+        write_with(args.plot, result.plot)  # atomically (the temporary name keeps the suffix: the format)
         print(f"wrote {args.plot}", file=sys.stderr)
     _emit(result, args)
 
