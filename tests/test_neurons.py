@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import lmscope
+import lmscope.views
 from browser import open_html
 from conftest import tiny
 from lmscope import LmscopeError
 from lmscope.analysis import Factors, LayerSimilarity, factorize
+from lmscope.analysis._positions import Dominance
 from lmscope.cli import main
 
 TEXT = "The keys to the cabinet are on the table, said Mrs. O'Neill, and the cat sat on the mat by the door."
@@ -253,6 +255,15 @@ def test_factor_explorer_in_chromium(browser: object) -> None:
 
 
 @pytest.mark.browser
+def test_dominance_note_in_chromium(browser: object) -> None:
+    for result in (sink_output().run_nmf(3, 0, 3), sink_output().activations()):
+        opened = open_html(browser, lmscope.views.page(result.to_html()))
+        note = opened.page.locator(".lms-nmf-note").text_content()
+        assert note.startswith("note: position 0 ('The') holds") and "skip_first=True" in note
+        opened.assert_clean()
+
+
+@pytest.mark.browser
 def test_activations_and_heatmap_in_chromium(browser: object, out: lmscope.Output) -> None:
     acts = out.activations(layers=[1])
     opened = open_html(browser, lmscope.views.page(acts.to_html()))
@@ -268,9 +279,12 @@ def test_activations_and_heatmap_in_chromium(browser: object, out: lmscope.Outpu
         layers_b=(0, 1, 2),
         matrix=np.array([[1.0, 0.5, 0.2], [0.5, 1.0, 0.4], [0.2, 0.4, 1.0]]),
         n_tokens=25,
+        dominance=(Dominance(0, XSS, 0.9, "resid_post (centered) at layer 1"),),
     )
     opened = open_html(browser, lmscope.views.page(heat.to_html()))
     page = opened.page
+    note = page.locator(".lms-sim-note").text_content()
+    assert note.startswith("note: position 0 (") and lmscope.views.visible(XSS) in note and "90%" in note
     assert page.locator(".lms-sim-cell").count() == 9
     page.locator(".lms-sim-cell").nth(1).hover()
     assert page.locator(".lms-sim-readout").text_content() == f"{XSS} L0 vs mlp_act L1: 0.500"
