@@ -44,6 +44,7 @@ import torch
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture
+from lmscope.models._fallback import check_weights_readable
 
 __all__ = [
     "BlockContributions",
@@ -79,6 +80,7 @@ def proximity(parts: torch.Tensor, whole: torch.Tensor, norm: float = 1) -> torc
 
 def check_decomposable(arch: Architecture) -> None:
     """Raise unless attention and MLP outputs are linear maps added straight to the residual."""
+    check_weights_readable(arch)
     family = arch.family
     if family.post_norm:
         raise LmscopeError(

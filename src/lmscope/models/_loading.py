@@ -282,6 +282,8 @@ def _from_source(label: str, trust_remote_code: bool, load_kwargs: dict[str, Any
             raise LmscopeError(f"{path} is a directory but holds no model (no config.json)")
         try:
             return _from_directory(path, trust_remote_code, **load_kwargs)
+        except LmscopeError:
+            raise
         except (OSError, ValueError) as error:
             raise LmscopeError(f"{path} could not be loaded as a model: {error}") from error
         except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met an object that is not weights
