@@ -315,3 +315,21 @@ def test_embedded_attention_sink_dominates_cka_until_skipped(embedded: lmscope.L
         assert factors.dominance.pos == 0 and factors.dominance.share > 0.5, factors.dominance
         assert "note: position 0 of each text" in str(factors) and "note: position 0" in factors.to_html()
         assert "note:" not in str(col.run_nmf(3, site="resid_post", method=method, skip_first=True))
+
+
+def test_each_layer_is_decomposed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVCCA over L × L layer pairs: one SVD per layer and one of its reduction, not two per pair."""
+    col = small_corpus()
+    calls: list[tuple[int, ...]] = []
+    svd = np.linalg.svd
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape)
+        return svd(x, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", counted)
+    result = col.layer_similarity("svcca", site_a="resid_post", site_b="resid_post", dims=6)
+    n_layers = len(result.layers_a)
+    tall = [shape for shape in calls if shape[0] == col.n_tokens]  # decompositions of a layer's [tokens, features]
+    assert len(tall) == 2 * n_layers  # the input, then its 6-dimensional reduction
+    assert len(calls) - len(tall) == n_layers**2  # per pair only the small [6, 6] product
