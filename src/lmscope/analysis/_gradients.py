@@ -24,7 +24,11 @@ d_ff]`` float32) outgrows the last-level cache, each of the backward's elementwi
 streams it from memory, and the pass slows down and starts to depend on what else the machine
 is doing. Integrated gradients at 2,048 rows on SmolLM2-135M (``d_ff = 1,536``: 12 MiB per
 activation, against a 32 MiB cache shared with other processes) ran between 9.5 and 36.7 s on
-the same machine. The default keeps that activation within a quarter of the cache.
+the same machine; profiled there (20 steps, 10 outputs, one thread, PyTorch's products), the
+products took only 44 % of the operations' time, the elementwise products and sums over
+``[n, batch, pos, d_ff]`` gradients 34 %, and the stacking that vmap's per-target fallbacks add
+(the attention and SiLU backward have no batching rule) 5 %, with 16 GiB allocated in all. The
+default keeps that activation within a quarter of the cache.
 
 Gradients are taken w.r.t. the embeddings only. Callers consume these generators inside
 :func:`frozen_parameters`, so no parameter gradient is computed, stored or left behind, and the
@@ -138,7 +142,7 @@ def _vjps(lm: LoadedModel, x: torch.Tensor, chunk: Targets) -> tuple[torch.Tenso
     cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, n or pos, d_model]
     cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
 
-    def pull_back() -> torch.Tensor:  # [n, *x.shape]; the graph is kept so that a trial can run it twice
+    def pull_back() -> torch.Tensor:  # [n, *x.shape]; the graph is kept, as a routing trial runs this thrice
         return torch.autograd.grad(h, x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)[0]
 
     return routed(pull_back, _workload(lm, n * x.shape[0] * x.shape[1]), lm.device, lm.dtype), values.detach()
