@@ -274,6 +274,8 @@ def test_cli_prints_the_table_and_json(capsys, tmp_path) -> None:
     assert main([*args, "--method", "gradient", "--contrast", " the", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["method"] == "gradient" and data["target"] == "contrast" and len(data["positions"]) == 2
+    assert main([*args, "--method", "occlusion", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "occlusion"
     assert main(["saliency", PROMPT, "--model", "tiny-gpt2", "--contrast", " two words"]) == 2
     assert "tokens, not one: give a single token" in capsys.readouterr().err
 

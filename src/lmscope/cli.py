@@ -310,7 +310,7 @@ def _add_saliency(commands: Any) -> None:
     parser.add_argument(
         "--method",
         default="grad_x_input",
-        choices=("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients"),
+        choices=("grad_x_input", "gradient", "input_x_gradient", "integrated_gradients", "occlusion"),
         help="attribution method (default grad_x_input)",
     )
     parser.add_argument("--target", choices=("prob", "logit"), default="prob", help="probability (default) or logit")
