@@ -96,12 +96,16 @@ VALID: dict[str, list[str]] = {
     "attention": ["The keys to the cabinet", *MODEL],
     "probe": ["--model", "tiny-bert", "--tokens", "40", "--seeds", "1", "--epochs", "1", "--sites", "resid_post"],
     "flow": ["The keys to the cabinet", *MODEL],
+    "verify": ["tiny-gpt2"],
 }
 NO_CUDA = [] if torch.cuda.is_available() else ["cuda"]
-# Bad values per option (the same for every subcommand that has it; "TEXT" is the positional text).
+# Bad values per option (the same for every subcommand that has it; TEXT and MODEL are positionals).
 # A flag has no value to spoil: its entry is empty. A new option must be added here (the test checks).
 BAD: dict[str, list[str]] = {
     "TEXT": ["", "notes.txt", "missing/file.conllu", "{tmp}/a_file"],
+    "MODEL": ["nope", "{tmp}/missing", "{tmp}/a_file", "{tmp}/pickle_model"],
+    "--all": [],
+    "--text": ["   ", "notes.txt"],
     "--model": ["nope", "{tmp}/missing", "{tmp}/a_file", "{tmp}/empty_dir", "{tmp}/pickle_model"],
     "--device": ["warp9", "cuda:99", "", *NO_CUDA],
     "--dtype": ["float7", ""],
@@ -152,7 +156,7 @@ BAD: dict[str, list[str]] = {
 
 
 def option_name(action: argparse.Action) -> str:
-    return action.option_strings[0] if action.option_strings else "TEXT"
+    return action.option_strings[0] if action.option_strings else str(action.metavar or action.dest).upper()
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +237,10 @@ def test_bad_values_give_one_line_errors(playground: Path, quick_models, capsys,
     for name, option, value in cases():
         value = value.replace("{tmp}", str(playground))
         argv = [arg.replace("{tmp}", str(playground)).replace("{port}", port) for arg in VALID[name]]
-        if option == "TEXT":
+        if not option.startswith("-"):  # the positional comes first
             argv[0] = value
+        elif option == "--model" and name == "verify":  # verify's MODEL positional would win over --model
+            argv = [option, value]
         elif option in argv:  # replace the valid value
             argv[argv.index(option) + 1] = value
         else:
