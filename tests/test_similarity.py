@@ -333,3 +333,27 @@ def test_each_layer_is_decomposed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     tall = [shape for shape in calls if shape[0] == col.n_tokens]  # decompositions of a layer's [tokens, features]
     assert len(tall) == 2 * n_layers  # the input, then its 6-dimensional reduction
     assert len(calls) - len(tall) == n_layers**2  # per pair only the small [6, 6] product
+
+
+def test_dominance_counts_a_position_across_texts_unless_one_token_holds_it() -> None:
+    from lmscope.analysis._positions import dominance, dominance_note, found, within_text
+
+    lengths, tokens = [3, 3, 3], ["A", "b", "c", "D", "e", "f", "G", "h", "i"]
+    groups, origin = within_text(lengths), np.arange(9)
+    x = np.ones((9, 2))
+    x[[0, 3, 6]] = 10.0  # every text's first token: 3 × 200 of 612
+    pos, share, row = dominance(x, False, groups)
+    assert (pos, row) == (0, None) and share == pytest.approx(600 / 612)
+    sink = found((pos, share, row), origin, tokens, lengths, "resid_post")
+    assert (sink.text, sink.token, sink.n_texts) == (None, "A", 3)
+    note = dominance_note(sink, sink.token)
+    assert note.startswith("position 0 of each text (e.g. 'A') holds 98%") and "skip_first=True" in note
+    x = np.ones((9, 2))
+    x[4] = 30.0  # one token of text 1 alone
+    measured = dominance(x, False, groups)
+    assert measured[:2] == (1, pytest.approx(1800 / 1816)) and measured[2] == 4
+    alone = found(measured, origin, tokens, lengths, "resid_post")
+    assert (alone.pos, alone.text, alone.token) == (1, 1, "e")
+    assert dominance_note(alone, "e").startswith("position 1 of text 1 ('e') holds 99%")
+    assert "positions=... can leave it out" in dominance_note(alone, "e")
+    assert dominance_note(found(dominance(np.ones((9, 2)), False, groups), origin, tokens, lengths, "x"), "b") is None

@@ -29,7 +29,9 @@ __all__ = [
     "describe_selection",
     "dominance",
     "dominance_note",
+    "found",
     "select_rows",
+    "text_of",
     "within_text",
 ]
 
@@ -40,9 +42,11 @@ DOMINANT_SHARE = 0.5  # one position holding more than this share of the squared
 class Dominance:
     """The position holding the largest share of a matrix's total squared norm (rows are positions).
 
-    ``pos`` is a position within each text (a Trace is one text; in a corpus, the rows at that
-    position in every text are counted together: 50 first tokens are one attention sink, not 50
-    small ones); ``token`` is the token there in the first text; ``where`` says what was measured.
+    ``pos`` is a position within each text (a Trace is one text). In a corpus, the rows at that
+    position in every text are counted together (50 first tokens are one attention sink, not 50
+    small ones), unless one token holds nearly all of it: then ``text`` names its text.
+    ``token`` is the token there (in the first text when ``text`` is None); ``where`` says what
+    was measured.
     """
 
     pos: int
@@ -50,6 +54,7 @@ class Dominance:
     share: float
     where: str
     n_texts: int = 1
+    text: int | None = None
 
     @property
     def dominates(self) -> bool:
@@ -61,12 +66,19 @@ def within_text(lengths: Sequence[int]) -> np.ndarray:
     return np.concatenate([np.arange(int(n)) for n in lengths]) if len(lengths) else np.zeros(0, np.int64)
 
 
-def dominance(matrix: np.ndarray, centered: bool, groups: np.ndarray | None = None) -> tuple[int, float]:
-    """``(position, share)``: the position with the largest share of ``Σ_i ‖x_i‖²`` in ``matrix [row, features]``.
+def text_of(lengths: Sequence[int]) -> np.ndarray:
+    """``[row]``: each row's text, for texts of ``lengths`` tokens concatenated."""
+    return np.repeat(np.arange(len(lengths)), np.asarray(lengths, dtype=np.int64))
+
+
+def dominance(matrix: np.ndarray, centered: bool, groups: np.ndarray | None = None) -> tuple[int, float, int | None]:
+    """``(position, share, row)``: the position with the largest share of ``Σ_i ‖x_i‖²`` in ``matrix [row, features]``.
 
     ``groups [row]`` gives each row's position within its text (``None``: the row number); rows at
-    the same position are summed. ``centered`` measures the rows after subtracting the column
-    means (what CKA, CCA and PCA see); otherwise the raw rows (NMF's squared error, activations).
+    the same position are summed, unless one row holds 90% of its position's total: then ``row``
+    is that row (else ``None``) and the share is its own. ``centered`` measures the rows after
+    subtracting the column means (what CKA, CCA and PCA see); otherwise the raw rows (NMF's
+    squared error, activations).
     """
     x = np.asarray(matrix, dtype=np.float64)
     if centered:
@@ -74,11 +86,17 @@ def dominance(matrix: np.ndarray, centered: bool, groups: np.ndarray | None = No
     energy = np.einsum("ij,ij->i", x, x)  # [row]
     total = float(energy.sum())
     if total <= 0 or not len(energy):
-        return 0, 0.0
-    if groups is not None:
-        energy = np.bincount(groups, weights=energy)  # [position within text]
-    top = int(energy.argmax())
-    return top, float(energy[top] / total)
+        return 0, 0.0, None
+    if groups is None:
+        row = int(energy.argmax())
+        return row, float(energy[row] / total), row
+    grouped = np.bincount(groups, weights=energy)  # [position within text]
+    top = int(grouped.argmax())
+    members = np.flatnonzero(groups == top)
+    row = int(members[energy[members].argmax()])
+    if energy[row] >= 0.9 * grouped[top]:
+        return top, float(energy[row] / total), row
+    return top, float(grouped[top] / total), None
 
 
 def select_rows(
@@ -138,16 +156,45 @@ def describe_selection(positions: Any, n_texts: int = 1) -> str:
     return f"positions {_spelling(positions)}{each}"
 
 
-def dominance_note(found: Dominance | None, shown: str, fix: str = "skip_first=True or positions=...") -> str | None:
+def found(
+    measured: tuple[int, float, int | None],
+    origin: np.ndarray,
+    tokens: Sequence[str],
+    lengths: Sequence[int],
+    where: str,
+    layers_over: int = 0,
+    n_layers: int = 1,
+) -> Dominance:
+    """A :class:`Dominance` from :func:`dominance`'s ``(position, share, row)``.
+
+    ``origin [row]`` maps the measured matrix's rows to ``tokens`` (every text's, concatenated);
+    ``layers_over`` of ``n_layers`` layers had one position over half of the norm.
+    """
+    pos, share, row = measured
+    if layers_over > 1:
+        where += f" (over half of it at {layers_over} of {n_layers} layers)"
+    n_texts = len(lengths)
+    if row is not None:  # one token
+        index = int(origin[row])
+        text = int(text_of(lengths)[index])
+        return Dominance(pos, tokens[index], share, where, n_texts, text if n_texts > 1 else None)
+    token = tokens[pos] if pos < lengths[0] else ""  # the first text's token at this position
+    return Dominance(pos, token, share, where, n_texts, None)
+
+
+def dominance_note(found: Dominance | None, shown: str) -> str | None:
     """One line for the views when one position dominates, else ``None`` (``shown``: the token as displayed)."""
     if found is None or not found.dominates:
         return None
-    which = (
-        f"position {found.pos} of each text (e.g. {shown!r})"
-        if found.n_texts > 1
-        else f"position {found.pos} ({shown!r})"
-    )
+    if found.n_texts == 1:
+        which = f"position {found.pos} ({shown!r})"
+    elif found.text is not None:
+        which = f"position {found.pos} of text {found.text} ({shown!r})"
+    else:
+        which = f"position {found.pos} of each text (e.g. {shown!r})"
+    first = found.pos == 0 and (found.text is None or found.n_texts == 1)
+    fix = "skip_first=True (or positions=...) leaves it out" if first else "positions=... can leave it out"
     return (
         f"{which} holds {found.share:.0%} of the squared norm of {found.where}: "
-        f"the result mostly describes that one token (often an attention sink); {fix} leaves it out"
+        f"the result mostly describes that one token (often an attention sink); {fix}"
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.analysis._positions import Dominance, dominance, select_rows, within_text
+from lmscope.analysis._positions import DOMINANT_SHARE, Dominance, dominance, found, select_rows, within_text
 from lmscope.analysis._result import Result
 from lmscope.analysis.similarity import MEASURES, compare, prepare, ready
 from lmscope.capture import Trace
@@ -66,16 +66,16 @@ def _reader(source: Any, site: str) -> Any:
 
 
 def _dominance(
-    shares: list[tuple[int, float]], tokens: Any, n_texts: int, site: str, layers: tuple[int, ...]
-) -> Dominance:
-    """The strongest position over the layers, and over how many layers one position dominates."""
+    shares: list[tuple[int, float, int | None]], origin: np.ndarray, tokens: Any, lengths: list[int], site: str,
+    layers: tuple[int, ...],
+) -> Dominance:  # fmt: skip
+    """The strongest position over the layers, and over how many layers one position dominates.
+
+    ``origin [row]``: each compared row's index among ``tokens`` (every text's tokens, concatenated).
+    """
     best = max(range(len(shares)), key=lambda i: shares[i][1])
-    pos, share = shares[best]
-    many = sum(s > 0.5 for _, s in shares)
-    where = f"{site} (centered) at layer {layers[best]}"
-    if many > 1:
-        where += f" (over half of it at {many} of {len(layers)} layers)"
-    return Dominance(pos=pos, token=tokens[pos] if pos < len(tokens) else "", share=share, where=where, n_texts=n_texts)
+    return found(shares[best], origin, tokens, lengths, f"{site} (centered) at layer {layers[best]}",
+                 sum(s > DOMINANT_SHARE for _, s, _ in shares), len(layers))  # fmt: skip
 
 
 def layer_similarity(
@@ -104,11 +104,12 @@ def layer_similarity(
     if missing or not chosen:
         raise LmscopeError(f"layers {missing or list(chosen)} were not captured (captured: {list(captured)})")
     if isinstance(source, Trace):
-        lengths, first = [source.n_pos], source.tokens
+        lengths, tokens = [source.n_pos], source.tokens
     else:
-        lengths, first = [len(ids) for ids in source.token_ids], source.tokens[0]
+        lengths, tokens = [len(ids) for ids in source.token_ids], source.all_tokens
     rows, selection = select_rows(lengths, positions, skip_first)
-    groups = within_text(lengths) if rows is None else within_text(lengths)[rows]  # [row]
+    origin = np.arange(sum(lengths)) if rows is None else rows  # [row]: index among every text's tokens
+    groups = within_text(lengths)[origin]  # [row]: position within its text
 
     def side(read: Any, site: str) -> tuple[list[Any], Dominance]:
         prepared, shares = [], []
@@ -119,7 +120,7 @@ def layer_similarity(
             prepared.append(prepare(x, name=site, what=method))
         if method != "cka" or "debiased" in options:
             prepared = [ready(p, method, **options) for p in prepared]
-        return prepared, _dominance(shares, first, len(lengths), site, chosen)
+        return prepared, _dominance(shares, origin, tokens, lengths, site, chosen)
 
     side_a, found_a = side(_reader(source, site_a), site_a)
     side_b, found_b = (side_a, found_a) if site_b == site_a else side(_reader(source, site_b), site_b)

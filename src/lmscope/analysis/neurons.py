@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.analysis._positions import Dominance, dominance, select_rows, within_text
+from lmscope.analysis._positions import Dominance, dominance, found, select_rows, within_text
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
@@ -143,16 +143,16 @@ def activations(
     kept = tuple(range(trace.n_pos)) if rows is None else tuple(rows.tolist())
     values = values[:, list(kept)]
     per_pos = values.transpose(1, 0, 2).reshape(len(kept), -1)  # [pos, layer·neuron]
-    pos, share = dominance(per_pos, centered=False)
     where = f"{site} (all {len(chosen)} layers, raw activations)"
-    found = Dominance(kept[pos], trace.tokens[kept[pos]], share, where) if kept else None
+    origin = np.asarray(kept, dtype=np.int64)
+    strongest = found(dominance(per_pos, False, origin), origin, trace.tokens, [trace.n_pos], where)
     return Activations(
         site=site,
         layers=chosen,
         values=values.transpose(0, 2, 1),
         tokens=tuple(trace.tokens[p] for p in kept),
         positions=() if rows is None else kept,
-        dominance=found,
+        dominance=strongest,
     )
 
 
@@ -185,12 +185,13 @@ def factorize(
         raise LmscopeError(f"nonneg must be one of {', '.join(NONNEG)}, not {nonneg!r}")
     site = _site(site)
     layers, matrix, tokens, offsets = _matrix(source, site, from_layer, to_layer)  # [pos, layer·neuron]
-    lengths = np.diff([*offsets, len(tokens)])
+    lengths = np.diff([*offsets, len(tokens)]).tolist()
     rows, selection = select_rows(lengths, positions, skip_first)
-    groups = within_text(lengths)  # [pos]: each row's position within its text
-    first = tokens[: int(lengths[0])]
+    origin = np.arange(len(tokens)) if rows is None else rows  # [pos]: index among every text's tokens
+    groups = within_text(lengths)[origin]  # [pos]: each row's position within its text
+    every = tokens
     if rows is not None:
-        matrix, groups = matrix[rows], groups[rows]
+        matrix = matrix[rows]
         tokens = tuple(tokens[r] for r in rows.tolist())
         offsets = tuple(int(i) for i in np.flatnonzero(np.r_[True, np.diff(groups) <= 0]))  # a new text starts
     n_pos, n_features = matrix.shape
@@ -202,10 +203,9 @@ def factorize(
     negative = float((matrix < 0).mean())
     if method == "nmf":
         matrix = _nonnegative(matrix, nonneg)
-    pos, share = dominance(matrix, centered=method != "nmf", groups=groups)
     measured = "X after clipping negatives" if nonneg == "clip" else "X after shifting" if nonneg == "shift" else "X"
     where = f"{site}, {'the centered X' if method != 'nmf' else measured}"
-    found = Dominance(pos, first[pos] if pos < len(first) else "", share, where, n_texts=len(lengths))
+    strongest = found(dominance(matrix, method != "nmf", groups), origin, every, lengths, where)
     components, loadings, rebuilt, n_iter = _fit(method, matrix, n_components, seed, max_iter)
     if method != "nmf":
         flip = np.sign(components[np.arange(n_components), np.abs(components).argmax(1)])
@@ -229,7 +229,7 @@ def factorize(
         seed=seed,
         n_iter=n_iter,
         selection=selection,
-        dominance=found,
+        dominance=strongest,
     )
 
 

@@ -55,8 +55,7 @@ def notes(result: Factors | Activations) -> list[str]:
     found = result.dominance
     if found is None:
         return []
-    fix = "skip_first=True or positions=..."
-    note = dominance_note(found, visible(found.token), fix)
+    note = dominance_note(found, visible(found.token))
     return [] if note is None else ["note: " + note]
 
 
