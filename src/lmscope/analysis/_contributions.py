@@ -96,9 +96,10 @@ def check_decomposable(arch: Architecture) -> None:
 
 def _output_projection(arch: Architecture, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     module = arch.o_proj(layer)
-    weight = arch.linear_weight(module).detach().float()  # [d_model, head·d_head]
+    scale = arch.residual_scale  # what the block multiplies the attention output by (Granite)
+    weight = arch.linear_weight(module).detach().float() * scale  # [d_model, head·d_head]
     bias = getattr(module, "bias", None)
-    return weight, None if bias is None else bias.detach().float()  # [d_model]
+    return weight, None if bias is None else bias.detach().float() * scale  # [d_model]
 
 
 def head_updates(trace: Trace, arch: Architecture, layer: int) -> torch.Tensor:

@@ -149,12 +149,12 @@ def neuron_contributions(
     q = trace.position(position)
     act = trace.at("mlp_act", layer)[q].float()  # [neuron]
     module = arch.mlp_down(layer)
-    weight = arch.linear_weight(module).detach().float().to(act.device)  # [d_model, neuron]
+    weight = arch.linear_weight(module).detach().float().to(act.device) * arch.residual_scale  # [d_model, neuron]
     parts = act[:, None] * weight.T  # [neuron, d_model]
     whole = trace.at("resid_post", layer)[q].float()
     rest = whole - trace.at("mlp_out", layer)[q].float()
     bias = getattr(module, "bias", None)
-    extra = [rest] if bias is None else [bias.detach().float().to(act.device), rest]
+    extra = [rest] if bias is None else [bias.detach().float().to(act.device) * arch.residual_scale, rest]
     c = proximity(torch.cat([parts, torch.stack(extra)]), whole)
     return c[: len(act)], act
 
@@ -212,7 +212,7 @@ def update_vector(
         act = trace.at("mlp_act", layer)[q]
         if not -len(act) <= neuron < len(act):
             raise LmscopeError(f"neuron {neuron} is out of range: layer {layer} has neurons 0..{len(act) - 1}")
-        weight = arch.linear_weight(arch.mlp_down(layer)).detach().float()
+        weight = arch.linear_weight(arch.mlp_down(layer)).detach().float() * arch.residual_scale
         return act[neuron].float() * weight[:, neuron].to(act.device)
     raise LmscopeError(f"component must be 'attention' or 'ffn', not {component!r}")
 

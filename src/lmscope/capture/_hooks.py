@@ -117,9 +117,9 @@ def recording(lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]) 
     if derived_mid:
         wanted |= {"resid_pre", "attn_out"}
 
-    def keep(site: str, layer: int):
+    def keep(site: str, layer: int, scale: float = 1.0):
         def hook(module, args, output):
-            recorder.put(site, layer, _first(output))
+            recorder.put(site, layer, _first(output) if scale == 1.0 else _first(output) * scale)
 
         return hook
 
@@ -149,10 +149,10 @@ def recording(lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]) 
                 handles.append(module.register_forward_hook(keep("resid_mid", layer)))
             if "attn_out" in wanted:
                 module = arch.block_part(layer, family.attn_out)
-                handles.append(module.register_forward_hook(keep("attn_out", layer)))
+                handles.append(module.register_forward_hook(keep("attn_out", layer, arch.residual_scale)))
             if "mlp_out" in wanted:
                 module = arch.block_part(layer, family.mlp_out)
-                handles.append(module.register_forward_hook(keep("mlp_out", layer)))
+                handles.append(module.register_forward_hook(keep("mlp_out", layer, arch.residual_scale)))
             if "mlp_act" in wanted:
                 module = arch.block_part(layer, family.mlp_down)
                 handles.append(module.register_forward_pre_hook(keep_input("mlp_act", layer), with_kwargs=True))

@@ -8,18 +8,53 @@ a message naming what could not be found.
 Paths are dotted attribute paths. ``blocks``, ``embed`` and ``final_norm`` are relative to the
 model's base model (``model.base_model``: the same object for a bare ``BertModel`` and for the
 ``BertForMaskedLM`` around it); all per-block paths are relative to one block.
+
+Where a family packs several projections into one linear map (``qkv_proj``, ``query_key_value``,
+``c_attn``, ``Wqkv``, ``gate_up_proj``), a :class:`Fused` entry says how its output axis splits,
+and :meth:`Architecture.split` returns the separate weights. Model types that cannot work are in
+:data:`UNSUPPORTED` with the reason, which the error for them names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["FAMILIES", "Architecture", "Family", "architecture_of", "family_of"]
+__all__ = ["FAMILIES", "UNSUPPORTED", "Architecture", "Family", "Fused", "architecture_of", "family_of"]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One linear map that computes several projections at once, and how to split its output.
+
+    The output axis is laid out ``[group, part, size / groups]``: ``groups`` blocks, each holding
+    a slice of every part in ``parts`` order. ``groups=1`` is plain concatenation (Phi-3's
+    ``qkv_proj``, ``gate_up_proj``); ``"heads"`` / ``"kv_heads"`` mean one block per (key-value)
+    head (Persimmon's ``query_key_value``; GPT-BigCode's ``c_attn``, which is concatenation under
+    multi-query attention); an integer is a fixed count (CodeGen packs 4 blocks of q, v, k).
+
+    Part sizes: ``q`` is ``head·d_head``, ``k`` and ``v`` are ``kv_head·d_head``, ``gate`` and
+    ``up`` are ``neuron``. ``gate`` is the half that goes through the activation function
+    (``mlp_act = act(gate) * up``).
+
+    Attributes:
+        path: the fused module (block relative).
+        parts: the projections in storage order, from ``q, k, v, gate, up``.
+        groups: how many blocks the output axis is cut into (see above).
+    """
+
+    path: str
+    parts: tuple[str, ...]
+    groups: int | str = 1
+
+
+_QKV = ("q", "k", "v")
+_GATE_UP = ("gate", "up")
 
 
 @dataclass(frozen=True)
@@ -38,9 +73,11 @@ class Family:
         o_proj: the attention output projection (``W_O``, all heads side by side).
         mlp_out: the module whose output is the MLP update added to the residual stream.
         mlp_down: the MLP output projection; its input is ``mlp_act``.
-        ln_attn, ln_mlp: the norms in front of attention and MLP (after them, for post-norm).
+        ln_attn, ln_mlp: the norms in front of attention and MLP (after them, for post-norm);
+            ``None`` where the block has none (OLMo 2 normalizes sublayer outputs instead).
         lm_head: the module (relative to the top model) that maps the final-normed residual
-            state to logits: the unembedding, or a whole MLM head for BERT-style models.
+            state to logits: the unembedding, or a whole MLM head for BERT-style models. A tuple
+            of paths is applied in order (ELECTRA's generator head, then its unembedding).
         resid_mid: for post-norm blocks, the module whose output is the residual state between
             attention and MLP.
         parallel: attention and MLP read the same input and are added together
@@ -49,6 +86,13 @@ class Family:
         post_norm: the residual stream is normalized after each sublayer (BERT), so
             ``resid_mid = ln_attn(resid_pre + attn_out)``.
         conv1d: weights are stored ``[in, out]`` (GPT-2's ``Conv1D``) instead of ``[out, in]``.
+        fused: the block's fused projections and how to split them (:class:`Fused`).
+        multi_query: a boolean config attribute that, when true, means one key-value head.
+        logit_scale: a config attribute the model multiplies its logits by (Cohere).
+        logit_divisor: a config attribute the model divides its logits by (Granite).
+        residual_scale: a config attribute the block multiplies each sublayer's output by before
+            adding it to the residual stream (Granite's ``residual_multiplier``); ``attn_out`` and
+            ``mlp_out`` are recorded scaled, as added.
     """
 
     name: str
@@ -61,17 +105,23 @@ class Family:
     o_proj: str
     mlp_out: str
     mlp_down: str
-    ln_attn: str
+    ln_attn: str | None
     ln_mlp: str | None
-    lm_head: str = "lm_head"
+    lm_head: str | tuple[str, ...] = "lm_head"
     resid_mid: str | None = None
     parallel: bool | str = False
     post_norm: bool = False
     conv1d: bool = False
+    fused: tuple[Fused, ...] = ()
+    multi_query: str | None = None
+    logit_scale: str | None = None
+    logit_divisor: str | None = None
+    residual_scale: str | None = None
 
 
-def _llama_like(name: str, *model_types: str) -> Family:
-    return Family(
+def _llama_like(name: str, *model_types: str, **changes: Any) -> Family:
+    """Llama's layout (``model.layers[i].self_attn.o_proj`` …), with ``changes`` to any field."""
+    family = Family(
         name=name,
         model_types=model_types or (name,),
         blocks="layers",
@@ -85,12 +135,39 @@ def _llama_like(name: str, *model_types: str) -> Family:
         ln_attn="input_layernorm",
         ln_mlp="post_attention_layernorm",
     )
+    return replace(family, **changes)
 
 
-def _bert_like(name: str, lm_head: str) -> Family:
-    return Family(
+def _sandwich(name: str, *model_types: str, **changes: Any) -> Family:
+    """Llama's layout with each sublayer's output normalized before it joins the residual (Gemma 2/3, OLMo 2)."""
+    changes = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm", **changes}
+    return _llama_like(name, *model_types, **changes)
+
+
+def _gptj_like(name: str, **changes: Any) -> Family:
+    """GPT-J's parallel block: one norm, attention and MLP side by side (CodeGen too)."""
+    family = Family(
         name=name,
         model_types=(name,),
+        blocks="h",
+        embed="wte",
+        final_norm="ln_f",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.out_proj",
+        mlp_out="mlp",
+        mlp_down="mlp.fc_out",
+        ln_attn="ln_1",
+        ln_mlp=None,
+        parallel=True,
+    )
+    return replace(family, **changes)
+
+
+def _bert_like(name: str, lm_head: str | tuple[str, ...], *model_types: str) -> Family:
+    return Family(
+        name=name,
+        model_types=model_types or (name,),
         blocks="encoder.layer",
         embed="embeddings.word_embeddings",
         final_norm=None,
@@ -114,20 +191,41 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("qwen3"),
     _llama_like("gemma"),
     _llama_like("olmo"),
-    Family(
-        name="gemma2",
-        model_types=("gemma2",),
-        blocks="layers",
-        embed="embed_tokens",
-        final_norm="norm",
-        attn="self_attn",
-        attn_out="post_attention_layernorm",
-        o_proj="self_attn.o_proj",
-        mlp_out="post_feedforward_layernorm",
-        mlp_down="mlp.down_proj",
-        ln_attn="input_layernorm",
-        ln_mlp="pre_feedforward_layernorm",
+    _llama_like("smollm3"),
+    _llama_like("helium"),
+    _llama_like("granite", logit_divisor="logits_scaling", residual_scale="residual_multiplier"),
+    _llama_like("seed_oss"),
+    _llama_like("ernie4_5"),
+    _llama_like("arcee"),
+    _llama_like("ministral"),
+    _llama_like("hunyuan_v1_dense"),
+    _llama_like("nemotron", mlp_down="mlp.down_proj"),
+    _llama_like("vaultgemma", ln_mlp="pre_feedforward_layernorm"),
+    _llama_like("apertus", ln_attn="attention_layernorm", ln_mlp="feedforward_layernorm"),
+    _llama_like("stablelm", parallel="use_parallel_residual"),
+    _llama_like("starcoder2", mlp_down="mlp.c_proj"),
+    _llama_like("phi3", fused=(Fused("self_attn.qkv_proj", _QKV), Fused("mlp.gate_up_proj", _GATE_UP))),
+    _llama_like("glm", fused=(Fused("mlp.gate_up_proj", _GATE_UP),)),
+    _llama_like("cohere", "cohere", "cohere2", ln_mlp=None, parallel=True, logit_scale="logit_scale"),
+    _llama_like(
+        "persimmon",
+        final_norm="final_layernorm",
+        o_proj="self_attn.dense",
+        mlp_down="mlp.dense_4h_to_h",
+        fused=(Fused("self_attn.query_key_value", _QKV, groups="heads"),),
     ),
+    _sandwich("gemma2", ln_mlp="pre_feedforward_layernorm"),
+    _sandwich("gemma3", "gemma3_text", ln_mlp="pre_feedforward_layernorm"),
+    _sandwich("olmo2", "olmo2", "olmo3", ln_attn=None, ln_mlp=None),
+    _sandwich("exaone4", ln_attn=None, ln_mlp=None),
+    _sandwich(
+        "glm4",
+        attn_out="post_self_attn_layernorm",
+        mlp_out="post_mlp_layernorm",
+        fused=(Fused("mlp.gate_up_proj", _GATE_UP),),
+    ),
+    _gptj_like("gptj"),
+    _gptj_like("codegen", fused=(Fused("attn.qkv_proj", ("q", "v", "k"), groups=4),)),
     Family(
         name="gpt2",
         model_types=("gpt2",),
@@ -187,9 +285,83 @@ FAMILIES: tuple[Family, ...] = (
         ln_mlp=None,
         parallel=True,
     ),
+    Family(
+        name="gpt-bigcode",
+        model_types=("gpt_bigcode",),
+        blocks="h",
+        embed="wte",
+        final_norm="ln_f",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.c_proj",
+        mlp_out="mlp",
+        mlp_down="mlp.c_proj",
+        ln_attn="ln_1",
+        ln_mlp="ln_2",
+        fused=(Fused("attn.c_attn", _QKV, groups="kv_heads"),),
+        multi_query="multi_query",
+    ),
+    Family(
+        name="biogpt",
+        model_types=("biogpt",),
+        blocks="layers",
+        embed="embed_tokens",
+        final_norm="layer_norm",
+        attn="self_attn",
+        attn_out="self_attn",
+        o_proj="self_attn.out_proj",
+        mlp_out="fc2",
+        mlp_down="fc2",
+        ln_attn="self_attn_layer_norm",
+        ln_mlp="final_layer_norm",
+        lm_head="output_projection",
+    ),
     _bert_like("bert", lm_head="cls"),
-    _bert_like("roberta", lm_head="lm_head"),
+    _bert_like("roberta", "lm_head", "roberta", "xlm-roberta"),
+    _bert_like("electra", ("generator_predictions", "generator_lm_head")),
+    replace(
+        _bert_like("roberta-prelayernorm", "lm_head"),
+        final_norm="LayerNorm",
+        resid_mid=None,
+        post_norm=False,
+        ln_attn="attention.LayerNorm",
+        ln_mlp="intermediate.LayerNorm",
+    ),
+    Family(
+        name="modernbert",
+        model_types=("modernbert",),
+        blocks="layers",
+        embed="embeddings.tok_embeddings",
+        final_norm="final_norm",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.Wo",
+        mlp_out="mlp",
+        mlp_down="mlp.Wo",
+        ln_attn="attn_norm",
+        ln_mlp="mlp_norm",
+        lm_head=("head", "decoder"),
+        fused=(Fused("attn.Wqkv", _QKV), Fused("mlp.Wi", _GATE_UP)),
+    ),
 )
+
+_NO_INTERFACE = (
+    "its attention does not go through transformers' attention interface, so lmscope cannot capture "
+    "attention probabilities (or values) without changing the model's code"
+)
+
+UNSUPPORTED: dict[str, str] = {
+    "bloom": _NO_INTERFACE + " (ALiBi attention computed inside BloomAttention)",
+    "falcon": _NO_INTERFACE + " (FalconAttention computes its own scores)",
+    "mpt": _NO_INTERFACE + " (MptAttention computes its own scores)",
+    "gpt_neo": _NO_INTERFACE + " (GPTNeoSelfAttention computes its own scores)",
+    "xglm": _NO_INTERFACE + " (XGLMAttention computes its own scores)",
+    "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
+    "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
+    "bitnet": "its attention normalizes the heads' mixed values before the output projection, so per-head "
+    "updates are not linear in the values",
+}
+"""Model types known not to work, each with the reason (named in the error)."""
 
 
 def family_of(model_type: str) -> Family:
@@ -197,6 +369,8 @@ def family_of(model_type: str) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
+    if model_type in UNSUPPORTED:
+        raise LmscopeError(f"unsupported architecture {model_type!r}: {UNSUPPORTED[model_type]}")
     known = ", ".join(sorted({t for f in FAMILIES for t in f.model_types}))
     raise LmscopeError(
         f"unsupported architecture {model_type!r}: lmscope's architecture table has no entry for it "
@@ -218,7 +392,9 @@ class Architecture:
     """A :class:`Family` bound to one model: resolved modules and the model's dimensions.
 
     Shapes use lmscope's axis vocabulary (``layer, pos, head, kv_head, d_model, d_head, neuron,
-    vocab``).
+    vocab``). ``lm_head`` maps final-normed states to logits before ``logit_scale``, the factor
+    the model multiplies them by afterwards (1 for most families). ``residual_scale`` multiplies
+    attention and MLP outputs (``o_proj``'s and ``mlp_down``'s) before they join the residual.
     """
 
     family: Family
@@ -231,6 +407,8 @@ class Architecture:
     d_head: int
     parallel: bool
     lm_head: nn.Module | None = None
+    logit_scale: float = 1.0
+    residual_scale: float = 1.0
 
     def block_part(self, layer: int, path: str | None) -> nn.Module | None:
         """The module at ``path`` inside block ``layer`` (``None`` for ``None``)."""
@@ -269,6 +447,24 @@ class Architecture:
     def mlp_down(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.family.mlp_down)
 
+    def split(self, layer: int, path: str) -> dict[str, torch.Tensor]:
+        """The separate ``[out, in]`` weights (and ``<part>.bias``) of the fused projection at ``path``."""
+        fused = next((f for f in self.family.fused if f.path == path), None)
+        if fused is None:
+            raise LmscopeError(f"the {self.family.name!r} family has no fused projection {path!r}")
+        module = self.blocks[layer].get_submodule(path)
+        size = {"q": self.n_heads * self.d_head, "k": self.n_kv_heads * self.d_head, "v": self.n_kv_heads * self.d_head}
+        groups = {"heads": self.n_heads, "kv_heads": self.n_kv_heads}.get(fused.groups, fused.groups)
+        sizes = [size.get(part, self.n_neurons) // int(groups) for part in fused.parts]
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in (("", self.linear_weight(module)), (".bias", getattr(module, "bias", None))):
+            if tensor is None:
+                continue
+            blocks = tensor.reshape(int(groups), sum(sizes), *tensor.shape[1:])  # [group, part·size, ...]
+            for part, piece in zip(fused.parts, blocks.split(sizes, dim=1), strict=True):
+                out[part + name] = piece.reshape(-1, *tensor.shape[1:])
+        return out
+
     @property
     def n_neurons(self) -> int:
         """MLP hidden units: the input width of the MLP's output projection (``mlp_act``'s last axis)."""
@@ -297,10 +493,16 @@ def architecture_of(model: nn.Module) -> Architecture:
             f"{type(model).__name__} does not match lmscope's {family.name!r} family: "
             f"could not find {', '.join(missing)}"
         )
-    lm_head = _get(model, family.lm_head)
+    heads = [_get(model, p) for p in ((family.lm_head,) if isinstance(family.lm_head, str) else family.lm_head)]
+    lm_head = None if None in heads else heads[0] if len(heads) == 1 else nn.Sequential(*heads)
 
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    if family.multi_query and getattr(config, family.multi_query, False):
+        n_kv_heads = 1
+    logit_scale = float(getattr(config, family.logit_scale, None) or 1.0) if family.logit_scale else 1.0
+    if family.logit_divisor:
+        logit_scale /= float(getattr(config, family.logit_divisor, None) or 1.0)
     d_model = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
     d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
     parallel = family.parallel
@@ -317,4 +519,6 @@ def architecture_of(model: nn.Module) -> Architecture:
         d_head=d_head,
         parallel=bool(parallel),
         lm_head=lm_head,
+        logit_scale=logit_scale,
+        residual_scale=float(getattr(config, family.residual_scale, None) or 1.0) if family.residual_scale else 1.0,
     )

@@ -41,6 +41,59 @@ TINY_FAMILIES: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "roberta": ("roberta", True, {"max_position_embeddings": 1026}),
 }
 
+_GQA: dict[str, Any] = {"num_key_value_heads": 2, "head_dim": 16}
+_GPTJ: dict[str, Any] = {"n_inner": 128, "rotary_dim": 8}
+
+# Families added for breadth: each verified by tests/test_families.py.
+TINY_FAMILIES.update(
+    {
+        "qwen3": ("qwen3", False, _GQA),
+        "olmo": ("olmo", False, {}),
+        "smollm3": ("smollm3", False, {**_GQA, "no_rope_layer_interval": 2}),
+        "helium": ("helium", False, _GQA),
+        "granite": (
+            "granite",
+            False,
+            {
+                **_GQA,
+                "logits_scaling": 4.0,
+                "residual_multiplier": 0.5,
+                "embedding_multiplier": 2.0,
+                "attention_multiplier": 0.2,
+            },
+        ),
+        "seed_oss": ("seed_oss", False, _GQA),
+        "ernie4_5": ("ernie4_5", False, _GQA),
+        "arcee": ("arcee", False, _GQA),
+        "ministral": ("ministral", False, {**_GQA, "sliding_window": 16}),
+        "hunyuan_v1_dense": ("hunyuan_v1_dense", False, _GQA),
+        "nemotron": ("nemotron", False, {**_GQA, "partial_rotary_factor": 0.5}),
+        "vaultgemma": ("vaultgemma", False, {**_GQA, "final_logit_softcapping": 30.0}),
+        "apertus": ("apertus", False, _GQA),
+        "stablelm": ("stablelm", False, {"num_key_value_heads": 2, "use_parallel_residual": True}),
+        "starcoder2": ("starcoder2", False, {"num_key_value_heads": 2}),
+        "phi3": ("phi3", False, {"num_key_value_heads": 2}),
+        "glm": ("glm", False, _GQA),
+        "cohere": ("cohere", False, {"num_key_value_heads": 2, "logit_scale": 0.5}),
+        "cohere2": ("cohere2", False, {"num_key_value_heads": 2, "logit_scale": 0.5, "sliding_window": 16}),
+        "persimmon": ("persimmon", False, {"partial_rotary_factor": 0.5}),
+        "gemma2": ("gemma2", False, {**_GQA, "final_logit_softcapping": 30.0, "sliding_window": 16}),
+        "gemma3": ("gemma3_text", False, {**_GQA, "sliding_window": 16, "final_logit_softcapping": 30.0}),
+        "olmo2": ("olmo2", False, {"num_key_value_heads": 2}),
+        "olmo3": ("olmo3", False, {"num_key_value_heads": 2, "sliding_window": 16}),
+        "exaone4": ("exaone4", False, {**_GQA, "sliding_window": 16}),
+        "glm4": ("glm4", False, _GQA),
+        "gptj": ("gptj", False, _GPTJ),
+        "codegen": ("codegen", False, _GPTJ),
+        "gpt-bigcode": ("gpt_bigcode", False, {"n_inner": 128, "multi_query": True}),
+        "biogpt": ("biogpt", False, {}),
+        "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
+        "electra": ("electra", True, {"embedding_size": 64}),
+        "roberta-prelayernorm": ("roberta-prelayernorm", True, {"max_position_embeddings": 1026}),
+        "modernbert": ("modernbert", True, {"global_attn_every_n_layers": 2, "local_attention": 8}),
+    }
+)
+
 
 def build_tiny(family: str, vocab_size: int, special: dict[str, int | None]) -> PreTrainedModel:
     """A random model of ``family`` with a fixed seed, in eval mode, float32."""

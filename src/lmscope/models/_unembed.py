@@ -27,6 +27,7 @@ class Unembed:
     lm_head: nn.Module
     tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
     softcap: float | None = None
+    scale: float = 1.0  # what the model multiplies its logits by (Cohere, Granite)
 
     @classmethod
     def from_model(cls, lm: LoadedModel) -> Unembed:
@@ -36,7 +37,13 @@ class Unembed:
                 "(logit lens, rankings and flow need one): use a causal or masked LM"
             )
         softcap = getattr(lm.model.config, "final_logit_softcapping", None)
-        return cls(final_norm=lm.arch.final_norm, lm_head=lm.arch.lm_head, tokenizer=lm.tokenizer, softcap=softcap)
+        return cls(
+            final_norm=lm.arch.final_norm,
+            lm_head=lm.arch.lm_head,
+            tokenizer=lm.tokenizer,
+            softcap=softcap,
+            scale=lm.arch.logit_scale,
+        )
 
     def token_strings(self, ids: Iterable[int]) -> tuple[str, ...]:
         """Each vocabulary id decoded on its own (`` keys``, not ``Ġkeys``)."""
@@ -61,6 +68,8 @@ class Unembed:
         if norm and self.final_norm is not None:
             h = self.final_norm(h)
         logits = self.lm_head(h).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
