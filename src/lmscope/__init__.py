@@ -12,13 +12,14 @@ from lmscope._lm import LM, from_pretrained, load_trace, wrap
 from lmscope._output import Output
 from lmscope.analysis.collect import Collection, collect, load_collection
 from lmscope.analysis.verify import VerifyReport, verify
-from lmscope.capture import Trace
+from lmscope.capture import Intervention, Trace
 from lmscope.errors import LmscopeError, TraceFileError
 from lmscope.models import available_models
 
 __all__ = [
     "LM",
     "Collection",
+    "Intervention",
     "LmscopeError",
     "Output",
     "Trace",

@@ -20,6 +20,7 @@ from lmscope.capture import (
     trace_ids,
 )
 from lmscope.capture import load_trace as read_trace
+from lmscope.capture._interventions import Intervention, prepare
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel, Unembed, load_model
 
@@ -93,18 +94,22 @@ class LM:
         text_pair: str | None = None,
         sites: Sites = None,
         layers: Layers = None,
+        interventions: Sequence[Intervention] | None = None,
     ) -> Output:
         """One forward pass over ``text`` with capture; no generation.
 
         ``text_pair``: a second text (sentence pairs, BERT's segment B); the Trace records where it
         begins (``segment_b``) and models with segment embeddings get the matching token types.
+        ``interventions``: :class:`lmscope.Intervention` objects applied for this run only (checked
+        before the model runs) and recorded in the Trace.
         """
         segment_b = None
         if text_pair is not None:
             ids, segment_b = encode_pair(self.loaded, text, text_pair, self.max_tokens)
         else:
             ids = self.encode(text)
-        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b), self)
+        plan = prepare(self.loaded, interventions, len(ids))
+        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b, plan=plan), self)
 
     def generate(
         self,
@@ -118,9 +123,14 @@ class LM:
         seed: int | None = None,
         sites: Sites = None,
         layers: Layers = None,
+        interventions: Sequence[Intervention] | None = None,
     ) -> Output:
-        """Generate ``generate`` tokens after ``text`` (Ecco's signature), then trace the whole sequence."""
+        """Generate ``generate`` tokens after ``text`` (Ecco's signature), then trace the whole sequence.
+
+        ``interventions`` apply while generating and to the traced pass; positions name input tokens.
+        """
         ids = self.encode(text)
+        plan = prepare(self.loaded, interventions, len(ids))
         if self.max_tokens is not None:
             check_length(self.loaded, len(ids) + generate, self.max_tokens)
         full = generate_ids(
@@ -132,8 +142,9 @@ class LM:
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            plan=plan,
         )
-        return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers), self)
+        return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan), self)
 
     def load_trace(self, path: str | os.PathLike[str]) -> Output:
         """A saved trace, checked to come from this model, with the model attached."""

@@ -1,6 +1,7 @@
 """Run a model with scoped hooks and record a :class:`Trace` (axis vocabulary in ``Trace``'s module)."""
 
 from lmscope.capture._hooks import Recorder, recording, resolve_layers, resolve_sites
+from lmscope.capture._interventions import INTERVENTION_OPS, INTERVENTION_SITES, Intervention
 from lmscope.capture._run import (
     check_length,
     context_length,
@@ -17,6 +18,9 @@ from lmscope.capture._trace_file import load_trace
 __all__ = [
     "ALL_SITES",
     "DEFAULT_SITES",
+    "INTERVENTION_OPS",
+    "INTERVENTION_SITES",
+    "Intervention",
     "ModelInfo",
     "Recorder",
     "Trace",

@@ -53,8 +53,11 @@ def _original(implementation: str, module: nn.Module) -> Callable[..., Any]:
 
 def _make_wrapper(implementation: str) -> Callable[..., Any]:
     def attention(module, query, key, value, attention_mask, **kwargs):
-        output = _original(implementation, module)(module, query, key, value, attention_mask, **kwargs)
         listener = _LISTENER.get()
+        replace = getattr(listener, "replace_attention", None)  # interventions on attention edges
+        output = replace(module, query, key, value, attention_mask, kwargs) if replace else None
+        if output is None:
+            output = _original(implementation, module)(module, query, key, value, attention_mask, **kwargs)
         if listener is not None:
             listener.on_attention(module, query, key, value, attention_mask, kwargs)
         return output

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from lmscope.capture._hooks import recording, resolve_layers, resolve_sites
+from lmscope.capture._interventions import Plan, intervening
 from lmscope.capture._trace import DEFAULT_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
@@ -135,11 +136,13 @@ def trace_ids(
     sites: Iterable[str] | str | None = None,
     layers: Iterable[int] | int | slice | None = None,
     segment_b: int | None = None,
+    plan: Plan | None = None,
 ) -> Trace:
     """One forward pass over ``ids`` under capture.
 
     ``segment_b`` is where the second text of a sentence pair begins (see :func:`encode_pair`);
-    models with segment embeddings get the matching ``token_type_ids``.
+    models with segment embeddings get the matching ``token_type_ids``. ``plan``: interventions
+    prepared by :func:`~lmscope.capture._interventions.prepare`, applied and recorded in the Trace.
     """
     if ids.ndim != 1 or len(ids) == 0:
         raise LmscopeError("expected a non-empty 1-D sequence of token ids")
@@ -150,7 +153,8 @@ def trace_ids(
     if segment_b is not None and getattr(lm.model.config, "type_vocab_size", 0) > 1:
         # BERT's segment embeddings: type 0 for [CLS] A [SEP], type 1 for B [SEP].
         extra["token_type_ids"] = (torch.arange(len(ids), device=lm.device) >= segment_b).long()[None]
-    with recording(lm, chosen_sites, chosen_layers) as recorder:
+    plan = plan or Plan((), ())
+    with recording(lm, chosen_sites, chosen_layers) as recorder, intervening(lm, plan):
         output = lm.model(input_ids=batch, use_cache=False, **extra)
     logits = getattr(output, "logits", None)  # None for models without an LM head
     tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
@@ -168,6 +172,7 @@ def trace_ids(
         attn_scaling=tuple(recorder.attn_scaling[layer] for layer in attn),
         attn_softcap=tuple(recorder.attn_softcap[layer] for layer in attn),
         segment_b=segment_b,
+        interventions=plan.records,
     )
 
 
@@ -182,8 +187,13 @@ def generate_ids(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    plan: Plan | None = None,
 ) -> torch.Tensor:  # [pos + new]
-    """Extend ``ids`` by up to ``generate`` tokens with the model's KV-cached generation."""
+    """Extend ``ids`` by up to ``generate`` tokens with the model's KV-cached generation.
+
+    Under interventions (``plan``) every step runs over the whole sequence without the KV cache,
+    so interventions at given positions see the positions they name.
+    """
     if lm.arch.lm_head is None or not lm.model.can_generate():
         raise LmscopeError(f"{lm.name} cannot generate text: use trace() for a forward pass")
     if generate < 1:
@@ -200,5 +210,8 @@ def generate_ids(
     if seed is not None:
         torch.manual_seed(seed)
     batch = ids[None].to(lm.device)
-    out = lm.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=config)
+    if plan:
+        config.use_cache = False
+    with intervening(lm, plan or Plan((), ())):
+        out = lm.model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=config)
     return out[0].cpu()

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -100,6 +101,9 @@ class Trace:
     attn_softcap: tuple[float | None, ...] = ()
     # Where the second text of a sentence pair (``text_pair``, BERT's segment B) begins, if any.
     segment_b: int | None = None
+    # The interventions applied during the run (plain descriptions: site, op, layers, positions,
+    # heads, neurons, keys, scale, source); empty for a plain run. See ``capture._interventions``.
+    interventions: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))

@@ -42,8 +42,13 @@ _FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LIMIT = 2**31  # no dimension, layer count or vocabulary of a real model comes near
 _KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b",
-         "checksums"}  # fmt: skip
-_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums"}  # absent from version 1 files (some or all)
+         "checksums", "interventions"}  # fmt: skip
+# absent from version 1 files (some or all); "interventions" only in files of intervened runs
+_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums", "interventions"}
+# An intervention's description (``capture._interventions``): key -> what its value must be.
+_INTERVENTION_KEYS = {"site": "string", "op": "string", "layers": "indices", "positions": "indices",
+                      "heads": "indices", "neurons": "indices", "keys": "indices", "scale": "number",
+                      "source": "text"}  # fmt: skip
 _MODEL_OPTIONAL = {"n_neurons"}  # absent from version 1 files
 
 
@@ -93,6 +98,8 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         "segment_b": trace.segment_b,
         "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
     }
+    if trace.interventions:
+        meta["interventions"] = [dict(record) for record in trace.interventions]
     text = json.dumps(meta)
     if path.is_dir():
         raise LmscopeError(f"cannot write the trace to {path}: it is a folder; give a file name")
@@ -164,6 +171,7 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
     segment_b = meta.get("segment_b")
     if segment_b is not None:
         segment_b = _integer("metadata 'segment_b'", segment_b, 1, n_pos - 1, f"1..{n_pos - 1} or null")
+    interventions = _interventions(meta.get("interventions", []))
     token_ids = _token_ids(tensors, n_pos, model.vocab_size)
     _check_tensors(tensors, model, len(layers), n_pos)
     return Trace(
@@ -176,7 +184,43 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
         attn_scaling=attn_scaling,
         attn_softcap=attn_softcap,
         segment_b=segment_b,
+        interventions=interventions,
     )
+
+
+def _interventions(records: Any) -> tuple[dict[str, Any], ...]:
+    """The interventions of an intervened run, each a plain description (see ``_INTERVENTION_KEYS``)."""
+    from lmscope.capture._interventions import INTERVENTION_OPS, INTERVENTION_SITES
+
+    if not isinstance(records, list):
+        raise _Invalid(f"metadata 'interventions' must be a list, not {_kind(records)}")
+    for i, record in enumerate(records):
+        where = f"metadata 'interventions' entry {i}"
+        if not isinstance(record, dict):
+            raise _Invalid(f"{where} must be an object, not {_kind(record)}")
+        _keys(where, record, set(_INTERVENTION_KEYS), {"site", "op"})
+        for key, value in record.items():
+            kind = _INTERVENTION_KEYS[key]
+            if kind == "string" or (kind == "text" and value is not None):
+                _string(f"{where} '{key}'", value)
+            elif kind == "number":
+                _positive_or_any(f"{where} '{key}'", value)
+            elif kind == "indices" and value is not None:
+                if not isinstance(value, list):
+                    raise _Invalid(f"{where} '{key}' must be a list of integers or null, not {_kind(value)}")
+                for v in value:
+                    _integer(f"an entry of {where} '{key}'", v, 0, _LIMIT - 1)
+        if record["site"] not in INTERVENTION_SITES:
+            raise _Invalid(f"{where} names the site {record['site']!r}, not one of {', '.join(INTERVENTION_SITES)}")
+        if record["op"] not in INTERVENTION_OPS:
+            raise _Invalid(f"{where} names the operation {record['op']!r}, not one of {', '.join(INTERVENTION_OPS)}")
+    return tuple(records)
+
+
+def _positive_or_any(where: str, value: Any) -> None:
+    """A finite number (of any sign)."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _Invalid(f"{where} must be a finite number, not {_kind(value)}")
 
 
 def _verify_header(header: Mapping[str, str]) -> None:
