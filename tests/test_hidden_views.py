@@ -99,7 +99,7 @@ def test_rankings_text_twins() -> None:
 def test_html_is_self_contained_and_carries_the_text_twin() -> None:
     for result in (lens_result(), watch_result()):
         fragment = result.to_html()
-        assert html.escape(str(result)) in fragment  # the <noscript> twin
+        assert html.escape(str(result)) in fragment  # the text twin (a <pre> the JS hides once drawn)
         assert EVIL not in fragment  # token strings never appear as markup
         assert "://" not in fragment.replace("http://www.w3.org/2000/svg", "")  # nothing to fetch
         assert "<link" not in fragment and "<script src" not in fragment
