@@ -283,6 +283,7 @@ def _close_all(page: Any) -> None:
     page.wait_for_selector(".jp-NotebookPanel", state="detached", timeout=UI_TIMEOUT_MS)
 
 
+@pytest.mark.embedded
 def test_tutorial_in_jupyterlab(browser: Any, jupyter: Server) -> None:
     notebook = nbformat.read(TUTORIAL, as_version=4)
     expected = sum(1 for cell in notebook.cells if cell.cell_type == "code") - 1  # all but the loading cell
