@@ -174,7 +174,7 @@ def _lens_check(lm: Any, trace: Any, plain: torch.Tensor | None, tol: tuple[floa
 
 
 def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[Check]:
-    from lmscope.analysis._contributions import check_decomposable, head_updates
+    from lmscope.analysis._contributions import _output_projection, check_decomposable, head_updates
 
     arch, family = lm.arch, lm.arch.family
     pre, mid, post = trace.get("resid_pre"), trace.get("resid_mid"), trace.get("resid_post")
@@ -206,19 +206,20 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
         updates = head_updates(trace, arch, layer)  # [pos_k, head, d_model]
         probs = trace.at("attn_probs", layer).float()  # [head, pos_q, pos_k]
         total = torch.einsum("hqk,khd->qd", probs, updates.to(probs.device))
-        bias = getattr(arch.o_proj(layer), "bias", None)
+        _, bias = _output_projection(arch, layer)  # scaled as the block adds it (Granite)
         if bias is not None:
-            total = total + bias.detach().float().to(total.device)
+            total = total + bias.to(total.device)
         worst = max(worst, _relative(total - attn[layer].float(), attn[layer]))
     checks.append(_check("blocks", measure, worst, tol[2]))
     worst = 0.0
     for layer in range(arch.n_layers):
         down = arch.mlp_down(layer)
-        weight = arch.linear_weight(down).detach().float()  # [d_model, neuron]
+        scale = getattr(arch, "residual_scale", 1.0)  # what the block multiplies the MLP output by (Granite)
+        weight = arch.linear_weight(down).detach().float() * scale  # [d_model, neuron]
         act = trace.at("mlp_act", layer).float()  # [pos, neuron]
         total = act @ weight.T.to(act.device)
         if getattr(down, "bias", None) is not None:
-            total = total + down.bias.detach().float().to(total.device)
+            total = total + down.bias.detach().float().to(total.device) * scale
         worst = max(worst, _relative(total - mlp[layer].float(), mlp[layer]))
     checks.append(_check("blocks", "MLP updates vs Σ neuron terms + bias: max relative error", worst, tol[2]))
     return checks

@@ -283,7 +283,8 @@ def discover(model: nn.Module) -> Architecture:
         attn = block.get_submodule(attn_path)
         raise LmscopeError(
             f"model type {model_type!r}: the attention of {type(attn).__name__} cannot be hooked (its modeling code "
-            f"does not dispatch through transformers' AttentionInterface); {_HOW_TO_ADD}"
+            "does not dispatch through transformers' AttentionInterface), so lmscope cannot see its attention "
+            "probabilities without changing the model's code"
         )
     mixed = [i for i, b in enumerate(blocks) if attn_path and _attention_path(b) != attn_path]
     if mixed:
