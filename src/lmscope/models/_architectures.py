@@ -202,6 +202,10 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("nemotron", mlp_down="mlp.down_proj"),
     _llama_like("vaultgemma", ln_mlp="pre_feedforward_layernorm"),
     _llama_like("apertus", ln_attn="attention_layernorm", ln_mlp="feedforward_layernorm"),
+    _llama_like("cwm"),
+    _llama_like("jais2"),
+    _llama_like("ministral3"),
+    _llama_like("nanochat", mlp_down="mlp.fc2"),
     _llama_like("stablelm", parallel="use_parallel_residual"),
     _llama_like("starcoder2", mlp_down="mlp.c_proj"),
     _llama_like("phi3", fused=(Fused("self_attn.qkv_proj", _QKV), Fused("mlp.gate_up_proj", _GATE_UP))),
@@ -218,6 +222,13 @@ FAMILIES: tuple[Family, ...] = (
     _sandwich("gemma3", "gemma3_text", ln_mlp="pre_feedforward_layernorm"),
     _sandwich("olmo2", "olmo2", "olmo3", ln_attn=None, ln_mlp=None),
     _sandwich("exaone4", ln_attn=None, ln_mlp=None),
+    _sandwich(
+        "hyperclovax",
+        attn_out="post_norm1",
+        mlp_out="post_norm2",
+        logit_scale="logits_scaling",
+        residual_scale="residual_multiplier",
+    ),
     _sandwich(
         "glm4",
         attn_out="post_self_attn_layernorm",
@@ -317,7 +328,8 @@ FAMILIES: tuple[Family, ...] = (
         lm_head="output_projection",
     ),
     _bert_like("bert", lm_head="cls"),
-    _bert_like("roberta", "lm_head", "roberta", "xlm-roberta"),
+    _bert_like("roberta", "lm_head", "roberta", "xlm-roberta", "camembert"),
+    _bert_like("ernie", "cls", "ernie", "layoutlm", "roc_bert"),
     _bert_like("electra", ("generator_predictions", "generator_lm_head")),
     replace(
         _bert_like("roberta-prelayernorm", "lm_head"),
@@ -326,6 +338,69 @@ FAMILIES: tuple[Family, ...] = (
         post_norm=False,
         ln_attn="attention.LayerNorm",
         ln_mlp="intermediate.LayerNorm",
+    ),
+    replace(
+        _bert_like("xlm-roberta-xl", "lm_head"),
+        final_norm="encoder.LayerNorm",
+        resid_mid=None,
+        post_norm=False,
+        ln_attn="attention.self_attn_layer_norm",
+        ln_mlp="LayerNorm",
+    ),
+    replace(
+        _bert_like("esm", "lm_head"),
+        final_norm="encoder.emb_layer_norm_after",
+        resid_mid=None,
+        post_norm=False,
+        ln_attn="attention.LayerNorm",
+        ln_mlp="LayerNorm",
+    ),
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        blocks="transformer.layer",
+        embed="embeddings.word_embeddings",
+        final_norm=None,
+        attn="attention",
+        attn_out="attention.out_lin",
+        o_proj="attention.out_lin",
+        mlp_out="ffn.lin2",
+        mlp_down="ffn.lin2",
+        ln_attn="sa_layer_norm",
+        ln_mlp="output_layer_norm",
+        lm_head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+        resid_mid="sa_layer_norm",
+        post_norm=True,
+    ),
+    _llama_like("eurobert"),
+    *(
+        _llama_like(
+            name,
+            embed="embeddings.word_embeddings",
+            final_norm=None,
+            ln_attn="post_attention_layernorm",
+            ln_mlp="post_mlp_layernorm",
+            resid_mid="post_attention_layernorm",
+            post_norm=True,
+            lm_head=lm_head,
+        )
+        for name, lm_head in (("nomic_bert", "cls"), ("gte", "lm_head"))
+    ),
+    Family(
+        name="modernbert-decoder",
+        model_types=("modernbert-decoder",),
+        blocks="layers",
+        embed="embeddings.tok_embeddings",
+        final_norm="final_norm",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.Wo",
+        mlp_out="mlp",
+        mlp_down="mlp.Wo",
+        ln_attn="attn_norm",
+        ln_mlp="mlp_norm",
+        lm_head=("lm_head", "decoder"),
+        fused=(Fused("mlp.Wi", _GATE_UP),),
     ),
     Family(
         name="modernbert",
@@ -358,6 +433,8 @@ UNSUPPORTED: dict[str, str] = {
     "xglm": _NO_INTERFACE + " (XGLMAttention computes its own scores)",
     "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
+    "granite_swa": "its learnable per-head attention sinks rescale each head's output after the softmax, which "
+    "lmscope's attention probabilities and per-head contributions do not include yet",
     "bitnet": "its attention normalizes the heads' mixed values before the output projection, so per-head "
     "updates are not linear in the values",
 }
@@ -385,6 +462,16 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         if module is None:
             return None
     return module if isinstance(module, nn.Module) else None
+
+
+class _Chain(nn.Sequential):
+    """An LM head made of several of the model's modules, applied in order (ELECTRA, ModernBERT).
+
+    A hook on its input is placed on its first module, which the model itself calls.
+    """
+
+    def register_forward_pre_hook(self, hook, **kwargs):  # type: ignore[override]
+        return self[0].register_forward_pre_hook(hook, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -494,7 +581,7 @@ def architecture_of(model: nn.Module) -> Architecture:
             f"could not find {', '.join(missing)}"
         )
     heads = [_get(model, p) for p in ((family.lm_head,) if isinstance(family.lm_head, str) else family.lm_head)]
-    lm_head = None if None in heads else heads[0] if len(heads) == 1 else nn.Sequential(*heads)
+    lm_head = None if None in heads else heads[0] if len(heads) == 1 else _Chain(*heads)
 
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
