@@ -20,6 +20,7 @@ from conftest import tiny
 from lmscope import LmscopeError
 from lmscope.analysis import lens_logits
 from lmscope.analysis._contributions import attention_parts, block_contributions, check_decomposable
+from lmscope.analysis.components import update_vector
 from lmscope.models import FAMILIES, UNSUPPORTED, family_of
 from lmscope.models._tiny import TINY_FAMILIES
 from test_saliency import assert_equal_to_loop, loop_gradients
@@ -116,6 +117,18 @@ def test_block_contributions_sum_to_block_outputs(name: str) -> None:
             scale = parts.whole.abs().max()
             torch.testing.assert_close(total / scale, parts.whole / scale, atol=1e-4, rtol=0)
             torch.testing.assert_close(parts.whole, trace.at("resid_mid", layer)[q], atol=ATOL, rtol=0)
+        # per-head and per-neuron updates add up to what the sublayers write (scaled as the block scales them)
+        q = trace.n_pos - 1
+        heads = sum(update_vector(trace, arch, layer, q, "attention", head=h) for h in range(arch.n_heads))
+        o_bias = arch.o_proj(layer).bias
+        heads = heads + (0 if o_bias is None else o_bias.detach() * arch.residual_scale)
+        torch.testing.assert_close(heads, trace.at("attn_out", layer)[q], atol=1e-4, rtol=0)
+        if arch.family.mlp_out in (arch.family.mlp_down, "mlp"):
+            n = trace.at("mlp_act", layer).shape[-1]
+            neurons = sum(update_vector(trace, arch, layer, q, "ffn", neuron=i) for i in range(n))
+            d_bias = arch.mlp_down(layer).bias
+            neurons = neurons + (0 if d_bias is None else d_bias.detach() * arch.residual_scale)
+            torch.testing.assert_close(neurons, trace.at("mlp_out", layer)[q], atol=1e-4, rtol=0)
         c = block_contributions(trace, arch, layer)
         attention = c.attention.sum((1, 2)) + c.attn_residual + c.bias
         ones = torch.ones(trace.n_pos)
