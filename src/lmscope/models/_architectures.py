@@ -328,7 +328,7 @@ FAMILIES: tuple[Family, ...] = (
         lm_head="output_projection",
     ),
     _bert_like("bert", lm_head="cls"),
-    _bert_like("roberta", "lm_head", "roberta", "xlm-roberta", "camembert"),
+    _bert_like("roberta", "lm_head", "roberta", "xlm-roberta", "camembert", "data2vec-text"),
     _bert_like("ernie", "cls", "ernie", "layoutlm", "roc_bert"),
     _bert_like("electra", ("generator_predictions", "generator_lm_head")),
     replace(

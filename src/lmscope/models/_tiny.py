@@ -77,6 +77,7 @@ TINY_FAMILIES.update(
         "hyperclovax": ("hyperclovax", False, {**_GQA, "logits_scaling": 0.5, "residual_multiplier": 0.5}),
         "modernbert-decoder": ("modernbert-decoder", False, {"global_attn_every_n_layers": 2, "local_attention": 8}),
         "camembert": ("camembert", True, {"max_position_embeddings": 1026}),
+        "data2vec-text": ("data2vec-text", True, {"max_position_embeddings": 1026}),
         "ernie": ("ernie", True, {}),
         "layoutlm": ("layoutlm", True, {}),
         "roc_bert": ("roc_bert", True, {}),
