@@ -66,7 +66,7 @@ def _unsupported() -> dict[str, str]:
 
 def is_guessed(arch: Architecture) -> bool:
     """Whether ``arch`` comes from the structural fallback rather than the architecture table."""
-    return arch.family not in FAMILIES
+    return not any(arch.family is family for family in FAMILIES)  # identity: a guess may equal an entry
 
 
 def bind_architecture(model: nn.Module) -> Architecture:
@@ -446,6 +446,8 @@ def _bind(model: nn.Module, family: Family, d_model: int) -> Architecture:
     width = int(weight.shape[1])
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 0)
     d_head = int(getattr(config, "head_dim", None) or (width // n_heads if n_heads else 0))
+    if n_heads and n_heads * d_head != width and width % n_heads == 0:
+        d_head = width // n_heads  # values narrower than queries and keys (multi-head latent attention)
     if not n_heads or n_heads * d_head != width:
         raise _fail(model, [f"the number of attention heads (config says {n_heads}, the output projection is {width})"])
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
