@@ -143,7 +143,7 @@ def _shoot_app(browser: Any, out: Path) -> list[Path]:
             page.wait_for_timeout(500)
             paths = [out / "app.png"]
             page.screenshot(path=str(paths[0]), full_page=True)
-            edge = page.locator("#panel-flow line[data-edge^='a']").first
+            edge = page.locator("#panel-flow line[data-edge^='a']").last  # drawn by weight: the last is the strongest
             if edge.count():
                 edge.click(force=True)
                 page.locator(".details [data-kind=ContributionMap] svg").first.wait_for(timeout=120_000)

@@ -52,3 +52,15 @@ def test_readme_python_blocks_run(embedded: lmscope.LM, tmp_path, monkeypatch, c
     assert "Rankings: rank of each generated token after every layer" in printed
     after = "Rankings watch: prediction after the last token, read from the state at 4"
     assert printed.count(f"{after} ('·cabinet')") == 1 and printed.count(f"{after} ('·cabinets')") == 1
+
+
+def test_readme_pictures_exist_and_the_script_makes_each() -> None:
+    """Every picture the README shows is in the repository, and scripts/screenshots.py names it."""
+    text = README.read_text(encoding="utf-8")
+    pictures = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", text)
+    assert len(pictures) >= 11
+    script = (README.parent / "scripts" / "screenshots.py").read_text(encoding="utf-8")
+    for picture in pictures:
+        path = README.parent / picture
+        assert path.read_bytes()[:4] == b"\x89PNG", picture
+        assert f'"{Path(picture).stem}' in script, f"scripts/screenshots.py does not make {picture}"
