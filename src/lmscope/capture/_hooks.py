@@ -156,6 +156,40 @@ def recording(lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]) 
             if "mlp_act" in wanted:
                 module = arch.block_part(layer, family.mlp_down)
                 handles.append(module.register_forward_pre_hook(keep_input("mlp_act", layer), with_kwargs=True))
-        if wanted & _ATTENTION_SITES:
+        if wanted & _ATTENTION_SITES and family.qkv:
+            handles += _own_attention_hooks(recorder, layers)
+        elif wanted & _ATTENTION_SITES:
             stack.enter_context(routed(lm.model, recorder))
         yield recorder
+
+
+def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Attention sites of a family whose attention module computes its own eager attention (GPT-Neo).
+
+    The module's second output is its attention probabilities ``[batch, head, pos_q, pos_k]``; the
+    q, k, v projections' outputs are the queries, keys and values, split into heads.
+    """
+    arch, family = recorder.lm.arch, recorder.lm.arch.family
+    handles = []
+
+    def keep_probs(layer: int):
+        def hook(module, args, output):
+            recorder.attn_scaling[layer] = float(family.attn_scaling or arch.d_head**-0.5)
+            recorder.attn_softcap[layer] = None
+            if "attn_probs" in recorder.sites:
+                recorder.put("attn_probs", layer, output[1])
+
+        return hook
+
+    def keep_heads(site: str, layer: int):
+        def hook(module, args, output):
+            recorder.put(site, layer, output.view(*output.shape[:2], -1, arch.d_head))  # [batch, pos, head, d_head]
+
+        return hook
+
+    for layer in layers:
+        handles.append(arch.attn(layer).register_forward_hook(keep_probs(layer)))
+        for site, path in zip(("q", "k", "v"), family.qkv, strict=True):
+            if site in recorder.sites:
+                handles.append(arch.block_part(layer, path).register_forward_hook(keep_heads(site, layer)))
+    return handles

@@ -93,6 +93,11 @@ class Family:
         residual_scale: a config attribute the block multiplies each sublayer's output by before
             adding it to the residual stream (Granite's ``residual_multiplier``); ``attn_out`` and
             ``mlp_out`` are recorded scaled, as added.
+        qkv: for a family whose attention module computes its own eager attention instead of
+            calling transformers' attention interface (GPT-Neo), the q, k, v projections (block
+            relative) whose outputs are the queries, keys and values (no rotary embedding); the
+            module's second output is then its attention probabilities.
+        attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``).
     """
 
     name: str
@@ -117,6 +122,8 @@ class Family:
     logit_scale: str | None = None
     logit_divisor: str | None = None
     residual_scale: str | None = None
+    qkv: tuple[str, str, str] | None = None
+    attn_scaling: float | None = None
 
 
 def _llama_like(name: str, *model_types: str, **changes: Any) -> Family:
@@ -313,6 +320,22 @@ FAMILIES: tuple[Family, ...] = (
         multi_query="multi_query",
     ),
     Family(
+        name="gpt-neo",
+        model_types=("gpt_neo",),
+        blocks="h",
+        embed="wte",
+        final_norm="ln_f",
+        attn="attn.attention",
+        attn_out="attn.attention",
+        o_proj="attn.attention.out_proj",
+        mlp_out="mlp",
+        mlp_down="mlp.c_proj",
+        ln_attn="ln_1",
+        ln_mlp="ln_2",
+        qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+        attn_scaling=1.0,
+    ),
+    Family(
         name="biogpt",
         model_types=("biogpt",),
         blocks="layers",
@@ -429,7 +452,6 @@ UNSUPPORTED: dict[str, str] = {
     "bloom": _NO_INTERFACE + " (ALiBi attention computed inside BloomAttention)",
     "falcon": _NO_INTERFACE + " (FalconAttention computes its own scores)",
     "mpt": _NO_INTERFACE + " (MptAttention computes its own scores)",
-    "gpt_neo": _NO_INTERFACE + " (GPTNeoSelfAttention computes its own scores)",
     "xglm": _NO_INTERFACE + " (XGLMAttention computes its own scores)",
     "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",

@@ -103,6 +103,11 @@ TINY_FAMILIES.update(
         "gptj": ("gptj", False, _GPTJ),
         "codegen": ("codegen", False, _GPTJ),
         "gpt-bigcode": ("gpt_bigcode", False, {"n_inner": 128, "multi_query": True}),
+        "gpt-neo": (
+            "gpt_neo",
+            False,
+            {"num_layers": 3, "attention_types": [[["global", "local", "global"], 1]], "window_size": 8},
+        ),
         "biogpt": ("biogpt", False, {}),
         "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
         "electra": ("electra", True, {"embedding_size": 64}),
