@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from lmscope.analysis._contributions import attention_parts, block_contributions
 from lmscope.analysis.components import update_vector
 from lmscope.models import FAMILIES, UNSUPPORTED, family_of
 from lmscope.models._tiny import TINY_FAMILIES
+from test_attention import eager_attentions, neuron_scores_of
 from test_saliency import assert_equal_to_loop, loop_gradients
 
 TEXT = "The keys to the cabinet are on the table, said Mrs. O'Neill."
@@ -192,6 +194,22 @@ def test_fused_projections_split_into_what_the_model_computes(name: str, path: s
             x = seen["mlp"][0]
             expected = act(project("gate", x)) * project("up", x)
             torch.testing.assert_close(expected, out.trace.at("mlp_act", 0), atol=ATOL, rtol=0)
+
+
+OWN_ATTENTION = tuple(name for name in CAUSAL if family_of(TINY_FAMILIES[name][0]).qkv)
+
+
+@pytest.mark.parametrize("name", OWN_ATTENTION)
+def test_neuron_view_of_a_module_with_its_own_attention(name: str) -> None:
+    """GPT-Neo (unscaled scores, local layers) and XGLM: q and k from the projections reproduce eager attention."""
+    lm = tiny(name)
+    result = lm.trace(TEXT).attention(view="neuron")
+    eager = eager_attentions(lm, TEXT).numpy()
+    for layer in result.layers:
+        for head in range(lm.arch.n_heads):
+            for query in range(len(result.tokens)):
+                scores = neuron_scores_of(result, layer, head, query)
+                np.testing.assert_allclose(scores.probs, eager[layer, head, query], atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))

@@ -174,7 +174,8 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
 
     def keep_probs(layer: int):
         def hook(module, args, output):
-            recorder.attn_scaling[layer] = float(family.attn_scaling or arch.d_head**-0.5)
+            scaling = family.attn_scaling
+            recorder.attn_scaling[layer] = float(arch.d_head**-0.5 if scaling is None else scaling)
             recorder.attn_softcap[layer] = None
             if "attn_probs" in recorder.sites:
                 recorder.put("attn_probs", layer, output[1])

@@ -97,7 +97,8 @@ class Family:
             calling transformers' attention interface (GPT-Neo), the q, k, v projections (block
             relative) whose outputs are the queries, keys and values (no rotary embedding); the
             module's second output is then its attention probabilities.
-        attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``).
+        attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``;
+            ``None``: ``1/√d_head``, applied by XGLM to the query projection's output).
     """
 
     name: str
@@ -336,6 +337,21 @@ FAMILIES: tuple[Family, ...] = (
         attn_scaling=1.0,
     ),
     Family(
+        name="xglm",
+        model_types=("xglm",),
+        blocks="layers",
+        embed="embed_tokens",
+        final_norm="layer_norm",
+        attn="self_attn",
+        attn_out="self_attn",
+        o_proj="self_attn.out_proj",
+        mlp_out="fc2",
+        mlp_down="fc2",
+        ln_attn="self_attn_layer_norm",
+        ln_mlp="final_layer_norm",
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ),
+    Family(
         name="biogpt",
         model_types=("biogpt",),
         blocks="layers",
@@ -452,7 +468,6 @@ UNSUPPORTED: dict[str, str] = {
     "bloom": _NO_INTERFACE + " (ALiBi attention computed inside BloomAttention)",
     "falcon": _NO_INTERFACE + " (FalconAttention computes its own scores)",
     "mpt": _NO_INTERFACE + " (MptAttention computes its own scores)",
-    "xglm": _NO_INTERFACE + " (XGLMAttention computes its own scores)",
     "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
     "granite_swa": "its learnable per-head attention sinks rescale each head's output after the softmax, which "

@@ -108,6 +108,7 @@ TINY_FAMILIES.update(
             False,
             {"num_layers": 3, "attention_types": [[["global", "local", "global"], 1]], "window_size": 8},
         ),
+        "xglm": ("xglm", False, {"ffn_dim": 128}),
         "biogpt": ("biogpt", False, {}),
         "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
         "electra": ("electra", True, {"embedding_size": 64}),
