@@ -96,3 +96,14 @@ def test_spearman_and_errors() -> None:
     assert spearman(np.array([1, 1, 2]), np.array([1, 1, 2])) == pytest.approx(1)
     with pytest.raises(LmscopeError, match="equal length"):
         activation_patching(tiny("llama"), CLEAN, "A much longer corrupted prompt than that", " Paris")
+
+
+def test_ablating_the_flow_graphs_top_edges_hurts_more_than_random_edges() -> None:
+    lm = tiny("llama")
+    result = lm.faithfulness("The keys to the cabinet are on the", threshold=0.02, ks=(1, 4, 16), draws=2)
+    assert result.ks == (1, 4, 16) and result.top_logit.shape == (3,) and result.random_logit.shape == (3,)
+    assert result.beats_random and result.top_auc > result.random_auc
+    assert "top-k logit" in str(result) and 'data-view="interventions"' in result.to_html()
+    json.dumps(result.to_dict())
+    with pytest.raises(LmscopeError, match="ks must lie in"):
+        lm.faithfulness("The keys to the cabinet are on the", ks=(10**6,))

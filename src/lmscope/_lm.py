@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,11 @@ from lmscope.capture import load_trace as read_trace
 from lmscope.capture._interventions import Intervention, prepare
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel, Unembed, load_model
+
+if TYPE_CHECKING:
+    from lmscope.analysis.causal_tracing import CausalTrace
+    from lmscope.analysis.faithfulness import Faithfulness
+    from lmscope.analysis.patching import Patching
 
 __all__ = ["LM", "from_pretrained", "load_trace", "wrap"]
 
@@ -145,6 +150,26 @@ class LM:
             plan=plan,
         )
         return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan), self)
+
+    def causal_trace(self, text: str | Sequence[int], subject: str | Sequence[int], target: str | int | None = None,
+                     **options: Any) -> CausalTrace:  # fmt: skip
+        """Causal tracing (Meng et al. 2022): see :func:`lmscope.analysis.causal_tracing.causal_trace`."""
+        from lmscope.analysis.causal_tracing import causal_trace
+
+        return causal_trace(self, text, subject, target, **options)
+
+    def activation_patching(self, clean: str, corrupted: str, answer: str | int, wrong: str | int | None = None,
+                            **options: Any) -> Patching:  # fmt: skip
+        """Exact and attribution patching: see :func:`lmscope.analysis.patching.activation_patching`."""
+        from lmscope.analysis.patching import activation_patching
+
+        return activation_patching(self, clean, corrupted, answer, wrong, **options)
+
+    def faithfulness(self, text: str, **options: Any) -> Faithfulness:
+        """Top-k vs random k flow-graph edges ablated: see :func:`lmscope.analysis.faithfulness.flow_faithfulness`."""
+        from lmscope.analysis.faithfulness import flow_faithfulness
+
+        return flow_faithfulness(self, text, **options)
 
     def load_trace(self, path: str | os.PathLike[str]) -> Output:
         """A saved trace, checked to come from this model, with the model attached."""
