@@ -107,3 +107,17 @@ def test_ablating_the_flow_graphs_top_edges_hurts_more_than_random_edges() -> No
     json.dumps(result.to_dict())
     with pytest.raises(LmscopeError, match="ks must lie in"):
         lm.faithfulness("The keys to the cabinet are on the", ks=(10**6,))
+
+
+def test_command_line_causal_trace_and_faithfulness(capsys) -> None:
+    from lmscope.cli import main
+
+    assert (
+        main(["causal-trace", PROMPT, "--subject", "France", "--samples", "1", "--model", "tiny-llama", "--json"]) == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["kind"] == "CausalTrace" and len(data["scores"]) == 3
+    assert main(["faithfulness", PROMPT, "--threshold", "0.02", "--draws", "1", "--model", "tiny-llama"]) == 0
+    assert "top-k logit" in capsys.readouterr().out
+    assert main(["causal-trace", PROMPT, "--subject", "Germany", "--model", "tiny-llama"]) == 2
+    assert "is not in the text" in capsys.readouterr().err

@@ -645,6 +645,39 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         raise LmscopeError(f"verify failed: {'; '.join(report.failed)}")
 
 
+def _add_causal_trace(commands: Any) -> None:
+    parser = commands.add_parser("causal-trace", help="causal tracing (ROME): restore each state into a noised run")
+    _text_arg(parser)
+    parser.add_argument("--subject", required=True, help="the words to corrupt (as they appear in the text)")
+    parser.add_argument("--target", default=None, help="the correct next token (default: the top prediction)")
+    parser.add_argument("--samples", type=_int(1, 64), default=3, help="noise samples to average (default 3)")
+    parser.add_argument("--window", type=_int(1, 64), default=1, help="layers restored together (paper: 10)")
+    _model_args(parser)
+    _output_args(parser)
+    parser.set_defaults(run=_cmd_causal_trace)
+
+
+def _cmd_causal_trace(args: argparse.Namespace) -> None:
+    lm = _load(args)
+    _emit(lm.causal_trace(args.text, args.subject, args.target, samples=args.samples, window=args.window), args)
+
+
+def _add_faithfulness(commands: Any) -> None:
+    parser = commands.add_parser("faithfulness", help="ablate the flow graph's top-k edges vs random k edges")
+    _text_arg(parser)
+    parser.add_argument(
+        "--threshold", type=_float(0.0, 1.0), default=0.04, help="the flow graph's threshold (default 0.04)"
+    )
+    parser.add_argument("--draws", type=_int(1, 100), default=3, help="random draws per k (default 3)")
+    _model_args(parser)
+    _output_args(parser)
+    parser.set_defaults(run=_cmd_faithfulness)
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> None:
+    _emit(_load(args).faithfulness(args.text, threshold=args.threshold, draws=args.draws), args)
+
+
 # One entry per subcommand, in the order `lmscope --help` lists them.
 _COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_models,
@@ -658,6 +691,8 @@ _COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_attention,
     _add_probe,
     _add_flow,
+    _add_causal_trace,
+    _add_faithfulness,
     _add_verify,
 )
 
