@@ -190,14 +190,17 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
                 worst = max(worst, _relative(ln_mlp(mid[layer] + mlp[layer]) - post[layer], post[layer]))
             else:
                 worst = max(worst, _relative(pre[layer] + attn[layer] + mlp[layer] - post[layer], post[layer]))
+            if layer + 1 < arch.n_layers:  # the residual stream runs on into the next block
+                worst = max(worst, _relative(pre[layer + 1] - post[layer], post[layer]))
     shape = "norms of input + update" if family.post_norm else "input + attention + MLP updates"
     checks.append(_check("blocks", f"block outputs vs {shape}: max relative error", worst, tol[2]))
 
     measure = "attention updates vs Σ (source, head) terms + bias: max relative error"
     try:
         check_decomposable(arch)
-    except LmscopeError:
+    except LmscopeError as error:
         why = "post-norm blocks" if family.post_norm else "updates are transformed (e.g. normed) before the residual"
+        why = "quantized weights" if "quantized" in str(error) else why
         checks.append(_skip("blocks", measure, f"{why}: no per-head and per-neuron parts"))
         checks.append(_skip("blocks", "MLP updates vs Σ neuron terms + bias", "as above"))
         return checks
