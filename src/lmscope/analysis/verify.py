@@ -310,6 +310,6 @@ def accept_guessed(lm: Any) -> VerifyReport:
         f"lmscope: model type {model_type!r} is not in the architecture table; using the layout guessed from its "
         f"modules, which passed lmscope verify: {describe(lm.arch)}",
         GuessedLayoutWarning,
-        stacklevel=3,
+        stacklevel=4,  # the user's call of from_pretrained or wrap
     )
     return report

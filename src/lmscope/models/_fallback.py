@@ -305,7 +305,11 @@ def discover(model: nn.Module) -> Architecture:
         with _watch(watched, record):
             model(input_ids=ids[None].to(device), use_cache=False)
     except Exception as error:  # a model that does not run on plain token ids
-        raise _fail(model, [f"a forward pass on token ids alone ({type(error).__name__}: {error})"]) from error
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        raise LmscopeError(
+            f"model type {model_type!r} is not in lmscope's architecture table and its layout could not be guessed: "
+            f"the model did not run on token ids alone ({detail}); {_HOW_TO_ADD}"
+        ) from error
 
     def call(path: str) -> _Call | None:
         return record.by_path(path)
