@@ -97,6 +97,8 @@ VALID: dict[str, list[str]] = {
     "probe": ["--model", "tiny-bert", "--tokens", "40", "--seeds", "1", "--epochs", "1", "--sites", "resid_post"],
     "flow": ["The keys to the cabinet", *MODEL],
     "verify": ["tiny-gpt2"],
+    "causal-trace": ["The keys to the cabinet", "--subject", "keys", "--samples", "1", *MODEL],
+    "faithfulness": ["The keys to the cabinet", "--draws", "1", *MODEL],
 }
 NO_CUDA = [] if torch.cuda.is_available() else ["cuda"]
 # Bad values per option (the same for every subcommand that has it; TEXT and MODEL are positionals).
@@ -152,6 +154,11 @@ BAD: dict[str, list[str]] = {
     "--plot": ["{tmp}/missing/plot.png", "{tmp}"],
     "--threshold": ["-0.1", "1.5", "nan", "inf", "x"],
     "--mode": ["bogus"],
+    "--subject": ["", "absent words"],
+    "--answer": [""],
+    "--samples": ["0", "-1", "x", "100"],
+    "--window": ["0", "-1", "x", "100"],
+    "--draws": ["0", "-1", "x", "1000"],
 }
 
 

@@ -649,7 +649,7 @@ def _add_causal_trace(commands: Any) -> None:
     parser = commands.add_parser("causal-trace", help="causal tracing (ROME): restore each state into a noised run")
     _text_arg(parser)
     parser.add_argument("--subject", required=True, help="the words to corrupt (as they appear in the text)")
-    parser.add_argument("--target", default=None, help="the correct next token (default: the top prediction)")
+    parser.add_argument("--answer", default=None, help="the correct next token (default: the top prediction)")
     parser.add_argument("--samples", type=_int(1, 64), default=3, help="noise samples to average (default 3)")
     parser.add_argument("--window", type=_int(1, 64), default=1, help="layers restored together (paper: 10)")
     _model_args(parser)
@@ -659,7 +659,7 @@ def _add_causal_trace(commands: Any) -> None:
 
 def _cmd_causal_trace(args: argparse.Namespace) -> None:
     lm = _load(args)
-    _emit(lm.causal_trace(args.text, args.subject, args.target, samples=args.samples, window=args.window), args)
+    _emit(lm.causal_trace(args.text, args.subject, args.answer, samples=args.samples, window=args.window), args)
 
 
 def _add_faithfulness(commands: Any) -> None:
