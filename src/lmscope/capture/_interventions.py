@@ -22,6 +22,11 @@ Operations: ``zero``; ``mean`` over reference texts (every position of every tex
 ``patch`` from another run of the same length (clean → corrupted or the reverse); ``resample``
 (each layer patched from a run drawn at random among several); ``add`` a vector times ``scale``
 (steering); ``set`` a value; ``apply`` a function ``fn(region, layer) -> region``.
+
+What the Trace of an intervened run holds: every captured site as the intervened model computed
+it, except ``attn_probs`` under an edge intervention, which capture recomputes from q and k (the
+probabilities before the edit; the outputs do reflect it). Analyses that run the model again
+(saliency) run it without the interventions.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ def _title(result: Any) -> str:
     if _is_trace(result):
         subject = "".join(result.tokens[p] for p in result.subject)
         window = f", window {result.window}" if result.window > 1 else ""
+        samples = f"{result.samples} sample" + ("s" if result.samples != 1 else "")
         return (
             f"causal tracing: P({visible(result.target)}) with each state restored, subject {visible(subject)!s} "
-            f"corrupted (noise σ={result.noise:.3g}, {result.samples} samples{window})"
+            f"corrupted (noise σ={result.noise:.3g}, {samples}{window})"
         )
     wrong = f" − logit({visible(result.wrong)})" if result.wrong is not None else ""
     return (
