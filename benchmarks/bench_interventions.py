@@ -9,7 +9,7 @@ Figures (issue 17):
   head (heads × layers patched runs, batched): both times and the speed-up.
 
 The two sides run alternately so that load on the shared machine hits both alike; ``--quick`` times
-causal tracing on the first 6 tokens and one repeat.
+causal tracing on the first 6 tokens; ``--repeats N`` times each side N times.
 
     python benchmarks/bench_interventions.py [--quick]
 """
@@ -42,7 +42,8 @@ print = functools.partial(print, flush=True)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 6-token prompt, one repeat")
+    parser.add_argument("--quick", action="store_true", help="the first 6 tokens of the prompt")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats of each side (the fastest counts)")
     args = parser.parse_args()
     lm = lmscope.from_pretrained()
     ids = lm.encode(PROMPT).tolist()
@@ -50,7 +51,7 @@ def main() -> None:
         ids = ids[:6]
     text = lm.tokenizer.decode(ids)
     print(f"causal tracing of {len(ids)} tokens {text!r}, subject {SUBJECT!r}, one noise sample")
-    repeats = 1 if args.quick else 2
+    repeats = max(1, args.repeats)
     fast_times, loop_times = [], []
     for _ in range(repeats):
         fast, t_fast = timed(lambda: causal_trace(lm, ids, SUBJECT, samples=1))
