@@ -187,3 +187,13 @@ def test_bad_interventions_are_one_line_errors_before_the_model_runs() -> None:
     poisoned.tensors["resid_post"][1, 2, 0] = float("nan")  # an intervened run: its stored values are used
     with pytest.raises(LmscopeError, match="NaN"):
         lm.trace(TEXT, interventions=[Intervention.patch("resid_post", poisoned, layers=1)])
+
+
+def test_edges_of_attention_outside_the_attention_interface_are_refused_not_ignored() -> None:
+    lm = tiny("gpt-neo")  # GPT-Neo computes its own eager attention
+    with pytest.raises(LmscopeError, match="cannot be intervened on: intervene on head_out instead"):
+        lm.trace(TEXT, interventions=[Intervention.zero("attn_probs", layers=0, positions=3, keys=0)])
+    assert hook_count(lm.model) == 0
+    plain = lm.trace(TEXT)
+    ablated = lm.trace(TEXT, interventions=[Intervention.zero("head_out", layers=0, heads=0)])
+    assert not torch.allclose(ablated.logits, plain.logits)

@@ -425,6 +425,7 @@ class _EdgeEditor:
     def __init__(self, lm: LoadedModel, edits: dict[int, list[_Item]], previous: Any):
         self.edits = {id(lm.arch.attn(layer)): (layer, items) for layer, items in edits.items()}
         self.previous = previous
+        self.reached: set[int] = set()
 
     def on_attention(self, module, query, key, value, mask, kwargs) -> None:
         if self.previous is not None:
@@ -435,6 +436,7 @@ class _EdgeEditor:
         if found is None:
             return None
         layer, items = found
+        self.reached.add(layer)
         probs = attention_probs(module, query, key, mask, kwargs)  # [batch, head, q, k], float32
         for item in items:
             probs = item.edit(probs, layer)
@@ -530,6 +532,13 @@ def intervening(lm: LoadedModel, plan: Plan) -> Iterator[None]:
                     add(arch.mlp_down(layer).register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
                 else:
                     edges.setdefault(layer, []).insert(0, item)
+        editor = _EdgeEditor(lm, edges, _LISTENER.get())
         if edges:
-            stack.enter_context(routed(lm.model, _EdgeEditor(lm, edges, _LISTENER.get())))
+            stack.enter_context(routed(lm.model, editor))
         yield
+        missed = sorted(set(edges) - editor.reached)
+        if missed:
+            raise LmscopeError(
+                f"{lm.name}'s attention at layers {missed} does not pass through transformers' attention "
+                "interface, so its edges (attn_probs) cannot be intervened on: intervene on head_out instead"
+            )
