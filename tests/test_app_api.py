@@ -4,6 +4,7 @@ calls, bounded caches keyed by (model, device, dtype), and bad input as 4xx JSON
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -316,10 +317,13 @@ def test_serve_command_starts_uvicorn_on_loopback(monkeypatch: pytest.MonkeyPatc
     calls: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
     monkeypatch.setattr(App, "preload", lambda self: None)
-    assert main(["serve", "--port", "8123"]) == 0
-    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
+    with socket.socket() as sock:  # a port nothing listens on (serve checks that it can bind it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["serve", "--port", str(port)]) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] == port
     assert calls["app"].state.lmscope.config.default_model == "smollm2-135m"
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}/" in capsys.readouterr().err
     assert main(["serve", "--config", "/no/such/config.json"]) == 2
 
 
