@@ -82,6 +82,18 @@ class Collection:
 
         return layer_similarity(self, method, **options)
 
+    def shards(self, names: Any) -> Any:
+        """Each shard in turn as ``{name: [row, ...]}`` for ``names`` (``"<site>.<layer>"``, ``"dest"``);
+        one shard is in memory at a time (the streaming analyses read collections this way)."""
+        for shard in self._shards:
+            if isinstance(shard, dict):
+                yield {name: shard[name] for name in names}
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="np") as handle:
+                    yield {name: handle.get_tensor(name) for name in names}
+
     def get(
         self, site: str, layer: int, *, positions: Any = None, skip_first: bool = False
     ) -> np.ndarray:  # [n_tokens, features], float32
