@@ -75,10 +75,14 @@ def test_capture_is_faithful(name: str) -> None:
     # the final-layer lens is the model's own distribution
     lens = torch.softmax(lens_logits(trace, lm.unembed)[-1], dim=-1)
     torch.testing.assert_close(lens, torch.softmax(logits, dim=-1), atol=1e-6, rtol=1e-4)
-    # mlp_act is the input of the MLP's output projection
-    down = arch.mlp_down(0)
-    weight = arch.linear_weight(down)
-    if arch.family.mlp_out in (arch.family.mlp_down, "mlp"):
+    # mlp_act is the input of the MLP's output projection (a mixture of experts: the FFN's input)
+    if arch.family.experts is not None:
+        with torch.no_grad():
+            normed = arch.block_part(0, arch.family.ln_mlp)(mid[0])
+        torch.testing.assert_close(trace.at("mlp_act", 0), normed, atol=ATOL, rtol=0)
+    elif arch.family.mlp_out in (arch.family.mlp_down, "mlp"):
+        down = arch.mlp_down(0)
+        weight = arch.linear_weight(down)
         bias = down.bias if down.bias is not None else 0
         expected = (trace.at("mlp_act", 0) @ weight.T + bias) * arch.residual_scale
         torch.testing.assert_close(expected, trace.at("mlp_out", 0), atol=ATOL, rtol=0)
@@ -125,7 +129,7 @@ def test_block_contributions_sum_to_block_outputs(name: str) -> None:
         o_bias = arch.o_proj(layer).bias
         heads = heads + (0 if o_bias is None else o_bias.detach() * arch.residual_scale)
         torch.testing.assert_close(heads, trace.at("attn_out", layer)[q], atol=1e-4, rtol=0)
-        if arch.family.mlp_out in (arch.family.mlp_down, "mlp"):
+        if arch.family.mlp_out in (arch.family.mlp_down, "mlp") and arch.family.experts is None:
             n = trace.at("mlp_act", layer).shape[-1]
             neurons = sum(update_vector(trace, arch, layer, q, "ffn", neuron=i) for i in range(n))
             d_bias = arch.mlp_down(layer).bias

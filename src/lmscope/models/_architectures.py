@@ -25,7 +25,7 @@ from torch import nn
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["FAMILIES", "UNSUPPORTED", "Architecture", "Family", "Fused", "architecture_of", "family_of"]
+__all__ = ["FAMILIES", "UNSUPPORTED", "Architecture", "Experts", "Family", "Fused", "architecture_of", "family_of"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,45 @@ class Fused:
 
 _QKV = ("q", "k", "v")
 _GATE_UP = ("gate", "up")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts FFN keeps its router, experts and shared experts (block relative).
+
+    transformers 5.x stores a block's routed experts as fused 3-D parameters of one module:
+    ``gate_up_proj [expert, 2·neuron, d_model]`` (the ``gate`` half first, then ``up``;
+    ``mlp_act = act(gate) * up``) and ``down_proj [expert, d_model, neuron]``. The experts module
+    is called as ``experts(x, top_k_index, top_k_weights)`` and returns ``Σ_j w_j · E_{i_j}(x)``,
+    so each routed expert's update is its router weight times its output. The router's own code
+    (softmax or sigmoid scores, top-k, renormalization, scaling, group-limited choice) is run, not
+    re-implemented; the config attributes below are named so that views can show them.
+
+    Layers whose FFN is dense (DeepSeek's ``first_k_dense_replace``, Qwen2-MoE's
+    ``mlp_only_layers``) have no ``experts`` module; their FFN is one component as usual.
+
+    Attributes:
+        experts: the module holding the routed experts' fused weights.
+        router: the module that returns ``(router_logits, top_k_weights, top_k_index)``.
+        shared: the shared expert (an MLP every token goes through), or ``None``.
+        shared_gate: a linear map whose sigmoid scales the shared expert's output (Qwen2-MoE).
+        n_experts: the config attribute holding the number of routed experts.
+        top_k: the config attribute holding how many experts each token is routed to.
+        scoring: how router scores are made (``softmax``, ``sigmoid``, ``sparsemixer``).
+        normalize: the config attribute that says whether the top-k weights are renormalized to
+            sum 1 (``True``: always; ``None``: never).
+        scaling: the config attribute the top-k weights are multiplied by, or ``None``.
+    """
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    shared: str | None = None
+    shared_gate: str | None = None
+    n_experts: str = "num_local_experts"
+    top_k: str = "num_experts_per_tok"
+    scoring: str = "softmax"
+    normalize: str | bool | None = True
+    scaling: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +138,9 @@ class Family:
             module's second output is then its attention probabilities.
         attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``;
             ``None``: ``1/√d_head``, applied by XGLM to the query projection's output).
+        experts: a mixture-of-experts FFN (:class:`Experts`). ``mlp_down`` is then the FFN module
+            itself, so ``mlp_act`` records the FFN's input ``[pos, d_model]`` in every layer (dense
+            or routed), from which each expert's activations are recomputed.
     """
 
     name: str
@@ -125,6 +167,7 @@ class Family:
     residual_scale: str | None = None
     qkv: tuple[str, str, str] | None = None
     attn_scaling: float | None = None
+    experts: Experts | None = None
 
 
 def _llama_like(name: str, *model_types: str, **changes: Any) -> Family:
@@ -150,6 +193,11 @@ def _sandwich(name: str, *model_types: str, **changes: Any) -> Family:
     """Llama's layout with each sublayer's output normalized before it joins the residual (Gemma 2/3, OLMo 2)."""
     changes = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm", **changes}
     return _llama_like(name, *model_types, **changes)
+
+
+def _moe(name: str, experts: Experts, **changes: Any) -> Family:
+    """Llama's layout with a mixture-of-experts FFN (``mlp_act`` is the FFN's input; see :class:`Experts`)."""
+    return _llama_like(name, mlp_down="mlp", experts=experts, **changes)
 
 
 def _gptj_like(name: str, **changes: Any) -> Family:
@@ -242,6 +290,35 @@ FAMILIES: tuple[Family, ...] = (
         attn_out="post_self_attn_layernorm",
         mlp_out="post_mlp_layernorm",
         fused=(Fused("mlp.gate_up_proj", _GATE_UP),),
+    ),
+    _moe("mixtral", Experts()),
+    _moe("phimoe", Experts(router="mlp.router", scoring="sparsemixer", normalize=None)),
+    _moe(
+        "qwen2_moe",
+        Experts(
+            n_experts="num_experts",
+            normalize="norm_topk_prob",
+            shared="mlp.shared_expert",
+            shared_gate="mlp.shared_expert_gate",
+        ),
+    ),
+    _moe("qwen3_moe", Experts(n_experts="num_experts", normalize="norm_topk_prob")),
+    _moe("olmoe", Experts(n_experts="num_experts", normalize="norm_topk_prob")),
+    _moe(
+        "deepseek_v2",
+        Experts(
+            n_experts="n_routed_experts", normalize=None, scaling="routed_scaling_factor", shared="mlp.shared_experts"
+        ),
+    ),
+    _moe(
+        "deepseek_v3",
+        Experts(
+            n_experts="n_routed_experts",
+            scoring="sigmoid",
+            normalize="norm_topk_prob",
+            scaling="routed_scaling_factor",
+            shared="mlp.shared_experts",
+        ),
     ),
     _gptj_like("gptj"),
     _gptj_like("codegen", fused=(Fused("attn.qkv_proj", ("q", "v", "k"), groups=4),)),
@@ -591,9 +668,31 @@ class Architecture:
 
     @property
     def n_neurons(self) -> int:
-        """MLP hidden units: the input width of the MLP's output projection (``mlp_act``'s last axis)."""
+        """MLP hidden units: the input width of the MLP's output projection (``mlp_act``'s last axis).
+
+        For a mixture of experts ``mlp_act`` is the FFN's input, so this is ``d_model``.
+        """
+        if self.family.experts is not None:
+            return self.d_model
         down = self.mlp_down(0)
         return int(getattr(down, "in_features", 0) or self.linear_weight(down).shape[-1])
+
+    def experts(self, layer: int) -> nn.Module | None:
+        """The routed experts of layer ``layer`` (fused 3-D weights), or ``None`` where its FFN is dense."""
+        moe = self.family.experts
+        return None if moe is None else _get(self.blocks[layer], moe.experts)
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (0 for dense families)."""
+        moe = self.family.experts
+        return 0 if moe is None else int(getattr(self.model.config, moe.n_experts, 0) or 0)
+
+    @property
+    def top_k(self) -> int:
+        """Experts each token is routed to (0 for dense families)."""
+        moe = self.family.experts
+        return 0 if moe is None else int(getattr(self.model.config, moe.top_k, 0) or 0)
 
 
 def architecture_of(model: nn.Module) -> Architecture:
@@ -629,6 +728,10 @@ def architecture_of(model: nn.Module) -> Architecture:
         logit_scale /= float(getattr(config, family.logit_divisor, None) or 1.0)
     d_model = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
     d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+    o_proj = _get(blocks[0], family.o_proj)
+    width = getattr(o_proj, "in_features", None)
+    if family.experts is not None and width and width != n_heads * d_head and width % n_heads == 0:
+        d_head = width // n_heads  # values narrower than queries and keys (DeepSeek's latent attention)
     parallel = family.parallel
     if isinstance(parallel, str):
         parallel = bool(getattr(config, parallel, False))

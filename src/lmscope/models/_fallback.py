@@ -73,8 +73,8 @@ def bind_architecture(model: nn.Module) -> Architecture:
     """The table's layout for ``model``, else a guessed one (to be verified by the caller)."""
     check_attention_hookable(model)
     model_type = getattr(model.config, "model_type", "") or type(model).__name__
-    if _in_table(model_type) or model_type in _unsupported():
-        return architecture_of(model)  # the table's entry, or its reason for refusing
+    if _in_table(model_type) or model_type in _unsupported() or getattr(model.config, "is_encoder_decoder", False):
+        return architecture_of(model)  # the table's entry, or its reason for refusing (no guessed seq2seq layouts)
     return discover(model)
 
 
@@ -95,10 +95,18 @@ def check_attention_hookable(model: nn.Module) -> None:
 
 
 def check_weights_readable(arch: Architecture) -> None:
-    """Raise if the output projections' weights are quantized (the flow graph and components read them)."""
-    for module in (arch.o_proj(0), arch.mlp_down(0)):
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != 2:
+    """Raise if the output projections' weights are quantized (the flow graph and components read them).
+
+    For a mixture of experts, the experts' fused ``down_proj [expert, d_model, neuron]`` is read.
+    """
+    experts = next((e for e in map(arch.experts, range(arch.n_layers)) if e is not None), None)
+    second = arch.mlp_down(0) if experts is None else experts
+    for module, name, ndim in (
+        (arch.o_proj(0), "weight", 2),
+        (second, "weight" if experts is None else "down_proj", 2 if experts is None else 3),
+    ):
+        weight = getattr(module, name, None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.ndim != ndim:
             kind = type(weight).__name__ if weight is not None else "no weight"
             method = getattr(getattr(arch.model.config, "quantization_config", None), "quant_method", None)
             how = f" ({method})" if method else ""

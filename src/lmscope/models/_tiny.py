@@ -118,6 +118,41 @@ TINY_FAMILIES.update(
 )
 
 
+# Mixtures of experts (tests/test_moe.py): 4 small routed experts, top-2; DeepSeek with a dense first layer,
+# a shared expert and multi-head latent attention, V3 with group-limited sigmoid routing.
+_MOE: dict[str, Any] = {"num_key_value_heads": 2, "num_experts_per_tok": 2}
+_DEEPSEEK: dict[str, Any] = {
+    "num_key_value_heads": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+}
+TINY_FAMILIES.update(
+    {
+        "mixtral": ("mixtral", False, {**_MOE, "num_local_experts": 4}),
+        "phimoe": ("phimoe", False, {**_MOE, "num_local_experts": 4}),
+        "qwen2_moe": (
+            "qwen2_moe",
+            False,
+            {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48},
+        ),
+        "qwen3_moe": ("qwen3_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
+        "olmoe": ("olmoe", False, {**_MOE, "num_experts": 4}),
+        "deepseek_v2": ("deepseek_v2", False, {**_DEEPSEEK, "n_routed_experts": 4, "q_lora_rank": None}),
+        "deepseek_v3": (
+            "deepseek_v3",
+            False,
+            {**_DEEPSEEK, "n_routed_experts": 8, "q_lora_rank": 24, "n_group": 2, "topk_group": 1},
+        ),
+    }
+)
+
+
 def build_tiny(family: str, vocab_size: int, special: dict[str, int | None]) -> PreTrainedModel:
     """A random model of ``family`` with a fixed seed, in eval mode, float32."""
     model_type, masked, overrides = TINY_FAMILIES[family]
