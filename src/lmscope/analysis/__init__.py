@@ -1,7 +1,7 @@
 """Pure functions of a Trace (and model weights) that return results."""
 
 from lmscope.analysis._result import Result
-from lmscope.analysis.attention import Attention, attention
+from lmscope.analysis.attention import Attention, EncoderDecoderAttention, attention
 from lmscope.analysis.collect import Collection, collect, load_collection
 from lmscope.analysis.components import ContributionMap, HeadShares, Promoted, TopNeurons
 from lmscope.analysis.flow import FlowGraph, flow
@@ -17,6 +17,7 @@ __all__ = [
     "Attention",
     "Collection",
     "ContributionMap",
+    "EncoderDecoderAttention",
     "Factors",
     "FlowGraph",
     "HeadShares",

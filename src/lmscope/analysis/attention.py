@@ -15,25 +15,35 @@ The neuron view (BertViz) unfolds one weight row: the post-rotary query, each ke
 elementwise product, the scaled score and the softmax. Under grouped-query attention query head
 ``h`` reads key/value head ``h // (head / kv_head)``. Large inputs are sparsified for display to
 the strongest ``top_k`` keys per query (:func:`sparsify`), with the cut-off reported.
+
+Encoder-decoder models (T5, BART) have three kinds of attention, which BertViz's head and model
+views offer in an "Attention" selector: **Encoder** (encoder self-attention over the source
+tokens), **Decoder** (decoder self-attention over the target tokens) and **Cross** (rows:
+decoder tokens, columns: encoder tokens). :func:`attention` on such a trace returns an
+:class:`EncoderDecoderAttention` holding one :class:`Attention` per kind (``part``), or one
+``Attention`` when a single ``part`` is asked for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmscope.analysis._result import Result
-from lmscope.analysis.query_key import NeuronData, NeuronScores, neuron_data, neuron_scores, unfold
+from lmscope.analysis.query_key import SITES, NeuronData, NeuronScores, neuron_data, neuron_scores, unfold
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture
 
 __all__ = [
     "KINDS",
+    "PARTS",
     "VIEWS",
     "Attention",
+    "EncoderDecoderAttention",
     "NeuronData",
     "NeuronScores",
     "Sparse",
@@ -49,6 +59,9 @@ __all__ = [
 
 KINDS = ("weights", "rollout", "value_norm")
 VIEWS = ("head", "model", "neuron")
+# The kinds of attention of an encoder-decoder model, in the order of BertViz's selector.
+PARTS = ("encoder", "decoder", "cross")
+PART_LABELS = {"encoder": "Encoder", "decoder": "Decoder", "cross": "Cross"}
 PAIR_BUDGET = 2_000_000  # (query, key) pairs a view ships before it sparsifies
 
 
@@ -74,6 +87,11 @@ class Attention(Result):
     ``kind`` is ``"weights"`` (the model's own attention probabilities), ``"rollout"`` (one map per
     layer, head axis of size 1) or ``"value_norm"`` (‖A·f(x)‖, not normalized). ``view`` picks the
     rendering; ``head`` and ``query`` pick the row the neuron view and the text twin start on.
+
+    Of an encoder-decoder model, ``part`` says which attention this is (``"encoder"``,
+    ``"decoder"`` or ``"cross"``; ``""`` for the one self-attention of other models); the query
+    rows are ``tokens`` and the key columns ``key_tokens`` where they differ (cross-attention: the
+    encoder's source tokens).
     """
 
     _view = "lmscope.views.attention"
@@ -92,12 +110,75 @@ class Attention(Result):
     query: int
     top_k: int | None  # None: every weight is shown
     neuron: NeuronData | None = None
+    part: str = ""
+    key_tokens: tuple[str, ...] | None = None  # None: the keys are the query tokens
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The key tokens (columns): ``key_tokens``, else ``tokens``."""
+        return self.tokens if self.key_tokens is None else self.key_tokens
+
+    @property
+    def key_n_input(self) -> int:
+        """How many key tokens were given rather than generated (every encoder token is given)."""
+        return len(self.keys) if self.key_tokens is not None else self.n_input
 
     def plot(self, layer: int | None = None, head: int | None = None) -> object:
         """A matplotlib ``Figure`` of one layer's maps: every head, or ``head`` (query rows, key columns)."""
         from lmscope.views._figure import plot_attention
 
         return plot_attention(self, layer, head)
+
+
+@dataclass(frozen=True)
+class EncoderDecoderAttention(Result):
+    """The attention of an encoder-decoder model, as BertViz shows it: Encoder, Decoder, Cross.
+
+    ``parts`` holds one :class:`Attention` per kind shown, in BertViz's order (encoder
+    self-attention over ``source_tokens``, decoder self-attention over ``target_tokens``,
+    cross-attention with decoder rows and encoder columns); the views open on the first.
+    """
+
+    _view = "lmscope.views.attention"
+
+    kind: str
+    view: str
+    model: str
+    source_tokens: tuple[str, ...]
+    target_tokens: tuple[str, ...]
+    parts: tuple[Attention, ...]
+
+    def __getitem__(self, part: str) -> Attention:
+        for shown in self.parts:
+            if shown.part == part:
+                return shown
+        raise LmscopeError(f"no {part!r} attention here: this result holds {', '.join(self.names)}")
+
+    def __iter__(self) -> Iterator[Attention]:
+        return iter(self.parts)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.part for p in self.parts)
+
+    @property
+    def encoder(self) -> Attention | None:
+        """Encoder self-attention ``weights [layer, head, source_pos, source_pos]``."""
+        return self["encoder"] if "encoder" in self.names else None
+
+    @property
+    def decoder(self) -> Attention | None:
+        """Decoder self-attention ``weights [layer, head, target_pos, target_pos]``."""
+        return self["decoder"] if "decoder" in self.names else None
+
+    @property
+    def cross(self) -> Attention | None:
+        """Cross-attention ``weights [layer, head, target_pos, source_pos]``."""
+        return self["cross"] if "cross" in self.names else None
+
+    def plot(self, layer: int | None = None, head: int | None = None, part: str | None = None) -> object:
+        """A matplotlib ``Figure`` of one kind's maps (default: the first shown), as ``Attention.plot``."""
+        return (self.parts[0] if part is None else self[part]).plot(layer, head)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -120,13 +201,20 @@ def rollout(weights: torch.Tensor) -> torch.Tensor:  # [layer, 1, pos_q, pos_k]
     return torch.stack(out)[:, None]
 
 
-def value_norms(trace: Trace, arch: Architecture) -> torch.Tensor:  # [layer, head, pos_k]
-    """``‖f_h(x_k)‖ = ‖W_O^h · v_k^{kv(h)}‖`` for every captured layer, head and key (Kobayashi et al. 2020)."""
-    v = trace.get("v").float()  # [layer, pos, kv_head, d_head]
+def value_norms(trace: Trace, arch: Architecture, *, cross: bool = False) -> torch.Tensor:  # [layer, head, pos_k]
+    """``‖f_h(x_k)‖ = ‖W_O^h · v_k^{kv(h)}‖`` for every captured layer, head and key (Kobayashi et al. 2020).
+
+    ``cross``: the decoder's cross-attention (values ``cross_v`` of encoder positions, its own
+    output projection).
+    """
+    v = trace.get("cross_v" if cross else "v").float()  # [layer, pos_k, kv_head, d_head]
     groups = arch.n_heads // arch.n_kv_heads
+    if cross and not hasattr(arch, "cross_o_proj"):
+        raise LmscopeError("this architecture does not name its cross-attention output projection")
+    o_proj = arch.cross_o_proj if cross else arch.o_proj
     out = []
     for index, layer in enumerate(trace.layers):
-        w_o = arch.linear_weight(arch.o_proj(layer)).detach().float().to(v.device)  # [d_model, head·d_head]
+        w_o = arch.linear_weight(o_proj(layer)).detach().float().to(v.device)  # [d_model, head·d_head]
         w_o = w_o.reshape(w_o.shape[0], arch.n_heads, arch.d_head)  # [d_model, head, d_head]
         values = v[index].repeat_interleave(groups, dim=1)  # [pos, head, d_head]
         out.append(torch.einsum("mhd,phd->hpm", w_o, values).norm(dim=-1))  # [head, pos]
@@ -145,9 +233,12 @@ def neuron_scores_of(result: Attention, layer: int, head: int, query: int) -> Ne
     return unfold(result.neuron, index, layer, head, query % len(result.tokens))
 
 
-def auto_top_k(n_layers: int, n_heads: int, n_pos: int) -> int | None:
-    """``None`` (show every weight) while the view stays under :data:`PAIR_BUDGET` pairs, else 3..20 per query."""
-    if n_layers * n_heads * n_pos * n_pos <= PAIR_BUDGET:
+def auto_top_k(n_layers: int, n_heads: int, n_pos: int, n_keys: int | None = None) -> int | None:
+    """``None`` (show every weight) while the view stays under :data:`PAIR_BUDGET` pairs, else 3..20 per query.
+
+    ``n_keys``: the key positions where they differ from the queries' (cross-attention).
+    """
+    if n_layers * n_heads * n_pos * (n_pos if n_keys is None else n_keys) <= PAIR_BUDGET:
         return None
     return int(min(20, max(3, PAIR_BUDGET // (n_layers * n_heads * n_pos))))
 
@@ -164,10 +255,21 @@ def sparsify(weights: np.ndarray, k: int) -> Sparse:
     return Sparse(k, top.indices.int().numpy(), top.values.numpy(), cutoff.numpy(), kept.numpy())
 
 
-def needed_sites(view: str, kind: str) -> tuple[str, ...]:
-    """The Trace sites a view of a kind of map reads."""
+def needed_sites(view: str, kind: str, part: str = "") -> tuple[str, ...]:
+    """The Trace sites a view of a kind of map reads.
+
+    ``part``: ``""`` or a self-attention (``"encoder"``, ``"decoder"``) for the sites of a self-attention,
+    ``"cross"`` for the decoder's cross-attention sites. ``position_bias`` is not listed: the
+    neuron view adds it where the trace records one (T5).
+    """
     _check_choice("view", view, VIEWS)
     _check_choice("kind", kind, KINDS)
+    if part == "cross":
+        return (
+            "cross_attn_probs",
+            *(("cross_q", "cross_k") if view == "neuron" else ()),
+            *(("cross_v",) if kind == "value_norm" else ()),
+        )
     return ("attn_probs", *(("q", "k") if view == "neuron" else ()), *(("v",) if kind == "value_norm" else ()))
 
 
@@ -181,7 +283,8 @@ def attention(
     query: int = -1,
     top_k: int | None = None,
     arch: Architecture | None = None,
-) -> Attention:
+    part: str | None = None,
+) -> Attention | EncoderDecoderAttention:
     """Attention maps of ``trace`` for BertViz's views.
 
     Args:
@@ -193,12 +296,73 @@ def attention(
         top_k: show only the strongest ``top_k`` keys per query; default: all for small inputs,
             see :func:`auto_top_k`.
         arch: the model's architecture (weights), for ``value_norm``.
+        part: of an encoder-decoder model's trace (the decoder trace, its encoder at
+            ``trace.encoder``): ``"encoder"``, ``"decoder"`` or ``"cross"`` for one kind of attention
+            (an ``Attention``); default all three, as an :class:`EncoderDecoderAttention` (rollout:
+            encoder and decoder, since rollout multiplies square maps). ``query`` is a decoder
+            position for the decoder and cross parts; the encoder part starts on its last source
+            token unless it is the one part asked for.
     """
     _check_choice("view", view, VIEWS)
     _check_choice("kind", kind, KINDS)
+    encoder = getattr(trace, "encoder", None)
+    if encoder is None:
+        if part not in (None, ""):
+            raise LmscopeError(f"part={part!r} is for encoder-decoder models (T5, BART): this trace has one stack")
+        return _one(trace, layer=layer, view=view, kind=kind, head=head, query=query, top_k=top_k, arch=arch)
+    if part is not None:
+        _check_choice("part", part, PARTS)
+    names = (PARTS if kind != "rollout" else PARTS[:2]) if part is None else (part,)
+    if part == "cross" and kind == "rollout":
+        raise LmscopeError("attention rollout multiplies square self-attention maps: pick part 'encoder' or 'decoder'")
+    shown = []
+    for name in names:
+        stack = encoder if name == "encoder" else trace
+        start = query if name != "encoder" or part == "encoder" else -1
+        shown.append(
+            _one(
+                stack,
+                layer=layer,
+                view=view,
+                kind=kind,
+                head=head,
+                query=start,
+                top_k=top_k,
+                arch=(getattr(arch, "encoder", None) if name == "encoder" else arch),
+                part=name,
+                key_trace=encoder if name == "cross" else None,
+            )
+        )
+    if part is not None:
+        return shown[0]
+    return EncoderDecoderAttention(
+        kind=kind,
+        view=view,
+        model=trace.model.name,
+        source_tokens=encoder.tokens,
+        target_tokens=trace.tokens,
+        parts=tuple(shown),
+    )
+
+
+def _one(
+    trace: Trace,
+    *,
+    layer: int | None,
+    view: str,
+    kind: str,
+    head: int,
+    query: int,
+    top_k: int | None,
+    arch: Architecture | None,
+    part: str = "",
+    key_trace: Trace | None = None,
+) -> Attention:
+    """One kind of attention of ``trace``; ``key_trace``: the encoder trace whose tokens cross-attention reads."""
+    cross = part == "cross"
     if top_k is not None and top_k < 1:
         raise LmscopeError(f"top_k must be at least 1, not {top_k}")
-    probs = trace.get("attn_probs")  # [layer, head, pos_q, pos_k]
+    probs = trace.get(SITES["cross" if cross else "self"][2])  # [layer, head, pos_q, pos_k]
     layers = list(trace.layers)
     chosen = list(range(len(layers))) if layer is None else [trace.layer_index(layer)]
     if kind == "rollout":
@@ -208,13 +372,13 @@ def attention(
     elif kind == "value_norm":
         if arch is None:
             raise LmscopeError("attention × value norm needs the model's output projections: pass arch=lm.arch")
-        weights = probs[chosen].float() * value_norms(trace, arch)[chosen][:, :, None, :]
+        weights = probs[chosen].float() * value_norms(trace, arch, cross=cross)[chosen][:, :, None, :]
     else:
         weights = probs[chosen]
     weights = weights.float().cpu().numpy()
     if not 0 <= head < trace.model.n_heads:
         raise LmscopeError(f"head {head} is out of range: the model has heads 0..{trace.model.n_heads - 1}")
-    neuron = neuron_data(trace, chosen) if view == "neuron" else None
+    neuron = neuron_data(trace, chosen, cross=cross) if view == "neuron" else None
     return Attention(
         kind=kind,
         view=view,
@@ -228,6 +392,8 @@ def attention(
         segment_b=trace.segment_b,
         head=head,
         query=trace.position(query),
-        top_k=top_k if top_k is not None else auto_top_k(*weights.shape[:3]),
+        top_k=top_k if top_k is not None else auto_top_k(*weights.shape[:3], weights.shape[3]),
         neuron=neuron,
+        part=part,
+        key_tokens=None if key_trace is None else key_trace.tokens,
     )

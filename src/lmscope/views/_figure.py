@@ -197,8 +197,13 @@ def plot_attention(result: Any, layer: int | None = None, head: int | None = Non
         raise LmscopeError(f"layer {layer} is not in this result (layers {list(result.layers)})")
     maps = result.weights[result.layers.index(layer)]  # [head, pos_q, pos_k]
     labels = token_labels(result.tokens)
+    keys = token_labels(result.keys)  # cross-attention: the encoder's source tokens
     what = {"weights": "Attention", "rollout": "Attention rollout", "value_norm": "Attention × value norm"}
-    name = what.get(result.kind, "Attention")
+    name = what.get(result.kind, "Attention") + {
+        "encoder": " (encoder)",
+        "decoder": " (decoder)",
+        "cross": " (cross)",
+    }.get(result.part, "")
     scale = None if result.kind == "value_norm" else 1.0
     if head is not None or maps.shape[0] == 1:
         h = 0 if head is None else head
@@ -206,12 +211,12 @@ def plot_attention(result: Any, layer: int | None = None, head: int | None = Non
             raise LmscopeError(f"head {h} is out of range: this result has heads 0..{maps.shape[0] - 1}")
         heads = "" if maps.shape[0] == 1 else f", head {h % maps.shape[0]}"
         return heatmap(
-            maps[h], rows=labels, columns=labels, title=f"{name}, layer {layer}{heads} ({result.model})",
+            maps[h], rows=labels, columns=keys, title=f"{name}, layer {layer}{heads} ({result.model})",
             xlabel="key (attended to)", ylabel="query", vmin=0.0, vmax=scale, colorbar="weight", annotate=False,
         )  # fmt: skip
     panels = [(maps[h], f"head {h}") for h in range(maps.shape[0])]
     return heatmap_grid(
-        panels, rows=labels, columns=labels, title=f"{name}, layer {layer} ({result.model}): query rows, key columns",
+        panels, rows=labels, columns=keys, title=f"{name}, layer {layer} ({result.model}): query rows, key columns",
         vmin=0.0, vmax=scale, colorbar="weight",
     )  # fmt: skip
 

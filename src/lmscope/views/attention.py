@@ -4,6 +4,9 @@ The page gets, per shown layer and head, the weights of every query row: all of 
 inputs, else the strongest ``top_k`` keys per query (the cut-off is reported in the view and the
 text twin). Weights travel as integers in units of ``1 / SCALE`` of each map's maximum (1 for
 probabilities), so a 1,000-token view stays a few megabytes.
+
+An encoder-decoder model's ``EncoderDecoderAttention`` ships one such block per kind of attention
+(``parts``); the page offers them in BertViz's "Attention" selector (Encoder, Decoder, Cross).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lmscope.analysis.attention import Attention, neuron_scores_of, sparsify
+from lmscope.analysis.attention import PART_LABELS, Attention, EncoderDecoderAttention, neuron_scores_of, sparsify
 from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
 
@@ -23,6 +26,11 @@ _KIND = {
     "weights": "Attention weights",
     "rollout": "Attention rollout (Abnar & Zuidema 2020)",
     "value_norm": "Attention × value norm ‖α·f(x)‖ (Kobayashi et al. 2020)",
+}
+_PART = {
+    "encoder": "Encoder self-attention (source tokens)",
+    "decoder": "Decoder self-attention (target tokens)",
+    "cross": "Cross-attention (rows: target tokens, columns: source tokens)",
 }
 
 
@@ -36,14 +44,23 @@ def _value(result: Attention, w: float) -> str:
     return f"{w:.3g}" if result.kind == "value_norm" else percent(w)
 
 
-def view_data(result: Attention) -> dict[str, Any]:
+def view_data(result: Attention | EncoderDecoderAttention) -> dict[str, Any]:
     """The JSON the page's ``attention`` view draws (weights as integers, see the module docstring)."""
+    if isinstance(result, EncoderDecoderAttention):
+        return {
+            "kind": result.kind,
+            "view": result.view,
+            "model": result.model,
+            "source_tokens": list(result.source_tokens),
+            "target_tokens": list(result.target_tokens),
+            "parts": [view_data(part) for part in result.parts],
+        }
     weights = result.weights  # [layer, head, pos_q, pos_k]
-    n_layers, n_heads, n = weights.shape[:3]
+    n_layers, n_heads, n, n_keys = weights.shape
     peak = weights.max(axis=(2, 3)) if result.kind == "value_norm" else np.ones((n_layers, n_heads))
     peak = np.where(peak > 0, peak, 1.0)  # [layer, head]
     if result.top_k is None:
-        idx, val, k = None, weights.reshape(n_layers, n_heads, n * n), n
+        idx, val, k = None, weights.reshape(n_layers, n_heads, n * n_keys), n_keys
         cutoff = kept = None
     else:
         sparse = sparsify(weights, result.top_k)
@@ -62,6 +79,10 @@ def view_data(result: Attention) -> dict[str, Any]:
         "view": result.view,
         "model": result.model,
         "tokens": list(result.tokens),
+        "key_tokens": None if result.key_tokens is None else list(result.key_tokens),
+        "key_n_input": result.key_n_input,
+        "part": result.part,
+        "part_label": PART_LABELS.get(result.part, ""),
         "layers": list(result.layers),
         "labels": _labels(result),
         "n_heads": result.n_heads,
@@ -86,6 +107,7 @@ def view_data(result: Attention) -> dict[str, Any]:
             "band": nd.band.tolist(),
             "scaling": list(nd.scaling),
             "softcap": list(nd.softcap),
+            "bias": None if nd.bias is None else np.round(nd.bias, 6).tolist(),  # [layer][head][pos_q][pos_k]
         }
     return data
 
@@ -101,7 +123,7 @@ def _strongest(result: Attention) -> str:
             row = result.weights[li, h, query]  # [pos_k]
             order = np.argsort(-row, kind="stable")[:top]
             rows.append(
-                [str(layer), label, *(f"{k} {visible(result.tokens[k])} {_value(result, row[k])}" for k in order)]
+                [str(layer), label, *(f"{k} {visible(result.keys[k])} {_value(result, row[k])}" for k in order)]
             )
     header = ["layer", "head", *(f"top {i + 1}" for i in range(top))]
     return f"Strongest keys of query {query} ({token!r}):\n" + table(header, rows)
@@ -110,40 +132,57 @@ def _strongest(result: Attention) -> str:
 def _neuron_text(result: Attention) -> str:
     scores = neuron_scores_of(result, result.layers[0], result.head, result.query)
     group = result.n_heads // result.n_kv_heads
+    bias = scores.bias is not None
     head = (
         f"Neuron view: layer {scores.layer}, head {scores.head}, query {scores.query} "
         f"({visible(result.tokens[scores.query])!r}), score = (q·k) × {scores.scaling:.4g}"
+        + (" + position bias" if bias else "")
     )
     if scores.softcap:
         head += f", soft-capped at {scores.softcap:.4g}"
     if group > 1:
         first = scores.kv_head * group
         head += f"\nkey/value head {scores.kv_head}, shared by heads {first}..{first + group - 1}"
+    dots = scores.products.sum(-1) * scores.scaling  # [pos_k]
     rows = [
         [
             str(k),
-            visible(result.tokens[k]),
+            visible(result.keys[k]),
+            *((f"{dots[k]:.4f}", f"{scores.bias[k]:+.4f}") if bias else ()),
             f"{scores.scores[k]:.4f}",
             percent(float(scores.probs[k])) if scores.visible[k] else "masked",
         ]
-        for k in range(len(result.tokens))
+        for k in range(len(result.keys))
     ]
-    return head + "\n" + table(["key", "token", "score", "softmax"], rows)
+    header = ["key", "token", *(("q·k×scale", "bias") if bias else ()), "score", "softmax"]
+    return head + "\n" + table(header, rows)
 
 
-def to_text(result: Attention) -> str:
+def to_text(result: Attention | EncoderDecoderAttention) -> str:
+    if isinstance(result, EncoderDecoderAttention):
+        lines = [
+            f"{_KIND[result.kind]} of {result.model} (encoder-decoder): {len(result.source_tokens)} source tokens, "
+            f"{len(result.target_tokens)} target tokens; {result.view} view of "
+            + ", ".join(PART_LABELS[p.part] for p in result.parts)
+        ]
+        for part in result.parts:
+            lines += ["", _PART[part.part] + ":", to_text(part)]
+        return "\n".join(lines)
     layers = result.layers
     span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
     heads = f"{result.n_heads} heads" + (
         f" ({result.n_kv_heads} key/value heads)" if result.n_kv_heads < result.n_heads else ""
     )
-    lines = [
-        f"{_KIND[result.kind]} of {result.model}: {len(result.tokens)} tokens, {span}, {heads}; {result.view} view"
-    ]
+    if result.key_tokens is None:
+        size = f"{len(result.tokens)} tokens"
+    else:
+        size = f"{len(result.tokens)} query tokens × {len(result.key_tokens)} key tokens"
+    part = f" ({_PART[result.part].split(' (')[0].lower()})" if result.part else ""
+    lines = [f"{_KIND[result.kind]}{part} of {result.model}: {size}, {span}, {heads}; {result.view} view"]
     if result.segment_b is not None:
         n = len(result.tokens)
         lines.append(f"sentence A: tokens 0..{result.segment_b - 1}, sentence B: tokens {result.segment_b}..{n - 1}")
-    if result.top_k is not None and result.top_k < len(result.tokens):
+    if result.top_k is not None and result.top_k < len(result.keys):
         sparse = sparsify(result.weights, result.top_k)
         lines.append(
             f"sparsified for display: the strongest {sparse.k} keys per query; largest weight left out "
@@ -154,7 +193,7 @@ def to_text(result: Attention) -> str:
     return "\n".join(lines)
 
 
-def to_html(result: Attention) -> str:
+def to_html(result: Attention | EncoderDecoderAttention) -> str:
     return fragment(
         "attention",
         view_data(result),

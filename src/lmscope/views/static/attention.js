@@ -1,6 +1,9 @@
 /* lmscope: attention views (BertViz's head view, model view and neuron view).
    Lines are drawn on canvases, bucketed by opacity into a few paths per head, so a
-   1,000-token head view draws in well under a second. Tokens are DOM text (textContent). */
+   1,000-token head view draws in well under a second. Tokens are DOM text (textContent).
+   Queries are data.tokens (left), keys data.key_tokens where they differ (right: cross-attention's
+   source tokens); an encoder-decoder result ships data.parts, offered in BertViz's "Attention"
+   selector (Encoder, Decoder, Cross). */
 (function () {
   "use strict";
   var lms = window.lmscope;
@@ -18,6 +21,7 @@
   };
 
   function color(h) { return PALETTE[h % PALETTE.length]; }
+  function keyTokens(data) { return data.key_tokens || data.tokens; }
   function segment(data, i) { return data.segment_b !== null && i >= data.segment_b ? "B" : "A"; }
   function fmt(x) { return Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3); }
   function shown(data, value) { return data.kind === "value_norm" ? fmt(value) : lms.percent(value); }
@@ -40,7 +44,7 @@
       Only lines crossing the band opts.y0..opts.y1 are drawn, clipped to it: a long input draws
       what is near the screen, not n × k lines of thousands of pixels. */
   function drawLines(ctx, data, layer, heads, opts) {
-    var n = data.tokens.length, count = 0, width = opts.width, step = opts.step;
+    var n = data.tokens.length, count = 0, width = opts.width, step = opts.step, stepK = opts.stepK || step;
     var y0 = opts.y0 === undefined ? -Infinity : opts.y0, y1 = opts.y1 === undefined ? Infinity : opts.y1;
     ctx.save();
     if (opts.y0 !== undefined) { ctx.beginPath(); ctx.rect(0, y0, width, y1 - y0); ctx.clip(); }
@@ -51,7 +55,7 @@
       for (var q = rows ? rows[0] : 0; q < (rows ? rows[0] + 1 : n); q++) {
         eachKey(data, map, q, function (k, alpha) {
           if (alpha < opts.floor || (opts.key !== null && k !== opts.key) || !passes(data, opts.filter, q, k)) { return; }
-          var yq = (q + 0.5) * step, yk = (k + 0.5) * step;
+          var yq = (q + 0.5) * step, yk = (k + 0.5) * stepK;
           if ((yq < y0 && yk < y0) || (yq > y1 && yk > y1)) { return; }
           var b = Math.min(BUCKETS - 1, Math.floor(alpha * BUCKETS));
           var path = paths[b] || (paths[b] = new Path2D());
@@ -93,7 +97,9 @@
   }
 
   function summary(data) {
-    var text = KIND[data.kind] + " \u00b7 " + data.model + " \u00b7 " + data.tokens.length + " tokens";
+    var text = KIND[data.kind] + " \u00b7 " + data.model + " \u00b7 " + (data.key_tokens
+      ? data.tokens.length + " query tokens \u00d7 " + data.key_tokens.length + " key tokens"
+      : data.tokens.length + " tokens");
     if (data.n_kv_heads < data.n_heads && data.kind !== "rollout") {
       text += " \u00b7 " + data.n_heads + " query heads share " + data.n_kv_heads + " key/value heads";
     }
@@ -110,9 +116,10 @@
 
   function tokenColumn(data, side) {
     var column = el("div", { className: "lms-att-col lms-att-" + side });
-    data.tokens.forEach(function (token, i) {
+    var keys = side === "right", given = keys ? data.key_n_input : data.n_input;
+    (keys ? keyTokens(data) : data.tokens).forEach(function (token, i) {
       var cls = "lms-att-tok" + (segment(data, i) === "B" ? " lms-att-seg-b" : "") +
-        (i === data.segment_b ? " lms-att-boundary" : "") + (i >= data.n_input ? " lms-att-generated" : "");
+        (i === data.segment_b ? " lms-att-boundary" : "") + (i >= given ? " lms-att-generated" : "");
       var node = el("div", { className: cls, "data-pos": String(i) }, lms.visible(token));
       node.title = i + ": " + JSON.stringify(token);
       column.appendChild(node);
@@ -123,7 +130,7 @@
   /** The head view: two token columns and lines between them; opts.layer/opts.heads preselect. */
   function headView(body, data, opts) {
     opts = opts || {};
-    var n = data.tokens.length, state = {
+    var n = data.tokens.length, rows = Math.max(n, keyTokens(data).length), state = {
       layer: opts.layer || 0, filter: "all", query: null, key: null,
       on: data.labels.map(function (_, h) { return opts.heads ? opts.heads.indexOf(h) >= 0 : true; })
     };
@@ -148,8 +155,8 @@
     body.appendChild(note);
     var wrap = el("div", { className: "lms-att-head-view" });
     var left = tokenColumn(data, "left"), right = tokenColumn(data, "right");
-    var canvas = el("canvas", { className: "lms-att-lines", width: "200", height: String(n * ROW) });
-    canvas.style.height = n * ROW + "px";
+    var canvas = el("canvas", { className: "lms-att-lines", width: "200", height: String(rows * ROW) });
+    canvas.style.height = rows * ROW + "px";
     wrap.appendChild(left); wrap.appendChild(canvas); wrap.appendChild(right);
     body.appendChild(wrap);
 
@@ -215,7 +222,7 @@
         if (bottom > top && (top < drawn[0] || bottom > drawn[1])) { redraw(); }
       });
     }
-    if (n * ROW > (window.innerHeight || 800)) {
+    if (rows * ROW > (window.innerHeight || 800)) {
       document.addEventListener("scroll", onScroll, { capture: true, passive: true });
       window.addEventListener("resize", onScroll);
     }
@@ -237,12 +244,13 @@
   }
 
   function thumbnail(data, layer, h) {
-    var n = data.tokens.length, canvas = el("canvas", { className: "lms-att-thumb-canvas" });
-    var ctx;
-    if (n <= 100) {
+    var n = data.tokens.length, nk = keyTokens(data).length;
+    var canvas = el("canvas", { className: "lms-att-thumb-canvas" }), ctx;
+    if (Math.max(n, nk) <= 100) {
       canvas.width = THUMB; canvas.height = THUMB; ctx = canvas.getContext("2d");
       drawLines(ctx, data, layer, [h], {
-        width: THUMB, step: THUMB / n, query: null, key: null, filter: "all", floor: 0.01, lineWidth: 1, alpha: 1
+        width: THUMB, step: THUMB / n, stepK: THUMB / nk, query: null, key: null, filter: "all", floor: 0.01,
+        lineWidth: 1, alpha: 1
       });
       return canvas;
     }
@@ -253,7 +261,7 @@
     for (var q = 0; q < n; q++) {
       var y = Math.floor(q * size / n);
       eachKey(data, map, q, function (k, alpha) {
-        var at = 4 * (y * size + Math.floor(k * size / n));
+        var at = 4 * (y * size + Math.floor(k * size / nk));
         var a = Math.round(255 * Math.min(1, alpha));
         if (a > image.data[at + 3]) {
           image.data[at] = +rgb[0]; image.data[at + 1] = +rgb[1]; image.data[at + 2] = +rgb[2]; image.data[at + 3] = a;
@@ -311,19 +319,21 @@
     return m;
   }
 
-  /** softmax(q·k·scaling) of one row, as the model computes it (the same formula as the Python side). */
+  /** softmax(q·k·scaling + bias) of one row, as the model computes it (the same formula as the Python side);
+      the bias is T5's relative position bias where the model adds one. */
   function neuronRow(data, li, h, q) {
     var nd = data.neuron, group = data.n_heads / data.n_kv_heads, kv = Math.floor(h / group);
     var query = nd.q[li][q][h], band = nd.band[li][q], scaling = nd.scaling[li], cap = nd.softcap[li];
+    var biases = nd.bias ? nd.bias[li][h][q] : null;
     var rows = [], top = -Infinity;
-    for (var k = 0; k < data.tokens.length; k++) {
+    for (var k = 0; k < keyTokens(data).length; k++) {
       var key = nd.k[li][k][kv], product = [], dot = 0;
       for (var d = 0; d < query.length; d++) { product.push(query[d] * key[d]); dot += query[d] * key[d]; }
-      var score = dot * scaling;
+      var bias = biases ? biases[k] : 0, score = dot * scaling + bias;
       if (cap) { score = Math.tanh(score / cap) * cap; }
       var visible = k >= band[0] && k <= band[1];
       if (visible) { top = Math.max(top, score); }
-      rows.push({ key: key, product: product, score: score, visible: visible });
+      rows.push({ key: key, product: product, dot: dot * scaling, bias: bias, score: score, visible: visible });
     }
     var total = 0;
     rows.forEach(function (r) { r.e = r.visible ? Math.exp(r.score - top) : 0; total += r.e; });
@@ -363,7 +373,7 @@
     function render() {
       var li = state.layer, h = state.head, q = state.query, row = neuronRow(data, li, h, q);
       var group = data.n_heads / data.n_kv_heads, text = "Layer " + data.layers[li] + ", head " + h +
-        ", query " + q + " \u00b7 score = (q\u00b7k) \u00d7 " + fmt(nd.scaling[li]);
+        ", query " + q + " \u00b7 score = (q\u00b7k) \u00d7 " + fmt(nd.scaling[li]) + (nd.bias ? " + position bias" : "");
       if (nd.softcap[li]) { text += ", soft-capped at " + fmt(nd.softcap[li]); }
       if (group > 1) {
         text += " \u00b7 grouped-query attention: head " + h + " reads key/value head " + row.kv +
@@ -375,7 +385,9 @@
       var cell = Math.max(3, Math.min(8, Math.floor(256 / row.query.length)));
       table.replaceChildren();
       var head = el("tr");
-      ["", "token", "key k", "q \u00d7 k", "score", "softmax"].forEach(function (t) { head.appendChild(el("th", null, t)); });
+      var columns = ["", "token", "key k", "q \u00d7 k"];
+      if (nd.bias) { columns.push("q\u00b7k \u00d7 scale", "+ bias"); }
+      columns.concat(["score", "softmax"]).forEach(function (t) { head.appendChild(el("th", null, t)); });
       table.appendChild(head);
       var qrow = el("tr", { className: "lms-att-qrow" });
       qrow.appendChild(el("th", null, "query"));
@@ -388,17 +400,21 @@
       table.appendChild(qrow);
       row.rows.forEach(function (r, k) {
         var tr = el("tr", { className: "lms-att-nrow" + (r.visible ? "" : " lms-att-masked"), "data-key": String(k),
-          "data-prob": String(r.prob), "data-score": String(r.score) });
+          "data-prob": String(r.prob), "data-score": String(r.score), "data-bias": String(r.bias) });
         if (segment(data, k) === "B") { tr.classList.add("lms-att-seg-b"); }
         if (k === data.segment_b) { tr.classList.add("lms-att-boundary"); }
         tr.appendChild(el("th", null, String(k)));
         var tok = el("td");
-        tok.appendChild(lms.token(data.tokens[k]));
+        tok.appendChild(lms.token(keyTokens(data)[k]));
         tr.appendChild(tok);
         var kc = el("td"), pc = el("td");
         kc.appendChild(strip(r.key, vecScale, cell));
         pc.appendChild(strip(r.product, prodScale, cell));
         tr.appendChild(kc); tr.appendChild(pc);
+        if (nd.bias) {
+          tr.appendChild(el("td", { className: "lms-att-num" }, fmt(r.dot)));
+          tr.appendChild(el("td", { className: "lms-att-num lms-att-bias" }, r.visible ? (r.bias < 0 ? "" : "+") + fmt(r.bias) : ""));
+        }
         tr.appendChild(el("td", { className: "lms-att-num" }, fmt(r.score)));
         var bar = el("td", { className: "lms-att-prob" });
         if (r.visible) {
@@ -419,11 +435,44 @@
     render();
   }
 
-  lms.views.attention = function (body, data) {
+  function render(body, data) {
     body.appendChild(summary(data));
     if (data.view === "model") { modelView(body, data); }
     else if (data.view === "neuron") { neuronView(body, data); }
     else { headView(body, data); }
+  }
+
+  /** An encoder-decoder model: BertViz's "Attention" selector over the parts; each is drawn when first picked. */
+  function encoderDecoder(body, data) {
+    body.appendChild(el("div", { className: "lms-att-summary lms-muted" }, KIND[data.kind] + " \u00b7 " + data.model +
+      " \u00b7 encoder-decoder: " + data.source_tokens.length + " source tokens, " + data.target_tokens.length +
+      " target tokens"));
+    var controls = el("div", { className: "lms-controls" });
+    var select = el("select", { className: "lms-att-part", "aria-label": "attention" });
+    data.parts.forEach(function (part, i) { select.appendChild(el("option", { value: String(i) }, part.part_label)); });
+    controls.appendChild(el("label", { className: "lms-att-part-label" }, "Attention: "));
+    controls.appendChild(select);
+    body.appendChild(controls);
+    var panes = data.parts.map(function (part) {
+      var pane = el("div", { className: "lms-att-pane", "data-part": part.part });
+      pane.hidden = true;
+      body.appendChild(pane);
+      return pane;
+    });
+    function show(i) {
+      panes.forEach(function (pane, j) { pane.hidden = j !== i; });
+      if (!panes[i].getAttribute("data-drawn")) {
+        render(panes[i], data.parts[i]);
+        panes[i].setAttribute("data-drawn", "1");
+      }
+      body.setAttribute("data-part", data.parts[i].part);
+    }
+    select.addEventListener("change", function () { show(Number(select.value)); });
+    show(0);
+  }
+
+  lms.views.attention = function (body, data) {
+    if (data.parts) { encoderDecoder(body, data); } else { render(body, data); }
     body.setAttribute("data-drawn", "1");
   };
 })();
