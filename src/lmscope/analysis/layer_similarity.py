@@ -28,7 +28,7 @@ from lmscope.analysis.similarity import MEASURES, compare, prepare, ready
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 
-__all__ = ["LayerSimilarity", "layer_similarity"]
+__all__ = ["LayerSimilarity", "chosen_layers", "layer_similarity"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,37 @@ def _dominance(
                  sum(s > DOMINANT_SHARE for _, s, _ in shares), len(layers))  # fmt: skip
 
 
+def chosen_layers(source: Any, layers: Any) -> tuple[int, ...]:
+    """The captured layers ``layers`` names (all captured layers for ``None``), ascending."""
+    captured = tuple(source.layers)
+    chosen = captured if layers is None else tuple(sorted({layer % source.model.n_layers for layer in layers}))
+    missing = [layer for layer in chosen if layer not in captured]
+    if missing or not chosen:
+        raise LmscopeError(f"layers {missing or list(chosen)} were not captured (captured: {list(captured)})")
+    return chosen
+
+
+_STREAM_BYTES = 2**30  # stream a collection whose compared activations in float64 exceed this
+
+
+def _streams(source: Any, method: str, site_a: str, site_b: str, stream: bool | None, options: dict) -> bool:
+    """Whether to stream: asked for, or (``None``) a collection too large to hold, with a measure that streams."""
+    streamable = method != "cka" or (options.get("kernel", "linear") == "linear" and not options.get("debiased"))
+    collection = not isinstance(source, Trace)
+    if stream is None and ("memory_mb" in options or "progress" in options):
+        stream = True  # options only the streaming version takes
+    if stream is not None:
+        if stream and not (collection and streamable):
+            raise LmscopeError("stream=True needs a collection and a measure that streams (not debiased or RBF CKA)")
+        return bool(stream)
+    if not (collection and streamable):
+        return False
+    width = {site: source.features.get(site, 0) for site in (site_a, site_b)}
+    if method == "cka" and "debiased" not in options and source.n_tokens < max(width.values()):
+        return False  # the in-memory version switches to debiased CKA
+    return source.n_tokens * sum(width.values()) * len(source.layers) * 8 > _STREAM_BYTES
+
+
 def layer_similarity(
     source: Any,
     method: str = "cka",
@@ -87,6 +118,7 @@ def layer_similarity(
     *,
     positions: Any = None,
     skip_first: bool = False,
+    stream: bool | None = None,
     **options: Any,
 ) -> LayerSimilarity:
     """Compare ``site_a`` and ``site_b`` at every pair of ``layers`` (default: every captured layer).
@@ -95,14 +127,21 @@ def layer_similarity(
     explicit ``debiased``, the unbiased estimator is used when features outnumber tokens, and the
     result records it. ``positions`` (ints or a slice, within each text) or ``skip_first=True``
     compare only those tokens: leave out an attention sink that would dominate every measure.
+
+    ``stream=True`` reads a collection one shard at a time and compares accumulated covariances
+    (:func:`lmscope.analysis.streaming.layer_similarity`: memory is one shard plus the statistics,
+    ``memory_mb=`` bounds the latter); ``None`` (default) streams a collection whose activations in
+    float64 would take more than 1 GiB, when the measure streams (not debiased or RBF CKA).
     """
     if method not in MEASURES:
         raise LmscopeError(f"unknown similarity {method!r}: choose from {', '.join(MEASURES)}")
-    captured = tuple(source.layers)
-    chosen = captured if layers is None else tuple(sorted({layer % source.model.n_layers for layer in layers}))
-    missing = [layer for layer in chosen if layer not in captured]
-    if missing or not chosen:
-        raise LmscopeError(f"layers {missing or list(chosen)} were not captured (captured: {list(captured)})")
+    if _streams(source, method, site_a, site_b, stream, options):
+        from lmscope.analysis import streaming
+
+        return streaming.layer_similarity(
+            source, method, site_a, site_b, layers, positions=positions, skip_first=skip_first, **options
+        )
+    chosen = chosen_layers(source, layers)
     if isinstance(source, Trace):
         lengths, tokens = [source.n_pos], source.tokens
     else:

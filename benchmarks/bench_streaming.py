@@ -1,0 +1,152 @@
+"""Streaming layer similarity over a large collection: time and peak memory.
+
+Linear CKA of every pair of ``resid_post`` layers of the embedded model (SmolLM2-135M: 30 blocks,
+d_model 576) over a collection of ``--tokens`` tokens, read one shard at a time
+(:func:`lmscope.analysis.streaming.layer_similarity`). Memory is measured as the peak resident set
+size of this process during the analysis minus its size before it (the collection is written by a
+separate process, so writing it does not count); the goal is under 1 GiB.
+
+By default the collection is synthetic: random activations in lmscope's on-disk collection format
+(safetensors shards plus ``collection.json``) with the embedded model's shapes, ``--length``-token
+texts, each layer the previous one plus noise, and a large first-token activation like the
+model's attention sink. ``--real`` collects UD English EWT sentences with the embedded model
+instead (slow on 2 cores: about 600 tokens/s). The cost of the analysis does not depend on the
+values, only on tokens, layers and features: time grows linearly with tokens, memory does not.
+
+    python benchmarks/bench_streaming.py --tokens 100000          # synthetic, 6.9 GB on disk
+    python benchmarks/bench_streaming.py --tokens 100000 --real   # a real collection
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+D_MODEL, N_LAYERS = 576, 30  # the embedded SmolLM2-135M
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def write_synthetic(root: Path, tokens: int, length: int, shard_mb: float, seed: int = 0) -> None:
+    """A collection of ``tokens`` tokens in texts of ``length`` in the on-disk format, a shard at a time."""
+    from lmscope.analysis._collection import FORMAT, META, VERSION, write_json, write_shard
+
+    rng = np.random.default_rng(seed)
+    texts = -(-tokens // length)
+    lengths = np.full(texts, length)
+    lengths[-1] = tokens - length * (texts - 1)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    per_shard = max(1, int(shard_mb * 2**20 // (length * N_LAYERS * D_MODEL * 4)))
+    mix = np.eye(D_MODEL) + rng.normal(size=(D_MODEL, D_MODEL)) / (4 * np.sqrt(D_MODEL))
+    shards = []
+    root.mkdir(parents=True)
+    for first in range(0, texts, per_shard):
+        group = range(first, min(texts, first + per_shard))
+        rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in group])
+        x = rng.normal(size=(len(rows), D_MODEL)).astype(np.float32)
+        sink = np.isin(rows, starts[list(group)])
+        part = {"dest": rows.astype(np.int64)}
+        for layer in range(N_LAYERS):
+            x = (x @ mix + 0.3 * rng.normal(size=x.shape)).astype(np.float32)
+            part[f"resid_post.{layer}"] = np.where(sink[:, None], 30 * x, x)
+        shards.append(write_shard([part], root, len(shards)).name)
+    model = {"name": "synthetic (shapes of SmolLM2-135M)", "model_type": "llama", "family": "llama",
+             "n_layers": N_LAYERS, "n_heads": 9, "n_kv_heads": 3, "d_model": D_MODEL, "d_head": 64,
+             "vocab_size": 49152, "parallel": False, "post_norm": False, "dtype": "float32",
+             "n_neurons": 1536}  # fmt: skip
+    ids = [[0] * int(k) for k in lengths]
+    meta = {"format": FORMAT, "version": VERSION, "model": model, "sites": ["resid_post"],
+            "layers": list(range(N_LAYERS)), "features": {"resid_post": D_MODEL},
+            "texts": [f"synthetic text {i}" for i in range(texts)], "token_ids": ids,
+            "tokens": [["t"] * len(seq) for seq in ids], "shards": shards}  # fmt: skip
+    write_json(root / META, meta)
+
+
+def write_real(root: Path, tokens: int) -> None:
+    """A collection of UD English EWT sentences (about ``tokens`` tokens) from the embedded model."""
+    import lmscope
+    from lmscope.probing import load_ud
+
+    lm = lmscope.from_pretrained()
+    texts, total = [], 0
+    for sentence in load_ud(10**9):
+        texts.append(sentence.text)
+        total += len(lm.tokenizer(sentence.text)["input_ids"])
+        if total >= tokens:
+            break
+    lmscope.collect(lm, texts, sites="resid_post", out_dir=root, progress=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--length", type=int, default=64, help="tokens per synthetic text")
+    parser.add_argument("--shard-mb", type=float, default=32.0)
+    parser.add_argument("--memory-mb", type=float, default=640.0, help="bound on the statistics (float64)")
+    parser.add_argument("--real", action="store_true", help="collect real activations with the embedded model")
+    parser.add_argument("--dir", help="use (or keep) the collection in this folder")
+    parser.add_argument("--write", help=argparse.SUPPRESS)  # internal: write the collection and exit
+    args = parser.parse_args()
+    if args.write:
+        if args.real:
+            write_real(Path(args.write), args.tokens)
+        else:
+            write_synthetic(Path(args.write), args.tokens, args.length, args.shard_mb)
+        return
+
+    temporary = None if args.dir else tempfile.mkdtemp(prefix="lmscope-bench-streaming-")
+    root = Path(args.dir) if args.dir else Path(temporary) / "collection"
+    try:
+        if not (root / "collection.json").exists():
+            started = time.perf_counter()
+            command = [sys.executable, __file__, "--write", str(root), "--tokens", str(args.tokens),
+                       "--length", str(args.length), "--shard-mb", str(args.shard_mb)]  # fmt: skip
+            subprocess.run(command + (["--real"] if args.real else []), check=True)
+            print(f"wrote the collection in {time.perf_counter() - started:.0f} s")
+        import lmscope
+        from lmscope.analysis import streaming
+
+        col = lmscope.load_collection(root)
+        size = sum(p.stat().st_size for p in root.glob("shard-*.safetensors")) / 2**30
+        kind = "real (embedded model, UD English EWT)" if args.real else "synthetic (random, the model's shapes)"
+        before = _rss_mb()
+        started = time.perf_counter()
+        result = streaming.layer_similarity(col, "cka", "resid_post", "resid_post", memory_mb=args.memory_mb)
+        seconds = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB -> MiB
+        n = len(result.layers_a)
+        figures = {
+            "collection": kind,
+            "tokens": col.n_tokens,
+            "layers": n,
+            "pairs": n * n,
+            "d_model": col.features["resid_post"],
+            "shards": len(col._shards),
+            "collection_gib": round(size, 2),
+            "memory_mb_bound": args.memory_mb,
+            "seconds": round(seconds, 1),
+            "tokens_per_s": round(col.n_tokens / seconds, 1),
+            "peak_rss_mib_beyond_start": round(peak - before, 1),
+            "cka_layer0_layer1": round(float(result.matrix[0, 1]), 5),
+        }
+        print(json.dumps(figures, indent=2))
+        print(f"peak memory beyond the start: {peak - before:.0f} MiB (goal < 1024 MiB)")
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Analyses that stream over a collection equal the in-memory ones, with memory bounded by a shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmscope.analysis import streaming
+from lmscope.analysis._collection import FORMAT, META, VERSION, load_collection, write_json, write_shard
+from lmscope.analysis.layer_similarity import layer_similarity
+from lmscope.analysis.similarity import cca, cka, pwcca, svcca
+
+
+def write_collection(root: Path, layers: int = 3, d: int = 8, texts: int = 40, length: int = 12, *,
+                     per_shard: int = 7, seed: int = 0, neurons: int = 0) -> Path:  # fmt: skip
+    """A collection in lmscope's on-disk format with related layers (each the last plus noise), a large
+    first-token activation and a large mean, written as several shards of texts in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(length // 2, length + 1, size=texts)
+    n = int(lengths.sum())
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    first = np.isin(np.arange(n), starts)
+    base = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    values = {}
+    for layer in range(layers):
+        base = base @ (np.eye(d) + 0.5 * rng.normal(size=(d, d)) / np.sqrt(d)) + 0.3 * rng.normal(size=(n, d))
+        x = base + 5.0  # a mean far from 0
+        x[first] *= 6.0  # an attention sink on every first token
+        values[f"resid_post.{layer}"] = x.astype(np.float32)
+        if neurons:
+            values[f"mlp_act.{layer}"] = np.tanh(x @ rng.normal(size=(d, neurons))).astype(np.float32)
+    root.mkdir(parents=True)
+    order = rng.permutation(texts)
+    shards = []
+    for start in range(0, texts, per_shard):
+        rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in order[start : start + per_shard]])
+        part = {"dest": rows.astype(np.int64), **{name: x[rows] for name, x in values.items()}}
+        shards.append(write_shard([part], root, len(shards)).name)
+    sites = ["resid_post", "mlp_act"] if neurons else ["resid_post"]
+    model = {"name": "synthetic", "model_type": "llama", "family": "llama", "n_layers": layers, "n_heads": 1,
+             "n_kv_heads": 1, "d_model": d, "d_head": d, "vocab_size": 10, "parallel": False, "post_norm": False,
+             "dtype": "float32", "n_neurons": neurons or None}  # fmt: skip
+    ids = [[1] * int(k) for k in lengths]
+    meta = {"format": FORMAT, "version": VERSION, "model": model, "sites": sites, "layers": list(range(layers)),
+            "features": {"resid_post": d, **({"mlp_act": neurons} if neurons else {})},
+            "texts": [f"text {i}" for i in range(texts)], "token_ids": ids,
+            "tokens": [[f"t{j}" for j in range(len(seq))] for seq in ids], "shards": shards}  # fmt: skip
+    write_json(root / META, meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def col(tmp_path_factory):
+    return load_collection(write_collection(tmp_path_factory.mktemp("stream") / "col", neurons=5))
+
+
+@pytest.mark.parametrize(
+    "method, measure, options",
+    [("cka", cka, {}), ("cca", cca, {}), ("svcca", svcca, {}), ("svcca", svcca, {"dims": 3}),
+     ("pwcca", pwcca, {}), ("cca", cca, {"epsilon": 1e-2}), ("pwcca", pwcca, {"epsilon": 1e-2})],
+)  # fmt: skip
+def test_measures_equal_in_memory(col, method, measure, options):
+    for a, b in [(("resid_post", 0), ("resid_post", 2)), (("resid_post", 1), ("mlp_act", 1))]:
+        expected = measure(col.get(*a), col.get(*b), **options)
+        got = streaming.similarity(col, a, b, method, **options)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-9), (method, a, b)
+    x = col.get("resid_post", 1)
+    got = streaming.similarity(col, ("resid_post", 1), ("resid_post", 1), method, **options)
+    assert got == pytest.approx(measure(x, x, **options), rel=1e-5)
+
+
+def test_skip_first_equals_in_memory(col):
+    a, b = col.get("resid_post", 0, skip_first=True), col.get("resid_post", 2, skip_first=True)
+    got = streaming.similarity(col, ("resid_post", 0), ("resid_post", 2), "pwcca", skip_first=True)
+    assert got == pytest.approx(pwcca(a, b), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cka", "cca", "svcca", "pwcca"])
+@pytest.mark.parametrize("memory_mb", [768.0, 0.0])  # one pass; one block per pass
+def test_layer_similarity_equals_in_memory(col, method, memory_mb):
+    for site_b, skip in (("resid_post", False), ("mlp_act", True)):
+        expected = layer_similarity(col, method, "resid_post", site_b, skip_first=skip, stream=False)
+        got = layer_similarity(col, method, "resid_post", site_b, skip_first=skip, memory_mb=memory_mb)
+        np.testing.assert_allclose(got.matrix, expected.matrix, rtol=1e-5, atol=1e-9)
+        assert (got.n_tokens, got.selection, got.layers_a) == (expected.n_tokens, expected.selection, expected.layers_a)
+        same = [[(d.pos, d.token, d.text, d.n_texts, d.where) for d in r.dominance] for r in (got, expected)]
+        assert same[0] == same[1]
+        for mine, theirs in zip(got.dominance, expected.dominance, strict=True):
+            assert mine.share == pytest.approx(theirs.share, rel=1e-6)
+    assert str(got)  # the same result type, with its text twin
+
+
+def test_collection_method_streams(col):
+    got = col.layer_similarity("cka", site_b="resid_post", stream=True)
+    expected = col.layer_similarity("cka", site_b="resid_post", stream=False)
+    np.testing.assert_allclose(got.matrix, expected.matrix, rtol=1e-5)
