@@ -53,6 +53,7 @@ __all__ = [
     "neuron_scores",
     "neuron_scores_of",
     "rollout",
+    "seq2seq_sites",
     "sparsify",
     "value_norms",
 ]
@@ -271,6 +272,17 @@ def needed_sites(view: str, kind: str, part: str = "") -> tuple[str, ...]:
             *(("cross_v",) if kind == "value_norm" else ()),
         )
     return ("attn_probs", *(("q", "k") if view == "neuron" else ()), *(("v",) if kind == "value_norm" else ()))
+
+
+def seq2seq_sites(view: str, kind: str, part: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(needed, optional)``: the sites an encoder-decoder view of ``part`` (default all) reads.
+
+    ``needed`` on the decoder trace (the encoder trace needs the self-attention ones among them);
+    ``optional``: captured where the model has them (T5's ``position_bias``, for the neuron view).
+    """
+    names = PARTS if part is None else (part,)
+    needed = dict.fromkeys(s for name in names for s in needed_sites(view, kind, name))
+    return tuple(needed), (("position_bias",) if view == "neuron" else ())
 
 
 def attention(

@@ -163,6 +163,10 @@ def neuron_data(trace: Trace, layer_index: list[int], *, cross: bool = False) ->
     off the captured probabilities (a key is masked when every head gives it exactly zero weight).
     """
     q_site, k_site, probs_site, bias_site = SITES["cross" if cross else "self"]
+    if bias_site is not None and trace.model.family == "t5" and bias_site not in trace.tensors:
+        raise LmscopeError(
+            "T5 adds a relative position bias to its attention scores: trace again with sites including 'position_bias'"
+        )
     q = trace.get(q_site)[layer_index].float()  # [layer, pos_q, head, d_head]
     k = trace.get(k_site)[layer_index].float()  # [layer, pos_k, kv_head, d_head]
     if q.numel() + k.numel() > NEURON_BUDGET:
