@@ -210,6 +210,8 @@ def describe(out: Output, lm: LM | None) -> dict[str, Any]:
         "model": trace.model.name,
         "tokens": list(trace.tokens),
         "token_ids": trace.token_ids.tolist(),
+        # encoder-decoder models: the encoder's source tokens (``tokens`` are the decoder's target tokens)
+        "source_tokens": None if getattr(trace, "encoder", None) is None else list(trace.encoder.tokens),
         "n_input": trace.n_input,
         "layers": list(trace.layers),
         "n_layers": trace.model.n_layers,

@@ -126,11 +126,14 @@ async def attention(
     head: int = 0,
     query: int = -1,
     top_k: Annotated[int | None, Query(ge=1)] = None,
+    part: Annotated[str | None, Query(description="encoder-decoder models: encoder, decoder or cross")] = None,
     html: Html = True,
     data: Data = False,
 ) -> Response:
-    """BertViz's head, model or neuron view of the run's attention (``kind``: weights, rollout, value_norm)."""
-    method = lambda out: out.attention(layer, view, kind, head, query, top_k)  # noqa: E731
+    """BertViz's head, model or neuron view of the run's attention (``kind``: weights, rollout, value_norm);
+    of an encoder-decoder model all three kinds (Encoder, Decoder, Cross), or the one ``part``."""
+    chosen = {"part": part} if part else {}
+    method = lambda out: out.attention(layer, view, kind, head, query, top_k, **chosen)  # noqa: E731
     return await _analysis(request, app, run_id, method, html, data)
 
 

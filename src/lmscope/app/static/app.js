@@ -410,13 +410,23 @@
       return showAnalysis(body, "lens", "lens", { position: predicted(S.position), norm: $("norm").checked, topk: 10, data: false });
     } },
     { name: "attention", label: "Attention", render: function (panel) {
-      var body;
-      explains(panel, "Attention into the", "; the neuron view starts at that state");
-      var ctl = controls(panel, [
+      var body, specs = [
         { name: "view", label: "View", value: "head", options: [["head", "head view"], ["model", "model view"], ["neuron", "neuron view"]] },
         { name: "kind", label: "Map", value: "weights", options: [["weights", "attention weights"], ["rollout", "rollout"], ["value_norm", "weight \u00d7 value norm"]] },
         { name: "layer", label: "Layer", value: "", options: layerOptions("all layers") }
-      ], function () { draw(); });
+      ];
+      explains(panel, "Attention into the", "; the neuron view starts at that state");
+      if (S.run.source_tokens) {  // encoder-decoder: BertViz's Encoder / Decoder / Cross, source and target tokens
+        specs.unshift({ name: "part", label: "Attention", value: "", options: [["", "Encoder, Decoder, Cross"],
+          ["encoder", "Encoder"], ["decoder", "Decoder"], ["cross", "Cross (target \u2192 source)"]] });
+        [["source", "Source (encoder)", S.run.source_tokens, S.run.source_tokens.length],
+          ["target", "Target (decoder)", S.run.tokens, S.run.n_input]].forEach(function (side) {
+          var line = lms.el("p", { className: "seq2seq-tokens", "data-side": side[0] }, side[1] + ": ");
+          side[2].forEach(function (token, i) { line.appendChild(lms.token(token, i >= side[3] ? "generated" : "")); });
+          panel.appendChild(line);
+        });
+      }
+      var ctl = controls(panel, specs, function () { draw(); });
       body = viewBox(panel, "attention", "Attention (BertViz views); the neuron view starts at the selected position");
       function draw() {
         var params = ctl.values();
