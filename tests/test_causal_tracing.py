@@ -103,7 +103,7 @@ def test_ablating_the_flow_graphs_top_edges_hurts_more_than_random_edges() -> No
     result = lm.faithfulness("The keys to the cabinet are on the", threshold=0.02, ks=(1, 4, 16), draws=2)
     assert result.ks == (1, 4, 16) and result.top_logit.shape == (3,) and result.random_logit.shape == (3,)
     assert result.beats_random and result.top_auc > result.random_auc
-    assert "top-k logit" in str(result) and 'data-view="interventions"' in result.to_html()
+    assert "top-k logit" in str(result) and 'data-view="faithfulness"' in result.to_html()
     json.dumps(result.to_dict())
     with pytest.raises(LmscopeError, match="ks must lie in"):
         lm.faithfulness("The keys to the cabinet are on the", ks=(10**6,))

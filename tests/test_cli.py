@@ -159,6 +159,7 @@ BAD: dict[str, list[str]] = {
     "--samples": ["0", "-1", "x", "100"],
     "--window": ["0", "-1", "x", "100"],
     "--draws": ["0", "-1", "x", "1000"],
+    "--baseline": ["", "zero", "two words"],
 }
 
 

@@ -165,11 +165,12 @@ class LM:
 
         return activation_patching(self, clean, corrupted, answer, wrong, **options)
 
-    def faithfulness(self, text: str, **options: Any) -> Faithfulness:
-        """Top-k vs random k flow-graph edges ablated: see :func:`lmscope.analysis.faithfulness.flow_faithfulness`."""
-        from lmscope.analysis.faithfulness import flow_faithfulness
+    def faithfulness(self, text: str, method: str = "flow", **options: Any) -> Faithfulness:
+        """Top-k vs random k units of ``method`` (``"flow"``: graph edges; a saliency method: tokens)
+        removed: see :func:`lmscope.analysis.faithfulness.faithfulness`."""
+        from lmscope.analysis.faithfulness import faithfulness
 
-        return flow_faithfulness(self, text, **options)
+        return faithfulness(self, text, method, **options)
 
     def load_trace(self, path: str | os.PathLike[str]) -> Output:
         """A saved trace, checked to come from this model, with the model attached."""

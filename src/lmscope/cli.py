@@ -663,10 +663,22 @@ def _cmd_causal_trace(args: argparse.Namespace) -> None:
 
 
 def _add_faithfulness(commands: Any) -> None:
-    parser = commands.add_parser("faithfulness", help="ablate the flow graph's top-k edges vs random k edges")
+    parser = commands.add_parser(
+        "faithfulness", help="remove a method's top-k edges or tokens vs random k (flow graph, saliency)"
+    )
     _text_arg(parser)
     parser.add_argument(
-        "--threshold", type=_float(0.0, 1.0), default=0.04, help="the flow graph's threshold (default 0.04)"
+        "--method",
+        choices=("flow", "grad_x_input", "gradient", "input_x_gradient", "integrated_gradients", "occlusion"),
+        default="flow",
+        help="flow (the graph's edges, default) or a saliency method (the input's tokens)",
+    )
+    parser.add_argument(
+        "--threshold", type=_float(0.0, 1.0), default=None, help="the flow graph's threshold (default 0.04)"
+    )
+    parser.add_argument("--draws", type=_int(1, 100), default=None, help="random draws per k (default 3; saliency 8)")
+    parser.add_argument(
+        "--baseline", default=None, help="saliency: a deleted token's embedding: zero (default), mean or a token"
     )
     parser.add_argument("--draws", type=_int(1, 100), default=3, help="random draws per k (default 3)")
     _model_args(parser)
@@ -675,7 +687,16 @@ def _add_faithfulness(commands: Any) -> None:
 
 
 def _cmd_faithfulness(args: argparse.Namespace) -> None:
-    _emit(_load(args).faithfulness(args.text, threshold=args.threshold, draws=args.draws), args)
+    options: dict[str, Any] = {} if args.draws is None else {"draws": args.draws}
+    if args.method == "flow" and args.baseline is not None:
+        raise LmscopeError("--baseline applies to saliency methods (a deleted token's embedding), not to flow")
+    if args.method != "flow" and args.threshold is not None:
+        raise LmscopeError("--threshold applies to the flow graph (--method flow), not to saliency")
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    if args.baseline is not None:
+        options["baseline"] = args.baseline
+    _emit(_load(args).faithfulness(args.text, args.method, **options), args)
 
 
 # One entry per subcommand, in the order `lmscope --help` lists them.

@@ -1,8 +1,16 @@
-"""The faithfulness curves of :class:`Faithfulness`: target logit after ablating top-k vs random k edges."""
+"""The faithfulness curves of :class:`Faithfulness`: the target after removing top-k vs random k units.
+
+Two line charts over ``k`` (the target's logit, and its probability): removing the method's top-``k``
+(deletion), ``k`` at random, and for tokens keeping only the top-``k`` (insertion), with the intact
+run as a dashed line. The text twin is the same curves as a table, with the areas and, for tokens,
+each token's attribution and rank.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
@@ -10,38 +18,84 @@ from lmscope.views._text import percent, table, visible
 __all__ = ["to_html", "to_text"]
 
 
+def _what(result: Any) -> str:
+    if result.unit == "edge":
+        return f"the flow graph ({result.n_units} attention/FFN edges)"
+    return f"{result.method} saliency ({result.n_units} tokens; deleted = {result.baseline})"
+
+
 def _title(result: Any) -> str:
     return (
-        f"faithfulness of the flow graph ({result.n_edges} attention/FFN edges): logit of "
-        f"{visible(result.target)} after ablating the top-k edges vs k random edges ({result.draws} draws); "
-        f"mean drop {result.top_auc:.3f} (top) vs {result.random_auc:.3f} (random)"
+        f"faithfulness of {_what(result)}: logit of {visible(result.target)} after removing the top-k "
+        f"{result.unit}s vs k random {result.unit}s ({result.draws} draws)"
     )
 
 
-def to_text(result: Any) -> str:
-    rows = [
-        [str(k), f"{t:.3f}", f"{r:.3f}", percent(float(tp)), percent(float(rp))]
-        for k, t, r, tp, rp in zip(
-            result.ks, result.top_logit, result.random_logit, result.top_prob, result.random_prob, strict=True
-        )
+def _notes(result: Any) -> list[str]:
+    notes = [
+        f"intact logit {result.base_logit:.3f} ({percent(result.base_prob)}); mean logit drop "
+        f"{result.top_auc:.3f} (top-k) vs {result.random_auc:.3f} (random k)"
+        + (": the top-ranked matter more" if result.beats_random else ": no better than random")
     ]
+    if result.comprehensiveness is not None:
+        notes.append(
+            f"comprehensiveness {result.comprehensiveness:.4g} (random {result.random_comprehensiveness:.4g}; "
+            f"higher is more faithful), sufficiency {result.sufficiency:.4g} (lower is more faithful)"
+        )
+    return notes
+
+
+def _series(result: Any, kind: str) -> list[dict[str, Any]]:
+    top, rand = getattr(result, f"top_{kind}"), getattr(result, f"random_{kind}")
+    series = [
+        {"name": f"top-k {result.unit}s removed (deletion)", "values": top, "style": "top"},
+        {"name": f"k random {result.unit}s removed", "values": rand, "style": "random"},
+    ]
+    insert = getattr(result, f"insert_{kind}")
+    if insert is not None:
+        series.append({"name": "only the top-k kept (insertion)", "values": insert, "style": "insert"})
+    return [{**s, "values": [round(float(v), 6) for v in s["values"]]} for s in series]
+
+
+def to_text(result: Any) -> str:
     header = ["k", "top-k logit", "random logit", "top-k prob", "random prob"]
-    return "\n".join([_title(result), f"intact logit {result.base_logit:.3f}", table(header, rows)])
+    columns = [result.top_logit, result.random_logit, result.top_prob, result.random_prob]
+    probs = [False, False, True, True]
+    if result.insert_logit is not None:
+        header += ["top-k only logit", "top-k only prob"]
+        columns += [result.insert_logit, result.insert_prob]
+        probs += [False, True]
+    rows = [
+        [str(k), *(percent(float(c[i])) if p else f"{float(c[i]):.3f}" for c, p in zip(columns, probs, strict=True))]
+        for i, k in enumerate(result.ks)
+    ]
+    lines = [_title(result), *_notes(result), table(header, rows)]
+    if result.scores is not None:
+        order = np.argsort(-result.scores, kind="stable")
+        rank = {int(p): r + 1 for r, p in enumerate(order)}
+        tokens = [[str(p), visible(t), f"{float(result.scores[p]):.4f}", str(rank[p])]
+                  for p, t in enumerate(result.tokens)]  # fmt: skip
+        lines += ["attributions:", table(["pos", "token", "score", "rank"], tokens)]
+    return "\n".join(lines)
 
 
 def to_html(result: Any) -> str:
-    """The table as the view (its curves are the rows); the text twin is the same table."""
-    scale = max(abs(result.base_logit), 1e-9)
-    panel = {
-        "name": "target logit ÷ intact",
-        "rows": ["top-k", "random k"],
-        "columns": [f"k={k}" for k in result.ks],
-        "values": [
-            [round(float(v) / scale, 5) for v in result.top_logit],
-            [round(float(v) / scale, 5) for v in result.random_logit],
-        ],
-        "scale": 1.0,
+    charts = [
+        {"name": f"logit of {visible(result.target)}", "base": result.base_logit, "series": _series(result, "logit")},
+        {
+            "name": f"probability of {visible(result.target)}",
+            "base": result.base_prob,
+            "series": _series(result, "prob"),
+        },
+    ]
+    data = {
+        "title": _title(result),
+        "notes": _notes(result),
+        "ks": list(result.ks),
+        "unit": result.unit,
+        "charts": charts,
+        "tokens": list(result.tokens) if result.scores is not None else None,
+        "scores": None if result.scores is None else [round(float(v), 6) for v in result.scores],
     }
-    data = {"title": _title(result), "notes": [f"intact logit {result.base_logit:.3f}"], "panels": [panel]}
-    return fragment("interventions", data, scripts=("interventions.js",), styles=("interventions.css",),
+    return fragment("faithfulness", data, scripts=("faithfulness.js",), styles=("faithfulness.css",),
                     text=to_text(result))  # fmt: skip
