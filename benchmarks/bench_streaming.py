@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="tokens per synthetic text")
     parser.add_argument("--shard-mb", type=float, default=32.0)
     parser.add_argument("--memory-mb", type=float, default=640.0, help="bound on the statistics (float64)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (0: numpy's default)")
     parser.add_argument("--real", action="store_true", help="collect real activations with the embedded model")
     parser.add_argument("--dir", help="use (or keep) the collection in this folder")
     parser.add_argument("--write", help=argparse.SUPPRESS)  # internal: write the collection and exit
@@ -123,7 +124,9 @@ def main() -> None:
         kind = "real (embedded model, UD English EWT)" if args.real else "synthetic (random, the model's shapes)"
         before = _rss_mb()
         started = time.perf_counter()
-        result = streaming.layer_similarity(col, "cka", "resid_post", "resid_post", memory_mb=args.memory_mb)
+        result = streaming.layer_similarity(
+            col, "cka", "resid_post", "resid_post", memory_mb=args.memory_mb, threads=args.threads or None
+        )
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB -> MiB
         n = len(result.layers_a)
@@ -136,6 +139,7 @@ def main() -> None:
             "shards": len(col._shards),
             "collection_gib": round(size, 2),
             "memory_mb_bound": args.memory_mb,
+            "blas_threads": args.threads or "default",
             "seconds": round(seconds, 1),
             "tokens_per_s": round(col.n_tokens / seconds, 1),
             "peak_rss_mib_beyond_start": round(peak - before, 1),

@@ -96,3 +96,56 @@ def test_collection_method_streams(col):
     got = col.layer_similarity("cka", site_b="resid_post", stream=True)
     expected = col.layer_similarity("cka", site_b="resid_post", stream=False)
     np.testing.assert_allclose(got.matrix, expected.matrix, rtol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_pca_equals_in_memory(col, skip):
+    from lmscope.analysis.neurons import factorize
+
+    expected = factorize(col, 3, 0, 2, method="pca", site="resid_post", skip_first=skip)
+    got = streaming.factorize(col, 3, 0, 2, method="pca", site="resid_post", skip_first=skip)
+    for name in ("components", "loadings"):
+        np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-4)
+    for name in ("reconstruction_error", "relative_error", "negative_fraction"):
+        assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-5)
+    assert (got.tokens, got.offsets, got.layers, got.selection) == (
+        expected.tokens,
+        expected.offsets,
+        expected.layers,
+        expected.selection,
+    )
+    assert (got.dominance.pos, got.dominance.text) == (expected.dominance.pos, expected.dominance.text)
+    assert got.dominance.share == pytest.approx(expected.dominance.share, rel=1e-6)
+
+
+def test_nmf_in_mini_batches(col):
+    from lmscope.analysis.neurons import factorize
+
+    expected = factorize(col, 3, site="mlp_act")
+    got = streaming.factorize(col, 3, method="nmf", site="mlp_act", batch_size=64, epochs=20)
+    assert got.components.shape == expected.components.shape and (got.components >= 0).all()
+    assert (got.loadings >= 0).all()
+    assert got.relative_error < max(1.5 * expected.relative_error, expected.relative_error + 0.05)
+    assert got.negative_fraction == pytest.approx(expected.negative_fraction)
+
+
+def test_memory_stays_bounded(tmp_path):
+    """A collection 5× larger than the memory allowed: the statistics and one shard stay within it."""
+    import tracemalloc
+
+    limit = 6 * 2**20
+    root = write_collection(tmp_path / "big", layers=4, d=48, texts=3600, length=16, per_shard=150, seed=1)
+    size = sum(p.stat().st_size for p in root.glob("shard-*.safetensors"))
+    assert size > 5 * limit
+    col = load_collection(root)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = layer_similarity(col, "pwcca", "resid_post", "resid_post", stream=True, threads=1)
+        cka_result = streaming.layer_similarity(col, "cka", "resid_post", "resid_post", memory_mb=0.05, threads=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB collection"
+    assert result.n_tokens == cka_result.n_tokens == col.n_tokens
+    assert np.allclose(np.diag(cka_result.matrix), 1.0)

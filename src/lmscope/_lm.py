@@ -13,9 +13,12 @@ from lmscope._output import Output
 from lmscope.capture import (
     Trace,
     check_length,
+    decoder_start,
     encode,
     encode_pair,
+    encode_target,
     generate_ids,
+    generate_seq2seq,
     model_info,
     trace_ids,
 )
@@ -59,7 +62,13 @@ class LM:
 
     @property
     def arch(self) -> Any:
+        """The architecture (of the decoder stack, for an encoder-decoder model: ``arch.encoder`` is the encoder's)."""
         return self.loaded.arch
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """Whether this is an encoder-decoder model (T5, BART, Marian, ...): ``trace(source, target=...)``."""
+        return self.loaded.is_seq2seq
 
     @cached_property
     def unembed(self) -> Unembed:
@@ -67,8 +76,9 @@ class LM:
 
     def __repr__(self) -> str:
         arch = self.arch
+        layers = f"{arch.encoder.n_layers}+{arch.n_layers}" if arch.encoder is not None else arch.n_layers
         return (
-            f"LM({self.name!r}, family={arch.family.name}, layers={arch.n_layers}, "
+            f"LM({self.name!r}, family={arch.family.name}, layers={layers}, "
             f"heads={arch.n_heads}/{arch.n_kv_heads}, d_model={arch.d_model}, "
             f"device={self.loaded.device}, dtype={str(self.loaded.dtype).removeprefix('torch.')})"
         )
@@ -97,8 +107,10 @@ class LM:
         text: str | Sequence[int],
         *,
         text_pair: str | None = None,
+        target: str | Sequence[int] | None = None,
         sites: Sites = None,
         layers: Layers = None,
+        encoder_layers: Layers = None,
         interventions: Sequence[Intervention] | None = None,
     ) -> Output:
         """One forward pass over ``text`` with capture; no generation.
@@ -107,7 +119,26 @@ class LM:
         begins (``segment_b``) and models with segment embeddings get the matching token types.
         ``interventions``: :class:`lmscope.Intervention` objects applied for this run only (checked
         before the model runs) and recorded in the Trace.
+
+        Encoder-decoder models: ``text`` is the source and ``target`` the text the decoder is
+        forced to read (teacher forcing; without it the decoder reads only its start token).
+        ``layers`` are the decoder's, ``encoder_layers`` the encoder's (all by default); the
+        Trace is the decoder's and ``out.trace.encoder`` the encoder's.
         """
+        if self.is_seq2seq:
+            if text_pair is not None:
+                encode_pair(self.loaded, text, text_pair)  # raises: the second text is the target
+            source = self.encode(text)
+            decoder = self._decoder_ids(target)
+            if interventions:
+                raise LmscopeError("interventions on encoder-decoder models are not supported yet")
+            trace = trace_ids(self.loaded, decoder, sites=sites, layers=layers, source_ids=source,
+                              encoder_layers=encoder_layers)  # fmt: skip
+            return Output(trace, self)
+        if target is not None:
+            raise LmscopeError(
+                f"{self.name} is not an encoder-decoder model, so it takes no target: append the text to the prompt"
+            )
         segment_b = None
         if text_pair is not None:
             ids, segment_b = encode_pair(self.loaded, text, text_pair, self.max_tokens)
@@ -129,11 +160,27 @@ class LM:
         sites: Sites = None,
         layers: Layers = None,
         interventions: Sequence[Intervention] | None = None,
+        target: str | Sequence[int] | None = None,
+        encoder_layers: Layers = None,
     ) -> Output:
         """Generate ``generate`` tokens after ``text`` (Ecco's signature), then trace the whole sequence.
 
         ``interventions`` apply while generating and to the traced pass; positions name input tokens.
+
+        Encoder-decoder models: ``text`` is the source; the decoder generates from its start token
+        (or continues ``target``, a forced prefix) with the KV cache, then one pass traces both
+        stacks. ``out.n_input`` counts the decoder tokens given (start token and prefix).
         """
+        if self.is_seq2seq:
+            if interventions:
+                raise LmscopeError("interventions on encoder-decoder models are not supported yet")
+            return self._generate_seq2seq(text, target, generate, sites, layers, encoder_layers,
+                                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          seed=seed)  # fmt: skip
+        if target is not None:
+            raise LmscopeError(
+                f"{self.name} is not an encoder-decoder model, so it takes no target: append the text to the prompt"
+            )
         ids = self.encode(text)
         plan = prepare(self.loaded, interventions, len(ids))
         if self.max_tokens is not None:
@@ -150,6 +197,25 @@ class LM:
             plan=plan,
         )
         return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan), self)
+
+    def _decoder_ids(self, target: str | Sequence[int] | None) -> torch.Tensor:
+        """The decoder's tokens: its start token, then ``target`` if given."""
+        if target is None:
+            return torch.tensor([decoder_start(self.loaded)])
+        return encode_target(self.loaded, target, self.max_tokens)
+
+    def _generate_seq2seq(self, text: str | Sequence[int], target: str | Sequence[int] | None, generate: int,
+                          sites: Sites, layers: Layers, encoder_layers: Layers, **sampling: Any) -> Output:  # fmt: skip
+        source = self.encode(text)
+        prefix = self._decoder_ids(target)
+        eos = self.tokenizer.eos_token_id
+        if target is not None and len(prefix) > 1 and eos is not None and int(prefix[-1]) == eos:
+            prefix = prefix[:-1]  # continue the target, not after its end
+        full = generate_seq2seq(self.loaded, source, prefix, generate=generate, max_tokens=self.max_tokens,
+                                **sampling)  # fmt: skip
+        trace = trace_ids(self.loaded, full, n_input=len(prefix), sites=sites, layers=layers, source_ids=source,
+                          encoder_layers=encoder_layers)  # fmt: skip
+        return Output(trace, self)
 
     def causal_trace(self, text: str | Sequence[int], subject: str | Sequence[int], target: str | int | None = None,
                      **options: Any) -> CausalTrace:  # fmt: skip
@@ -178,7 +244,15 @@ class LM:
 
     def attach(self, trace: Trace, where: str = "the trace") -> Output:
         """``trace`` with this model attached, after checking that this model recorded it."""
+        if self.is_seq2seq != trace.is_seq2seq:
+            kinds = ("a decoder-only or encoder-only", "an encoder-decoder")
+            raise LmscopeError(
+                f"{where} is a trace of {kinds[trace.is_seq2seq]} model ({trace.model.name!r}) and {self.name} is "
+                f"{kinds[self.is_seq2seq]} model: load it with the model that made it, or without a model"
+            )
         mismatch = model_info(self.loaded).mismatch(trace.model)
+        if trace.encoder is not None and not mismatch:
+            mismatch = model_info(self.loaded, "encoder").mismatch(trace.encoder.model)
         if mismatch:
             raise LmscopeError(
                 f"{where} was traced with {trace.model.name!r}, not {self.name!r} ({mismatch}): "

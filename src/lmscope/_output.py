@@ -145,18 +145,30 @@ class Output:
         lm = self._require_lm("rankings_watch")
         return rankings_watch(self.trace, lm.unembed, watch, position, site, norm, causal=self._causal(lm))
 
-    def activations(self, layers: Any = None, site: str = "mlp_act", **options: Any) -> Activations:
+    def activations(
+        self, layers: Any = None, site: str = "mlp_act", *, stack: str | None = None, **options: Any
+    ) -> Activations:
         """Activations ``[layer, neuron, pos]`` of ``site`` (``mlp_act`` or a residual site) with the tokens.
 
-        ``options``: ``positions`` or ``skip_first`` (see ``analysis.activations``).
+        ``options``: ``positions`` or ``skip_first`` (see ``analysis.activations``). ``stack``:
+        ``"encoder"`` or ``"decoder"`` (the default) of an encoder-decoder model.
         """
-        return activations(self.trace, layers, site, **options)
+        return activations(self.trace.stack(stack), layers, site, **options)
 
     def run_nmf(
-        self, n_components: int = 8, from_layer: int | None = None, to_layer: int | None = None, **options: Any
+        self,
+        n_components: int = 8,
+        from_layer: int | None = None,
+        to_layer: int | None = None,
+        *,
+        stack: str | None = None,
+        **options: Any,
     ) -> Factors:
-        """NMF of ``mlp_act`` over layers ``from_layer:to_layer`` (Ecco's signature; see ``analysis.factorize``)."""
-        return factorize(self.trace, n_components, from_layer, to_layer, **options)
+        """NMF of ``mlp_act`` over layers ``from_layer:to_layer`` (Ecco's signature; see ``analysis.factorize``).
+
+        ``stack``: ``"encoder"`` or ``"decoder"`` (the default) of an encoder-decoder model.
+        """
+        return factorize(self.trace.stack(stack), n_components, from_layer, to_layer, **options)
 
     def factorize(
         self,
@@ -164,14 +176,19 @@ class Output:
         n_components: int = 8,
         from_layer: int | None = None,
         to_layer: int | None = None,
+        *,
+        stack: str | None = None,
         **options: Any,
     ) -> Factors:
-        """NMF, PCA or ICA of activations (``method``); ``options`` as in ``analysis.factorize``."""
-        return factorize(self.trace, n_components, from_layer, to_layer, method=method, **options)
+        """NMF, PCA or ICA of activations (``method``); ``options`` as in ``analysis.factorize``; ``stack`` as above."""
+        return factorize(self.trace.stack(stack), n_components, from_layer, to_layer, method=method, **options)
 
-    def layer_similarity(self, method: str = "cka", **options: Any) -> LayerSimilarity:
-        """Similarity of every layer pair (``site_a`` vs ``site_b``), e.g. hidden states vs FFN activations."""
-        return layer_similarity(self.trace, method, **options)
+    def layer_similarity(self, method: str = "cka", *, stack: str | None = None, **options: Any) -> LayerSimilarity:
+        """Similarity of every layer pair (``site_a`` vs ``site_b``), e.g. hidden states vs FFN activations.
+
+        ``stack``: ``"encoder"`` or ``"decoder"`` (the default) of an encoder-decoder model.
+        """
+        return layer_similarity(self.trace.stack(stack), method, **options)
 
     def attention(
         self,
@@ -197,6 +214,7 @@ class Output:
                 sites=sites,
                 layers=layers,
                 segment_b=trace.segment_b,
+                source_ids=trace.encoder.token_ids if trace.encoder is not None else None,
             )
         arch = self._require_lm("attention × value norm").arch if kind == "value_norm" else None
         return attention(trace, layer=layer, view=view, kind=kind, head=head, query=query, top_k=top_k, arch=arch)

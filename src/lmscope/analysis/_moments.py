@@ -17,7 +17,8 @@ split over several passes (each reads every shard again); one pass when they fit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from lmscope.analysis._positions import select_rows, within_text
 from lmscope.errors import LmscopeError
 
-__all__ = ["Moments", "accumulate", "passes"]
+__all__ = ["Moments", "accumulate", "blas_threads", "passes"]
 
 Key = tuple[str, int]  # (site, layer)
 
@@ -95,7 +96,8 @@ class Moments:
             x = x.astype(np.float64)
             if key not in self.shift:
                 self.shift[key] = x.mean(axis=0)
-            shifted[key] = x = x - self.shift[key]  # [row, features]
+            x -= self.shift[key]
+            shifted[key] = x  # [row, features]
             if runs is not None:
                 self._moments(key, x, groups, rows, runs)
         if first:
@@ -188,3 +190,18 @@ def accumulate(
     finally:
         bar.close()
     return moments, selection
+
+
+@contextmanager
+def blas_threads(threads: int | None) -> Iterator[None]:
+    """numpy's BLAS threads capped at ``threads`` inside the block (unchanged for ``None``), restored after.
+
+    On a machine busy with other work, one thread can be many times faster than several that spin-wait.
+    """
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(threads), user_api="blas"):
+        yield

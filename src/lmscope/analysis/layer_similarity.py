@@ -95,7 +95,7 @@ def _streams(source: Any, method: str, site_a: str, site_b: str, stream: bool | 
     """Whether to stream: asked for, or (``None``) a collection too large to hold, with a measure that streams."""
     streamable = method != "cka" or (options.get("kernel", "linear") == "linear" and not options.get("debiased"))
     collection = not isinstance(source, Trace)
-    if stream is None and ("memory_mb" in options or "progress" in options):
+    if stream is None and any(name in options for name in ("memory_mb", "progress", "threads")):
         stream = True  # options only the streaming version takes
     if stream is not None:
         if stream and not (collection and streamable):

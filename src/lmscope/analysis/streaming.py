@@ -36,16 +36,21 @@ matrix and do not stream.
 ``layer_similarity`` accumulates every layer's auto-product and every pair's cross-product in one
 pass over the shards when they fit in ``memory_mb`` (31 layers of 576 features: 1.2 GiB in
 float64), else in as few passes as fit.
+
+Every function takes ``threads=``: numpy's BLAS threads during the call (``None``: unchanged). On a
+machine busy with other work one thread can be far faster than several that spin-wait (2 cores under
+load: 0.7 ms against 82 ms for a ``48 × 1800 × 48`` product).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from lmscope.analysis._moments import Moments, accumulate
+from lmscope.analysis._moments import Moments, accumulate, blas_threads
 from lmscope.analysis.similarity import MEASURES
 from lmscope.errors import LmscopeError
 
@@ -175,6 +180,17 @@ def _norm(side: Side) -> float:
     return side._cache["norm"]
 
 
+def _threads(function: Any) -> Any:
+    """``function`` run with numpy's BLAS threads capped at its ``threads=`` argument (if given)."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with blas_threads(kwargs.get("threads")):
+            return function(*args, **kwargs)
+
+    return run
+
+
 def _key(collection: Any, spec: Any) -> tuple[str, int]:
     site, layer = spec
     if site not in collection.sites:
@@ -185,6 +201,7 @@ def _key(collection: Any, spec: Any) -> tuple[str, int]:
     return site, layer
 
 
+@_threads
 def similarity(
     collection: Any,
     a: tuple[str, int],
@@ -195,6 +212,7 @@ def similarity(
     skip_first: bool = False,
     memory_mb: float = 768.0,
     progress: bool = False,
+    threads: int | None = None,
     **options: Any,
 ) -> float:
     """``method`` (``cka``, ``cca``, ``svcca``, ``pwcca``) between ``a = (site, layer)`` and ``b`` over a
@@ -203,11 +221,18 @@ def similarity(
     keys = [ka] if ka == kb else [ka, kb]
     blocks = [(k, k) for k in keys] + ([(ka, kb)] if ka != kb else [])
     moments, _ = accumulate(
-        collection, keys, blocks, positions=positions, skip_first=skip_first, memory_mb=memory_mb, progress=progress
+        collection,
+        keys,
+        blocks,
+        positions=positions,
+        skip_first=skip_first,
+        memory_mb=memory_mb,
+        progress=progress,
     )
     return compare(moments, ka, kb, method, **options)
 
 
+@_threads
 def layer_similarity(
     collection: Any,
     method: str = "cka",
@@ -219,6 +244,7 @@ def layer_similarity(
     skip_first: bool = False,
     memory_mb: float = 768.0,
     progress: bool = False,
+    threads: int | None = None,
     **options: Any,
 ) -> Any:
     """:func:`lmscope.analysis.layer_similarity` over a collection, streamed: every layer's auto-product and
@@ -236,7 +262,13 @@ def layer_similarity(
     keys = keys_a if site_b == site_a else [*keys_a, *keys_b]
     blocks = _blocks(keys_a, keys_b)
     moments, selection = accumulate(
-        collection, keys, blocks, positions=positions, skip_first=skip_first, memory_mb=memory_mb, progress=progress
+        collection,
+        keys,
+        blocks,
+        positions=positions,
+        skip_first=skip_first,
+        memory_mb=memory_mb,
+        progress=progress,
     )
     if method == "cka":
         options = {**options, "debiased": False}
@@ -279,6 +311,168 @@ def _blocks(keys_a: Sequence[Any], keys_b: Sequence[Any]) -> list[tuple[Any, Any
     return out
 
 
-def factorize(*args: Any, **kwargs: Any) -> Any:
-    """Placeholder replaced below."""
-    raise NotImplementedError
+@_threads
+def factorize(
+    collection: Any,
+    n_components: int = 8,
+    from_layer: int | None = None,
+    to_layer: int | None = None,
+    *,
+    method: str = "pca",
+    site: str = "mlp_act",
+    nonneg: str = "clip",
+    seed: int = 0,
+    epochs: int = 3,
+    batch_size: int = 1024,
+    positions: Any = None,
+    skip_first: bool = False,
+    memory_mb: float = 768.0,
+    threads: int | None = None,
+) -> Any:
+    """:func:`lmscope.analysis.factorize` of a collection, streamed (``method`` ``"pca"`` or ``"nmf"``).
+
+    PCA is exact (the in-memory factors): the covariance of the ``[token, layer·neuron]`` matrix is
+    accumulated in one pass, its top eigenvectors are the loadings, and a second pass computes each
+    token's scores, the reconstruction error and the dominant position. NMF is trained in
+    mini-batches of ``batch_size`` rows read shard by shard (scikit-learn's ``MiniBatchNMF``,
+    ``epochs`` passes), then a last pass computes the factor strengths: an approximation of the
+    in-memory NMF. ``nonneg="clip"`` or ``"error"`` (``"shift"`` needs the minima first: one more pass).
+    """
+    from lmscope.analysis._positions import found, select_rows, within_text
+    from lmscope.analysis.neurons import NONNEG, Factors, _nonnegative, _site
+
+    if method not in ("pca", "nmf"):
+        raise LmscopeError(f"streaming factorization is 'pca' (exact) or 'nmf' (mini-batches), not {method!r}")
+    if nonneg not in NONNEG:
+        raise LmscopeError(f"nonneg must be one of {', '.join(NONNEG)}, not {nonneg!r}")
+    site = _site(site)
+    if site not in collection.sites:
+        raise LmscopeError(f"this collection has sites {', '.join(collection.sites)}, not {site!r}: collect it again")
+    layers = _layer_range(collection, from_layer, to_layer)
+    keys = [(site, layer) for layer in layers]
+    lengths = [len(ids) for ids in collection.token_ids]
+    rows, selection = select_rows(lengths, positions, skip_first)
+    n_rows = collection.n_tokens if rows is None else len(rows)
+    rank = np.arange(collection.n_tokens) if rows is None else np.full(collection.n_tokens, -1)
+    if rows is not None:
+        rank[rows] = np.arange(len(rows))  # [token] its column among the factorized tokens
+    n_features = sum(collection.features[site] for _ in layers)
+    if not 1 <= n_components <= min(n_rows, n_features):
+        raise LmscopeError(
+            f"n_components must lie in 1..{min(n_rows, n_features)} for {n_rows} tokens × {n_features} features, "
+            f"not {n_components}"
+        )
+
+    def chunks() -> Any:  # ([row, layer·neuron] float64, [row] column) per shard
+        names = ["dest", *(f"{s}.{layer}" for s, layer in keys)]
+        for shard in collection.shards(names):
+            cols = rank[shard["dest"].astype(np.int64)]
+            kept = cols >= 0
+            x = np.concatenate([shard[f"{s}.{layer}"][kept] for s, layer in keys], axis=1)  # [row, layer·neuron]
+            yield x.astype(np.float64), cols[kept]
+
+    negative = 0.0
+    shift = None
+    if method == "pca":
+        blocks = [(a, b) for i, a in enumerate(keys) for b in keys[i:]]
+        moments, _ = accumulate(
+            collection, keys, blocks, positions=positions, skip_first=skip_first, memory_mb=memory_mb
+        )
+        cov = np.block([[moments.centered(a, b) for b in keys] for a in keys])  # [feature, feature]
+        mean = np.concatenate([moments.mean(k) for k in keys])
+        values, vectors = np.linalg.eigh(cov)
+        loadings = vectors[:, np.argsort(values)[::-1][:n_components]].T  # [factor, feature]
+        n_iter = 1
+    else:
+        from sklearn.decomposition import MiniBatchNMF
+
+        if nonneg == "shift":
+            shift = np.min([x.min(axis=0) for x, _ in chunks()], axis=0)  # [feature] every feature's minimum
+        model = MiniBatchNMF(n_components=n_components, init="nndsvda", random_state=seed, batch_size=batch_size)
+        for _ in range(epochs):
+            for x, _ in chunks():
+                x = x - shift if shift is not None else _nonnegative(x, nonneg)
+                for start in range(0, len(x), batch_size):
+                    model.partial_fit(x[start : start + batch_size])
+        loadings, mean, n_iter = model.components_, None, int(model.n_steps_)
+    components = np.zeros((n_components, n_rows))  # [factor, pos]
+    energy = np.zeros(n_rows)  # [pos] squared norm of the factorized row (centered for PCA)
+    error = norm = 0.0
+    for x, cols in chunks():
+        negative += float((x < 0).sum())
+        if method == "pca":
+            x_used = x - mean  # PCA describes the centered rows
+            scores = x_used @ loadings.T  # [row, factor]
+        else:
+            x = x - shift if shift is not None else _nonnegative(x, nonneg)
+            x_used, scores = x, model.transform(x)
+        energy[cols] = np.einsum("ij,ij->i", x_used, x_used)
+        components[:, cols] = scores.T
+        error += float(((x_used - scores @ loadings) ** 2).sum())  # X − X̂ (PCA: X̂ = scores·loadings + mean)
+        norm += float((x**2).sum())
+    if method == "pca":
+        flip = np.sign(components[np.arange(n_components), np.abs(components).argmax(1)])
+        flip[flip == 0] = 1
+        components, loadings = components * flip[:, None], loadings * flip[:, None]
+    tokens = tuple(collection.all_tokens)
+    origin = np.arange(collection.n_tokens) if rows is None else rows
+    groups = within_text(lengths)[origin]
+    offsets = tuple(collection.offsets)
+    every = tokens
+    if rows is not None:
+        tokens = tuple(tokens[r] for r in rows.tolist())
+        offsets = tuple(int(i) for i in np.flatnonzero(np.r_[True, np.diff(groups) <= 0]))
+    measured = "X after clipping negatives" if nonneg == "clip" else "X after shifting" if nonneg == "shift" else "X"
+    where = f"{site}, {'the centered X' if method != 'nmf' else measured}"
+    strongest = found(_energy_dominance(energy, groups), origin, every, lengths, where)
+    error = float(np.sqrt(error))
+    norm = float(np.sqrt(norm))
+    return Factors(
+        method=method,
+        site=site,
+        layers=layers,
+        n_neurons=n_features // len(layers),
+        components=components.astype(np.float32),
+        loadings=loadings.astype(np.float32),
+        tokens=tokens,
+        offsets=offsets,
+        reconstruction_error=error,
+        relative_error=error / norm if norm > 0 else 0.0,
+        nonneg=nonneg if method == "nmf" else None,
+        negative_fraction=negative / (n_rows * n_features),
+        seed=seed,
+        n_iter=n_iter,
+        selection=selection,
+        dominance=strongest,
+    )
+
+
+def _layer_range(collection: Any, start: int | None, stop: int | None) -> tuple[int, ...]:
+    """Layers ``start:stop`` (every collected layer without bounds), as ``lmscope.analysis.factorize`` chooses."""
+    wanted = (
+        tuple(collection.layers)
+        if start is None and stop is None
+        else tuple(range(collection.model.n_layers)[slice(start, stop)])
+    )
+    if not wanted:
+        raise LmscopeError(f"from_layer={start}, to_layer={stop} selects no layers (to_layer is excluded)")
+    missing = [layer for layer in wanted if layer not in collection.layers]
+    if missing:
+        raise LmscopeError(
+            f"layers {missing} were not captured (captured: {list(collection.layers)}): capture them or narrow"
+        )
+    return wanted
+
+
+def _energy_dominance(energy: np.ndarray, groups: np.ndarray) -> tuple[int, float, int | None]:
+    """:func:`lmscope.analysis._positions.dominance` from each row's squared norm ``energy [row]``."""
+    total = float(energy.sum())
+    if total <= 0 or not len(energy):
+        return 0, 0.0, None
+    grouped = np.bincount(groups, weights=energy)  # [position within text]
+    top = int(grouped.argmax())
+    members = np.flatnonzero(groups == top)
+    row = int(members[energy[members].argmax()])
+    if energy[row] >= 0.9 * grouped[top]:
+        return top, float(energy[row] / total), row
+    return top, float(grouped[top] / total), None

@@ -111,8 +111,9 @@ def attention_probs(
     """``softmax(q·kᵀ·scaling + mask)`` as the model's attention function computes it.
 
     Handles grouped-query attention (each key head serves ``head / kv_head`` query heads),
-    boolean and additive masks, the implicit causal mask SDPA uses when no mask is passed, and
-    logit soft-capping (Gemma 2).
+    boolean and additive masks, the implicit causal mask SDPA uses when no mask is passed,
+    logit soft-capping (Gemma 2), and T5's relative position bias (``position_bias`` ``[1, head,
+    pos_q, pos_k]``, added to the unscaled scores before the mask).
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
@@ -124,6 +125,9 @@ def attention_probs(
     softcap = kwargs.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        scores = scores + bias.float()
     lowest = torch.finfo(torch.float32).min
     if mask is not None:
         mask = mask[..., : key.shape[-2]]

@@ -3,6 +3,10 @@
 :func:`recording` attaches forward hooks (and routes attention, see ``_attention``) for the
 requested sites and layers, yields a :class:`Recorder`, and removes every hook in ``finally``,
 also when the forward pass raises. Tensors are detached, never cloned or modified.
+
+For an encoder-decoder model the recorder is the decoder stack's and ``recorder.encoder``
+records the encoder stack in the same forward pass; one attention listener serves both
+(self-attention of either stack and the decoder's cross-attention are told apart by module).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from lmscope.models import LoadedModel
 
 __all__ = ["Recorder", "recording", "resolve_layers", "resolve_sites"]
 
-_ATTENTION_SITES = frozenset({"attn_probs", "q", "k", "v"})
+_ATTENTION_SITES = frozenset({"attn_probs", "q", "k", "v", "position_bias", "cross_attn_probs", "cross_q", "cross_k",
+                              "cross_v"})  # fmt: skip
 
 
 def resolve_sites(sites: Iterable[str] | str | None, default: Iterable[str]) -> tuple[str, ...]:
@@ -55,15 +60,24 @@ def _first(output: Any) -> torch.Tensor:
 
 
 class Recorder:
-    """Collects per-layer tensors for a set of sites; ``stacked()`` gives ``site -> [layer, ...]``."""
+    """Collects per-layer tensors for a set of sites; ``stacked()`` gives ``site -> [layer, ...]``.
 
-    def __init__(self, lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]):
+    ``arch`` is the stack recorded (``lm.arch`` unless given: the encoder's of a seq2seq model);
+    ``encoder`` is the encoder stack's recorder, fed by the same attention listener.
+    """
+
+    def __init__(self, lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...], arch: Any = None):
         self.lm, self.sites, self.layers = lm, sites, layers
+        self.arch = lm.arch if arch is None else arch
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
-        self._attn_layer = {id(lm.arch.attn(layer)): layer for layer in layers}
+        self._attn_layer = {id(self.arch.attn(layer)): layer for layer in layers}
+        self._cross_layer = (
+            {id(self.arch.cross_attn(layer)): layer for layer in layers} if self.arch.family.cross_attn else {}
+        )
         self.attn_scaling: dict[int, float] = {}  # the scaling the attention function applied
         self.attn_softcap: dict[int, float | None] = {}
+        self.encoder: Recorder | None = None
 
     def put(self, site: str, layer: int, tensor: torch.Tensor) -> None:
         if tensor.ndim == 2 and self.batch_pos is not None:
@@ -72,9 +86,17 @@ class Recorder:
         self._data.setdefault(site, {})[layer] = tensor.detach()
 
     def on_attention(self, module, query, key, value, mask, kwargs) -> None:
+        if self.encoder is not None:
+            self.encoder.on_attention(module, query, key, value, mask, kwargs)
         layer = self._attn_layer.get(id(module))
         if layer is None:
+            layer = self._cross_layer.get(id(module))
+            if layer is not None:
+                self._on_cross_attention(layer, module, query, key, value, mask, kwargs)
             return
+        bias = kwargs.get("position_bias")
+        if "position_bias" in self.sites and bias is not None:
+            self.put("position_bias", layer, bias.expand(query.shape[0], -1, -1, -1))  # [batch, head, pos_q, pos_k]
         scaling = kwargs.get("scaling")
         self.attn_scaling[layer] = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         self.attn_softcap[layer] = kwargs.get("softcap") or None
@@ -88,19 +110,35 @@ class Recorder:
         if "v" in self.sites:
             self.put("v", layer, value.transpose(1, 2))  # [batch, pos, kv_head, d_head]
 
+    def _on_cross_attention(self, layer, module, query, key, value, mask, kwargs) -> None:
+        """The decoder's cross-attention: queries over decoder positions, keys/values over encoder ones."""
+        if "cross_attn_probs" in self.sites:
+            probs = attention_probs(module, query.detach(), key.detach(), mask, kwargs)
+            self.put("cross_attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos, enc_pos]
+        for site, tensor in (("cross_q", query), ("cross_k", key), ("cross_v", value)):
+            if site in self.sites:
+                self._data.setdefault(site, {})[layer] = tensor.transpose(1, 2).detach()  # [batch, pos, head, d_head]
+
     def stacked(self) -> dict[str, torch.Tensor]:
-        """``site -> [batch, layer, ...]``; ``resid_mid`` derived where blocks are pre-norm."""
+        """``site -> [batch, layer, ...]``; ``resid_mid`` (and ``resid_cross``) derived where blocks are pre-norm."""
         data = self._data
-        if "resid_mid" in self.sites and "resid_mid" not in data:
+        pre_norm = not self.arch.family.post_norm
+        if ("resid_mid" in self.sites or ("resid_cross" in self.sites and pre_norm)) and "resid_mid" not in data:
             pre, attn = data.get("resid_pre", {}), data.get("attn_out", {})
             data["resid_mid"] = {layer: pre[layer] + attn[layer] for layer in self.layers}
+        if "resid_cross" in self.sites and "resid_cross" not in data and pre_norm:
+            mid, cross = data.get("resid_mid", {}), data.get("cross_attn_out", {})
+            data["resid_cross"] = {layer: mid[layer] + cross[layer] for layer in self.layers}
         out = {}
         for site in self.sites:
             per_layer = data.get(site, {})
+            if site == "position_bias" and not per_layer:
+                continue  # only families with a relative position bias (T5) have this site
             missing = [layer for layer in self.layers if layer not in per_layer]
             if missing:
+                where = f" of the {self.arch.stack}" if self.arch.stack else ""
                 raise LmscopeError(
-                    f"{self.lm.name}: site {site!r} was not reached in layers {missing} "
+                    f"{self.lm.name}: site {site!r} was not reached in layers {missing}{where} "
                     "(the architecture table may not match this model)"
                 )
             out[site] = torch.stack([per_layer[layer] for layer in self.layers], dim=1)
@@ -108,14 +146,38 @@ class Recorder:
 
 
 @contextmanager
-def recording(lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]) -> Iterator[Recorder]:
-    """Hooks for ``sites`` on ``layers`` of ``lm`` for the duration of the block."""
-    arch, family = lm.arch, lm.arch.family
+def recording(
+    lm: LoadedModel,
+    sites: tuple[str, ...],
+    layers: tuple[int, ...],
+    encoder: tuple[tuple[str, ...], tuple[int, ...]] | None = None,
+) -> Iterator[Recorder]:
+    """Hooks for ``sites`` on ``layers`` of ``lm`` for the duration of the block.
+
+    ``encoder``: ``(sites, layers)`` of the encoder stack of an encoder-decoder model, recorded
+    in the same pass into ``recorder.encoder``.
+    """
     recorder = Recorder(lm, sites, layers)
+    with ExitStack() as stack:
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        stack.callback(lambda: [h.remove() for h in handles])
+        route = _attach(recorder, handles)
+        if encoder is not None and lm.arch.encoder is not None:
+            recorder.encoder = Recorder(lm, encoder[0], encoder[1], arch=lm.arch.encoder)
+            route = _attach(recorder.encoder, handles) or route
+        if route:
+            stack.enter_context(routed(lm.model, recorder))
+        yield recorder
+
+
+def _attach(recorder: Recorder, handles: list[torch.utils.hooks.RemovableHandle]) -> bool:
+    """Module hooks for one stack's sites; whether attention must also be routed to the recorder."""
+    arch, family, sites, layers = recorder.arch, recorder.arch.family, recorder.sites, recorder.layers
     wanted = set(sites)
-    derived_mid = "resid_mid" in wanted and not family.post_norm
-    if derived_mid:
+    if "resid_mid" in wanted and not family.post_norm:
         wanted |= {"resid_pre", "attn_out"}
+    if "resid_cross" in wanted and not family.post_norm:
+        wanted |= {"resid_pre", "attn_out", "cross_attn_out"}
 
     def keep(site: str, layer: int, scale: float = 1.0):
         def hook(module, args, output):
@@ -129,38 +191,39 @@ def recording(lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...]) 
 
         return hook
 
-    with ExitStack() as stack:
-        handles: list[torch.utils.hooks.RemovableHandle] = []
-        stack.callback(lambda: [h.remove() for h in handles])
+    def shape(module, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        recorder.batch_pos = tuple(hidden.shape[:2])
 
-        def shape(module, args, kwargs):
-            hidden = args[0] if args else next(iter(kwargs.values()))
-            recorder.batch_pos = tuple(hidden.shape[:2])
-
-        handles.append(arch.blocks[layers[0]].register_forward_pre_hook(shape, with_kwargs=True))
-        for layer in layers:
-            block = arch.blocks[layer]
-            if "resid_pre" in wanted:
-                handles.append(block.register_forward_pre_hook(keep_input("resid_pre", layer), with_kwargs=True))
-            if "resid_post" in wanted:
-                handles.append(block.register_forward_hook(keep("resid_post", layer)))
-            if "resid_mid" in wanted and family.post_norm:
-                module = arch.block_part(layer, family.resid_mid)
-                handles.append(module.register_forward_hook(keep("resid_mid", layer)))
-            if "attn_out" in wanted:
-                module = arch.block_part(layer, family.attn_out)
-                handles.append(module.register_forward_hook(keep("attn_out", layer, arch.residual_scale)))
-            if "mlp_out" in wanted:
-                module = arch.block_part(layer, family.mlp_out)
-                handles.append(module.register_forward_hook(keep("mlp_out", layer, arch.residual_scale)))
-            if "mlp_act" in wanted:
-                module = arch.block_part(layer, family.mlp_down)
-                handles.append(module.register_forward_pre_hook(keep_input("mlp_act", layer), with_kwargs=True))
-        if wanted & _ATTENTION_SITES and family.qkv:
-            handles += _own_attention_hooks(recorder, layers)
-        elif wanted & _ATTENTION_SITES:
-            stack.enter_context(routed(lm.model, recorder))
-        yield recorder
+    handles.append(arch.blocks[layers[0]].register_forward_pre_hook(shape, with_kwargs=True))
+    for layer in layers:
+        block = arch.blocks[layer]
+        if "resid_pre" in wanted:
+            handles.append(block.register_forward_pre_hook(keep_input("resid_pre", layer), with_kwargs=True))
+        if "resid_post" in wanted:
+            handles.append(block.register_forward_hook(keep("resid_post", layer)))
+        if "resid_mid" in wanted and family.post_norm:
+            module = arch.block_part(layer, family.resid_mid)
+            handles.append(module.register_forward_hook(keep("resid_mid", layer)))
+        if "resid_cross" in wanted and family.post_norm and family.resid_cross:
+            module = arch.block_part(layer, family.resid_cross)
+            handles.append(module.register_forward_hook(keep("resid_cross", layer)))
+        if "attn_out" in wanted:
+            module = arch.block_part(layer, family.attn_out)
+            handles.append(module.register_forward_hook(keep("attn_out", layer, arch.residual_scale)))
+        if "cross_attn_out" in wanted and family.cross_attn_out:
+            module = arch.block_part(layer, family.cross_attn_out)
+            handles.append(module.register_forward_hook(keep("cross_attn_out", layer)))
+        if "mlp_out" in wanted:
+            module = arch.block_part(layer, family.mlp_out)
+            handles.append(module.register_forward_hook(keep("mlp_out", layer, arch.residual_scale)))
+        if "mlp_act" in wanted:
+            module = arch.block_part(layer, family.mlp_down)
+            handles.append(module.register_forward_pre_hook(keep_input("mlp_act", layer), with_kwargs=True))
+    if wanted & _ATTENTION_SITES and family.qkv:
+        handles += _own_attention_hooks(recorder, layers)
+        return False
+    return bool(wanted & _ATTENTION_SITES)
 
 
 def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[torch.utils.hooks.RemovableHandle]:
@@ -169,7 +232,7 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
     The module's second output is its attention probabilities ``[batch, head, pos_q, pos_k]``; the
     q, k, v projections' outputs are the queries, keys and values, split into heads.
     """
-    arch, family = recorder.lm.arch, recorder.lm.arch.family
+    arch, family = recorder.arch, recorder.arch.family
     handles = []
 
     def keep_probs(layer: int):

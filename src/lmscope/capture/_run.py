@@ -3,17 +3,23 @@
 Generation uses the model's KV cache (Hugging Face ``generate``) and captures nothing; the whole
 sequence, prompt and generated tokens, is then run once under capture, so every token, the last
 generated one included, has its internals.
+
+Encoder-decoder models run the source through the encoder and the decoder tokens (the decoder
+start token, then a teacher-forced target or generated tokens) through the decoder, both stacks
+captured in the same pass (see ``_trace``'s module docstring).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from lmscope.capture._hooks import recording, resolve_layers, resolve_sites
 from lmscope.capture._interventions import Plan, intervening
-from lmscope.capture._trace import DEFAULT_SITES, ModelInfo, Trace
+from lmscope.capture._trace import CROSS_SITES, DEFAULT_SITES, SEQ2SEQ_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
 
@@ -21,9 +27,12 @@ __all__ = [
     "check_finite",
     "check_length",
     "context_length",
+    "decoder_start",
     "encode",
     "encode_pair",
+    "encode_target",
     "generate_ids",
+    "generate_seq2seq",
     "model_info",
     "token_strings",
     "trace_ids",
@@ -54,6 +63,11 @@ def encode(lm: LoadedModel, text: str, max_tokens: int | None = None) -> torch.T
 
 def encode_pair(lm: LoadedModel, text: str, text_pair: str, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """Token ids ``[pos]`` of a sentence pair as the tokenizer joins them, and where ``text_pair`` begins."""
+    if lm.arch.is_seq2seq:
+        raise LmscopeError(
+            f"{lm.name} is an encoder-decoder model, which takes a source and a target, not a sentence pair: "
+            "pass the second text as target="
+        )
     for part in (text, text_pair):
         if not isinstance(part, str) or not part.strip():
             raise LmscopeError("both texts of a sentence pair must be non-empty strings")
@@ -70,12 +84,41 @@ def encode_pair(lm: LoadedModel, text: str, text_pair: str, max_tokens: int | No
     return ids, segment_b
 
 
-def check_length(lm: LoadedModel, n: int, max_tokens: int | None = None) -> None:
+def check_length(lm: LoadedModel, n: int, max_tokens: int | None = None, what: str = "the text") -> None:
     limit = context_length(lm)
     if limit is not None and n > limit:
-        raise LmscopeError(f"the text is {n} tokens, more than {lm.name}'s context of {limit}: shorten it")
+        raise LmscopeError(f"{what} is {n} tokens, more than {lm.name}'s context of {limit}: shorten it")
     if max_tokens is not None and n > max_tokens:
-        raise LmscopeError(f"the text is {n} tokens, more than the limit of {max_tokens}: shorten it")
+        raise LmscopeError(f"{what} is {n} tokens, more than the limit of {max_tokens}: shorten it")
+
+
+def decoder_start(lm: LoadedModel) -> int:
+    """The token an encoder-decoder model's decoder starts from (``decoder_start_token_id``)."""
+    for config in (lm.model.generation_config, lm.model.config):
+        start = getattr(config, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise LmscopeError(f"{lm.name}'s config names no decoder_start_token_id, so its decoder has no first token")
+
+
+def encode_target(lm: LoadedModel, target: str | Iterable[int], max_tokens: int | None = None) -> torch.Tensor:
+    """Decoder token ids ``[pos]``: the start token, then ``target`` as the tokenizer makes labels of it.
+
+    ``target`` may also be token ids (taken as given, after the start token).
+    """
+    if isinstance(target, str):
+        if not target.strip():
+            raise LmscopeError("the target is empty: give the text the decoder should be forced to produce, or leave "
+                               "target out to start from the decoder's first token")  # fmt: skip
+        ids = lm.tokenizer(text_target=target, return_tensors="pt")["input_ids"][0]
+    else:
+        ids = torch.as_tensor(list(target), dtype=torch.long)
+        vocab = int(lm.model.config.vocab_size)
+        if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise LmscopeError(f"target token ids must be a non-empty flat sequence of integers in 0..{vocab - 1}")
+    ids = torch.cat([torch.tensor([decoder_start(lm)]), ids.long()])
+    check_length(lm, len(ids), max_tokens, what="the target")
+    return ids
 
 
 def token_strings(lm: LoadedModel, ids: Iterable[int]) -> tuple[str, ...]:
@@ -83,8 +126,9 @@ def token_strings(lm: LoadedModel, ids: Iterable[int]) -> tuple[str, ...]:
     return tuple(lm.tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False))
 
 
-def model_info(lm: LoadedModel) -> ModelInfo:
-    arch = lm.arch
+def model_info(lm: LoadedModel, stack: str | None = None) -> ModelInfo:
+    """What a Trace records of ``lm`` (of its encoder stack for ``stack="encoder"``)."""
+    arch = lm.arch.encoder if stack == "encoder" else lm.arch
     return ModelInfo(
         name=lm.name,
         model_type=lm.model.config.model_type,
@@ -99,6 +143,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         post_norm=arch.family.post_norm,
         dtype=str(lm.dtype).removeprefix("torch."),
         n_neurons=arch.n_neurons,
+        stack=arch.stack,
     )
 
 
@@ -137,16 +182,27 @@ def trace_ids(
     layers: Iterable[int] | int | slice | None = None,
     segment_b: int | None = None,
     plan: Plan | None = None,
+    source_ids: torch.Tensor | None = None,  # [enc_pos]
+    encoder_layers: Iterable[int] | int | slice | None = None,
 ) -> Trace:
     """One forward pass over ``ids`` under capture.
 
     ``segment_b`` is where the second text of a sentence pair begins (see :func:`encode_pair`);
     models with segment embeddings get the matching ``token_type_ids``. ``plan``: interventions
     prepared by :func:`~lmscope.capture._interventions.prepare`, applied and recorded in the Trace.
+
+    Encoder-decoder models: ``ids`` are the decoder tokens and ``source_ids`` the encoder's; the
+    Trace is the decoder's, with the encoder stack's (``encoder_layers``, all by default) as
+    ``trace.encoder``.
     """
     if ids.ndim != 1 or len(ids) == 0:
         raise LmscopeError("expected a non-empty 1-D sequence of token ids")
-    chosen_sites = resolve_sites(sites, DEFAULT_SITES)
+    if lm.arch.is_seq2seq:
+        return _trace_seq2seq(lm, ids, source_ids, n_input, sites, layers, encoder_layers, plan)
+    requested = resolve_sites(sites, DEFAULT_SITES)
+    chosen_sites = tuple(s for s in requested if s not in CROSS_SITES)  # ALL_SITES: all this model has
+    if requested and not chosen_sites:
+        raise LmscopeError(f"{lm.name} has no cross-attention, so it has no site {requested[0]!r}")
     chosen_layers = resolve_layers(layers, lm.arch.n_layers)
     batch = ids[None].to(lm.device)  # [batch=1, pos]
     extra = {}
@@ -174,6 +230,110 @@ def trace_ids(
         segment_b=segment_b,
         interventions=plan.records,
     )
+
+
+def _trace_seq2seq(
+    lm: LoadedModel,
+    ids: torch.Tensor,  # [pos]
+    source_ids: torch.Tensor | None,  # [enc_pos]
+    n_input: int | None,
+    sites: Iterable[str] | str | None,
+    layers: Iterable[int] | int | slice | None,
+    encoder_layers: Iterable[int] | int | slice | None,
+    plan: Plan | None,
+) -> Trace:
+    """Both stacks of an encoder-decoder model in one forward pass: the decoder Trace holding the encoder's."""
+    if source_ids is None or source_ids.ndim != 1 or len(source_ids) == 0:
+        raise LmscopeError(f"{lm.name} is an encoder-decoder model: give the source text (the encoder's input)")
+    if plan:
+        raise LmscopeError("interventions on encoder-decoder models are not supported yet")
+    encoder = lm.arch.encoder
+    chosen_sites = resolve_sites(sites, (*DEFAULT_SITES, *SEQ2SEQ_SITES))
+    encoder_sites = tuple(s for s in chosen_sites if s not in CROSS_SITES)
+    chosen_layers = resolve_layers(layers, lm.arch.n_layers)
+    chosen_encoder_layers = resolve_layers(encoder_layers, encoder.n_layers)
+    source = source_ids[None].to(lm.device)  # [batch=1, enc_pos]
+    batch = ids[None].to(lm.device)  # [batch=1, pos]
+    with recording(lm, chosen_sites, chosen_layers, encoder=(encoder_sites, chosen_encoder_layers)) as recorder:
+        output = lm.model(
+            input_ids=source, attention_mask=torch.ones_like(source), decoder_input_ids=batch, use_cache=False
+        )
+    tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
+    tensors["logits"] = output.logits[0]  # [pos, vocab]
+    assert recorder.encoder is not None
+    encoder_tensors = {site: t[0] for site, t in recorder.encoder.stacked().items()}
+    check_finite(lm, encoder_tensors, chosen_encoder_layers)
+    check_finite(lm, tensors, chosen_layers)
+    return Trace(
+        token_ids=ids.cpu(),
+        tokens=token_strings(lm, ids.tolist()),
+        n_input=len(ids) if n_input is None else n_input,
+        model=model_info(lm),
+        layers=chosen_layers,
+        tensors=tensors,
+        attn_scaling=_factors(recorder.attn_scaling, chosen_layers),
+        attn_softcap=_factors(recorder.attn_softcap, chosen_layers),
+        encoder=Trace(
+            token_ids=source_ids.cpu(),
+            tokens=token_strings(lm, source_ids.tolist()),
+            n_input=len(source_ids),
+            model=model_info(lm, "encoder"),
+            layers=chosen_encoder_layers,
+            tensors=encoder_tensors,
+            attn_scaling=_factors(recorder.encoder.attn_scaling, chosen_encoder_layers),
+            attn_softcap=_factors(recorder.encoder.attn_softcap, chosen_encoder_layers),
+        ),
+    )
+
+
+def _factors(values: dict[int, Any], layers: tuple[int, ...]) -> tuple[Any, ...]:
+    return tuple(values[layer] for layer in layers if layer in values)
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    lm: LoadedModel,
+    source_ids: torch.Tensor,  # [enc_pos]
+    prefix: torch.Tensor | None = None,  # [pos]: decoder tokens to continue (start token first)
+    *,
+    generate: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+) -> torch.Tensor:  # [pos + new]
+    """Decoder tokens: the start token (or ``prefix``) extended by up to ``generate`` tokens.
+
+    Runs the model's KV-cached ``generate`` with its own generation config (forced tokens,
+    banned tokens), greedy or sampled as asked, one beam.
+    """
+    if generate < 1:
+        raise LmscopeError(f"generate must be at least 1, not {generate}")
+    if prefix is None:
+        prefix = torch.tensor([decoder_start(lm)])
+    check_length(lm, len(prefix) + generate, max_tokens, what="the target with the generated tokens")
+    config = copy.deepcopy(lm.model.generation_config)
+    config.update(max_new_tokens=generate, max_length=None, min_length=0, min_new_tokens=None, do_sample=do_sample,
+                  num_beams=1, num_beam_groups=1, num_return_sequences=1)  # fmt: skip
+    if do_sample:
+        config.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    else:
+        config.update(temperature=None, top_k=None, top_p=None)
+    tokenizer = lm.tokenizer
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if seed is not None:
+        torch.manual_seed(seed)
+    source = source_ids[None].to(lm.device)
+    out = lm.model.generate(
+        input_ids=source,
+        attention_mask=torch.ones_like(source),
+        decoder_input_ids=prefix[None].to(lm.device),
+        generation_config=config,
+    )
+    return out[0].cpu()
 
 
 @torch.no_grad()

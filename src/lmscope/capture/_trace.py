@@ -19,7 +19,36 @@ Sites and their shapes (per captured layer; stacked over layers in the Trace)::
     q                                  [layer, pos, head, d_head]   (after rotary embedding)
     k, v                               [layer, pos, kv_head, d_head] (k after rotary embedding)
     mlp_act                            [layer, pos, neuron]
+    position_bias                      [layer, head, pos_q, pos_k]  (T5's relative position bias)
     logits                             [pos, vocab]                 (not per layer)
+
+Encoder-decoder models (T5, BART, mBART, Marian, Pegasus) give one Trace holding both stacks.
+The Trace itself is the DECODER's: ``tokens``/``token_ids`` are the decoder tokens (the decoder
+start token first, then the teacher-forced target, then generated tokens), ``n_input`` counts the
+tokens given (start token plus target prefix), ``logits`` is ``[pos, vocab]`` over decoder
+positions and ``model.stack == "decoder"``. ``trace.encoder`` is a Trace of the ENCODER stack
+with the same site names over the source tokens (``tokens`` = source tokens, no logits,
+``model.stack == "encoder"``); it is ``None`` for decoder-only and encoder-only models, whose
+``model.stack`` is ``""``. ``pos`` is a decoder position below, ``enc_pos`` an encoder one.
+
+A decoder block is self-attention, cross-attention, FFN::
+
+    resid_pre --(+attn_out)--> resid_mid --(+cross_attn_out)--> resid_cross --(+mlp_out)--> resid_post
+
+exactly for pre-norm stacks (T5, mBART, Pegasus: ``resid_post = resid_pre + attn_out +
+cross_attn_out + mlp_out``); post-norm stacks (BART, Marian) normalize after each sum, and
+``resid_mid`` / ``resid_cross`` are the norms' outputs. Decoder-only sites::
+
+    resid_cross, cross_attn_out        [layer, pos, d_model]
+    cross_attn_probs                   [layer, head, pos, enc_pos]
+    cross_q                            [layer, pos, head, d_head]
+    cross_k, cross_v                   [layer, enc_pos, kv_head, d_head]
+
+``attn_probs`` of the decoder is its causal self-attention; ``mlp_act`` is the input of T5's
+``wo`` / BART's ``fc2``. T5 does not scale ``q·kᵀ`` (``attn_scaling`` 1.0) and adds a relative
+position bias, recorded as ``position_bias`` (optional site) on the stack that uses it, so
+``softmax(q·kᵀ·scaling + position_bias + mask)`` reproduces its attention. Trace files store the
+encoder's tensors as ``encoder.<site>`` and its tokens in the metadata.
 """
 
 from __future__ import annotations
@@ -35,7 +64,7 @@ import torch
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["ALL_SITES", "DEFAULT_SITES", "ModelInfo", "Trace"]
+__all__ = ["ALL_SITES", "CROSS_SITES", "DEFAULT_SITES", "SEQ2SEQ_SITES", "ModelInfo", "Trace"]
 
 DEFAULT_SITES: tuple[str, ...] = (
     "resid_pre",
@@ -47,7 +76,11 @@ DEFAULT_SITES: tuple[str, ...] = (
     "v",
     "mlp_act",
 )
-ALL_SITES: tuple[str, ...] = (*DEFAULT_SITES, "q", "k")
+SEQ2SEQ_SITES: tuple[str, ...] = ("resid_cross", "cross_attn_out", "cross_attn_probs", "cross_v")
+"""Added to the defaults for the decoder of an encoder-decoder model."""
+CROSS_SITES: tuple[str, ...] = (*SEQ2SEQ_SITES, "cross_q", "cross_k")
+"""Sites only a decoder with cross-attention has."""
+ALL_SITES: tuple[str, ...] = (*DEFAULT_SITES, "q", "k", "position_bias", *CROSS_SITES)
 
 
 @dataclass(frozen=True)
@@ -67,10 +100,12 @@ class ModelInfo:
     post_norm: bool
     dtype: str
     n_neurons: int | None = None  # MLP hidden units (None in trace files of format 1)
+    stack: str = ""  # "encoder" / "decoder" for a stack of an encoder-decoder model, else ""
 
     def mismatch(self, other: ModelInfo) -> str | None:
         """A description of how ``other`` differs in ways that matter (tensor shapes), or ``None``."""
-        keys = ("model_type", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size", "n_neurons")
+        keys = ("model_type", "stack", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size",
+                "n_neurons")  # fmt: skip
         diffs = [
             f"{k} {getattr(self, k)} vs {getattr(other, k)}"
             for k in keys
@@ -104,6 +139,8 @@ class Trace:
     # The interventions applied during the run (plain descriptions: site, op, layers, positions,
     # heads, neurons, keys, scale, source); empty for a plain run. See ``capture._interventions``.
     interventions: tuple[Mapping[str, Any], ...] = ()
+    # Encoder-decoder models: the encoder stack's Trace over the source tokens (this one is the decoder's).
+    encoder: Trace | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
@@ -151,9 +188,28 @@ class Trace:
             raise LmscopeError(f"position {position} is out of range for {n} tokens (use 0..{n - 1} or -1)")
         return position % n
 
+    @property
+    def is_seq2seq(self) -> bool:
+        """Whether this is the decoder Trace of an encoder-decoder model (``encoder`` holds the other stack)."""
+        return self.encoder is not None
+
+    def stack(self, name: str | None) -> Trace:
+        """The Trace of one stack: ``"decoder"`` (or ``None``) is this one, ``"encoder"`` the encoder's."""
+        if name in (None, "decoder", ""):
+            return self
+        if name == "encoder":
+            if self.encoder is None:
+                raise LmscopeError(
+                    f"{self.model.name} is not an encoder-decoder model: this trace has no encoder stack "
+                    "(leave stack out, or use stack='decoder')"
+                )
+            return self.encoder
+        raise LmscopeError(f"unknown stack {name!r}: use 'encoder' or 'decoder'")
+
     def nbytes(self) -> int:
-        """Memory held by the captured tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Memory held by the captured tensors (both stacks)."""
+        own = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return own + (self.encoder.nbytes() if self.encoder is not None else 0)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file: the tensors with checksums, plus JSON metadata with tokens and

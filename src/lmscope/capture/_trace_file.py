@@ -15,6 +15,11 @@ layers out of range, an ``n_input`` or ``segment_b`` outside the tokens, tensors
 shape or dtype, token ids outside the vocabulary, NaN or infinite values, attention
 probabilities outside [0, 1], or a checksum that does not match. Files of format version 1 (no
 checksums) are read with every check but the checksums.
+
+Format version 3 adds encoder-decoder traces: the encoder stack's tensors are stored as
+``encoder.<site>`` (and ``encoder.token_ids``), its tokens, layers, model description and
+attention factors under the metadata key ``encoder``; the decoder's are stored as before.
+Traces of other models are still written as version 2.
 """
 
 from __future__ import annotations
@@ -30,26 +35,29 @@ from typing import Any
 
 import torch
 
-from lmscope.capture._trace import ALL_SITES, ModelInfo, Trace
+from lmscope.capture._trace import ALL_SITES, CROSS_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError, TraceFileError
 
 __all__ = ["load_trace", "save_trace", "tensor_checksum"]
 
 _FORMAT = "lmscope-trace"
-_VERSION = 2  # 2: tensor and metadata checksums, the model's n_neurons
+_VERSION = 3  # 2: tensor and metadata checksums, the model's n_neurons; 3: encoder-decoder traces
+_ENCODER = "encoder."  # the prefix of the encoder stack's tensor names
 _META, _META_CRC = "lmscope", "lmscope_crc32"
 _FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LIMIT = 2**31  # no dimension, layer count or vocabulary of a real model comes near
 _KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b",
-         "checksums", "interventions"}  # fmt: skip
-# absent from version 1 files (some or all); "interventions" only in files of intervened runs
-_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums", "interventions"}
+         "checksums", "interventions", "encoder"}  # fmt: skip
+# absent from version 1 files (some or all); "interventions" only in files of intervened runs, "encoder" only
+# in traces of encoder-decoder models
+_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums", "interventions", "encoder"}
+_ENCODER_KEYS = {"tokens", "layers", "model", "attn_scaling", "attn_softcap"}
 # An intervention's description (``capture._interventions``): key -> what its value must be.
 _INTERVENTION_KEYS = {"site": "string", "op": "string", "layers": "indices", "positions": "indices",
                       "heads": "indices", "neurons": "indices", "keys": "indices", "scale": "number",
                       "source": "text"}  # fmt: skip
-_MODEL_OPTIONAL = {"n_neurons"}  # absent from version 1 files
+_MODEL_OPTIONAL = {"n_neurons", "stack"}  # n_neurons: absent from version 1 files; stack: before version 3
 
 
 class _Invalid(Exception):
@@ -86,9 +94,9 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     tensors = {name: t.detach().cpu().contiguous() for name, t in trace.tensors.items()}
     tensors["token_ids"] = trace.token_ids.detach().cpu().contiguous()
-    meta = {
+    meta: dict[str, Any] = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _VERSION if trace.encoder is not None else 2,
         "tokens": list(trace.tokens),
         "n_input": trace.n_input,
         "layers": list(trace.layers),
@@ -100,6 +108,18 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     }
     if trace.interventions:
         meta["interventions"] = [dict(record) for record in trace.interventions]
+    if trace.encoder is not None:
+        encoder = trace.encoder
+        for name, t in (*encoder.tensors.items(), ("token_ids", encoder.token_ids)):
+            tensors[_ENCODER + name] = t.detach().cpu().contiguous()
+        meta["encoder"] = {
+            "tokens": list(encoder.tokens),
+            "layers": list(encoder.layers),
+            "model": asdict(encoder.model),
+            "attn_scaling": list(encoder.attn_scaling),
+            "attn_softcap": list(encoder.attn_softcap),
+        }
+        meta["checksums"] = {name: tensor_checksum(t) for name, t in tensors.items()}
     text = json.dumps(meta)
     if path.is_dir():
         raise LmscopeError(f"cannot write the trace to {path}: it is a folder; give a file name")
@@ -172,8 +192,15 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
     if segment_b is not None:
         segment_b = _integer("metadata 'segment_b'", segment_b, 1, n_pos - 1, f"1..{n_pos - 1} or null")
     interventions = _interventions(meta.get("interventions", []))
+    encoder_tensors = {name.removeprefix(_ENCODER): tensors.pop(name) for name in list(tensors) if
+                       name.startswith(_ENCODER)}  # fmt: skip
+    encoder = _encoder(meta["encoder"], encoder_tensors, version) if "encoder" in meta else None
+    if encoder is None and encoder_tensors:
+        raise _Invalid(f"tensor {_ENCODER + next(iter(encoder_tensors))!r} belongs to no encoder in the metadata")
+    if encoder is not None and model.stack != "decoder":
+        raise _Invalid(f"it has an encoder stack, but its model 'stack' is {model.stack!r}, not 'decoder'")
     token_ids = _token_ids(tensors, n_pos, model.vocab_size)
-    _check_tensors(tensors, model, len(layers), n_pos)
+    _check_tensors(tensors, model, len(layers), n_pos, encoder.n_pos if encoder is not None else None)
     return Trace(
         token_ids=token_ids,
         tokens=tuple(tokens),
@@ -185,6 +212,40 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
         attn_softcap=attn_softcap,
         segment_b=segment_b,
         interventions=interventions,
+        encoder=encoder,
+    )
+
+
+def _encoder(meta: Any, tensors: dict[str, torch.Tensor], version: int) -> Trace:
+    """The encoder stack's Trace of an encoder-decoder trace file (format 3), checked like the decoder's."""
+    if version < 3:
+        raise _Invalid(f"metadata 'encoder' appears in a format {version} file (encoder stacks came with format 3)")
+    if not isinstance(meta, dict):
+        raise _Invalid(f"metadata 'encoder' must be an object, not {_kind(meta)}")
+    _keys("metadata 'encoder'", meta, _ENCODER_KEYS, _ENCODER_KEYS)
+    model = _model(meta["model"], version)
+    if model.stack != "encoder":
+        raise _Invalid(f"metadata 'encoder' describes the model stack {model.stack!r}, not 'encoder'")
+    tokens = meta["tokens"]
+    if not isinstance(tokens, list) or not tokens:
+        raise _Invalid(f"metadata 'encoder' 'tokens' must be a non-empty list of strings, not {_kind(tokens)}")
+    for i, token in enumerate(tokens):
+        _string(f"metadata 'encoder' 'tokens' entry {i}", token)
+    layers = _layers(meta["layers"], model.n_layers)
+    attn_scaling, attn_softcap = _attention_factors(meta, len(layers))
+    token_ids = _token_ids(tensors, len(tokens), model.vocab_size)
+    if any(name in CROSS_SITES or name == "logits" for name in tensors):
+        raise _Invalid("the encoder stack holds a site only the decoder has (cross-attention or logits)")
+    _check_tensors(tensors, model, len(layers), len(tokens))
+    return Trace(
+        token_ids=token_ids,
+        tokens=tuple(tokens),
+        n_input=len(tokens),
+        model=model,
+        layers=layers,
+        tensors=tensors,
+        attn_scaling=attn_scaling,
+        attn_softcap=attn_softcap,
     )
 
 
@@ -249,9 +310,12 @@ def _model(model: Any, version: int) -> ModelInfo:
     if not isinstance(model, dict):
         raise _Invalid(f"metadata 'model' must be an object, not {_kind(model)}")
     names = {f.name for f in fields(ModelInfo)}
-    _keys("metadata 'model'", model, names, required=names if version >= 2 else names - _MODEL_OPTIONAL)
+    required = names if version >= 3 else names - {"stack"} if version == 2 else names - _MODEL_OPTIONAL
+    _keys("metadata 'model'", model, names, required=required)
     for key in ("name", "model_type", "family", "dtype"):
         _string(f"model '{key}'", model[key])
+    if model.get("stack", "") not in ("", "encoder", "decoder"):
+        raise _Invalid(f"model 'stack' must be '', 'encoder' or 'decoder', not {_kind(model['stack'])}")
     for key in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size"):
         _integer(f"model '{key}'", model[key], 1, _LIMIT - 1)
     if model.get("n_neurons") is not None:
@@ -310,11 +374,25 @@ def _token_ids(tensors: dict[str, torch.Tensor], n_pos: int, vocab_size: int) ->
     return ids
 
 
-def _shapes(model: ModelInfo, n_layers: int, n_pos: int, n_neurons: int) -> dict[str, tuple[int, ...]]:
-    """Each site's shape (the axis vocabulary of ``_trace``'s module docstring)."""
+def _shapes(
+    model: ModelInfo, n_layers: int, n_pos: int, n_neurons: int, n_enc: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Each site's shape (the axis vocabulary of ``_trace``'s module docstring); ``n_enc``: encoder positions."""
     resid = (n_layers, n_pos, model.d_model)
     kv = (n_layers, n_pos, model.n_kv_heads, model.d_head)
+    cross: dict[str, tuple[int, ...]] = {}
+    if n_enc is not None:
+        cross = {
+            "resid_cross": resid,
+            "cross_attn_out": resid,
+            "cross_attn_probs": (n_layers, model.n_heads, n_pos, n_enc),
+            "cross_q": (n_layers, n_pos, model.n_heads, model.d_head),
+            "cross_k": (n_layers, n_enc, model.n_kv_heads, model.d_head),
+            "cross_v": (n_layers, n_enc, model.n_kv_heads, model.d_head),
+        }
     return {
+        **cross,
+        "position_bias": (n_layers, model.n_heads, n_pos, n_pos),
         "resid_pre": resid,
         "resid_mid": resid,
         "resid_post": resid,
@@ -329,13 +407,18 @@ def _shapes(model: ModelInfo, n_layers: int, n_pos: int, n_neurons: int) -> dict
     }
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor], model: ModelInfo, n_layers: int, n_pos: int) -> None:
+def _check_tensors(
+    tensors: Mapping[str, torch.Tensor], model: ModelInfo, n_layers: int, n_pos: int, n_enc: int | None = None
+) -> None:
     unknown = [name for name in tensors if name not in (*ALL_SITES, "logits")]
     if unknown:
         raise _Invalid(f"tensor {unknown[0]!r} is no site of a trace (sites: {', '.join(ALL_SITES)}, logits)")
+    cross = [name for name in tensors if name in CROSS_SITES]
+    if cross and n_enc is None:
+        raise _Invalid(f"tensor {cross[0]!r} is a cross-attention site, but the file holds no encoder stack")
     act = tensors.get("mlp_act")
     n_neurons = model.n_neurons or (int(act.shape[-1]) if act is not None and act.ndim else 1)
-    shapes = _shapes(model, n_layers, n_pos, n_neurons)
+    shapes = _shapes(model, n_layers, n_pos, n_neurons, n_enc)
     dtype = _FLOATS[model.dtype]
     for name, tensor in tensors.items():
         if name == "logits":
@@ -353,11 +436,12 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], model: ModelInfo, n_laye
         # A sum is finite unless a value is NaN or infinite (or the sum overflows: then look closer).
         if not (bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())):
             raise _Invalid(f"tensor {name!r} holds NaN or infinite values")
-    probs = tensors.get("attn_probs")
-    if probs is not None and probs.numel():
-        low, high = (float(x) for x in torch.aminmax(probs))
-        if low < 0 or high > 1:
-            raise _Invalid("tensor 'attn_probs' holds values outside [0, 1], which no attention probability takes")
+    for name in ("attn_probs", "cross_attn_probs"):
+        probs = tensors.get(name)
+        if probs is not None and probs.numel():
+            low, high = (float(x) for x in torch.aminmax(probs))
+            if low < 0 or high > 1:
+                raise _Invalid(f"tensor {name!r} holds values outside [0, 1], which no attention probability takes")
 
 
 def _keys(where: str, mapping: dict[str, Any], known: set[str], required: set[str]) -> None:

@@ -117,6 +117,19 @@ class Family:
         lm_head: the module (relative to the top model) that maps the final-normed residual
             state to logits: the unembedding, or a whole MLM head for BERT-style models. A tuple
             of paths is applied in order (ELECTRA's generator head, then its unembedding).
+        encoder: for an encoder-decoder (seq2seq) model, the encoder stack's own Family (paths
+            relative to the same base model); this Family is then the decoder stack's.
+        cross_attn, cross_attn_out, cross_o_proj: the decoder block's cross-attention module
+            (queries from the decoder, keys and values from the encoder output), the module whose
+            output is the cross-attention update, and its output projection.
+        ln_cross: the norm in front of cross-attention (after it, for post-norm).
+        resid_cross: for post-norm blocks, the module whose output is the residual state between
+            cross-attention and MLP.
+        n_heads_attr: the config attribute holding this stack's head count, where the stacks
+            differ (BART's ``encoder_attention_heads`` / ``decoder_attention_heads``).
+        unembed_rescale: a boolean config attribute that, when true, means the final-normed state
+            is multiplied by ``d_model ** -0.5`` before a tied unembedding (T5).
+        logits_bias: a buffer of the top model added to the logits (BART's ``final_logits_bias``).
         resid_mid: for post-norm blocks, the module whose output is the residual state between
             attention and MLP.
         parallel: attention and MLP read the same input and are added together
@@ -156,6 +169,15 @@ class Family:
     ln_attn: str | None
     ln_mlp: str | None
     lm_head: str | tuple[str, ...] = "lm_head"
+    encoder: Family | None = None
+    cross_attn: str | None = None
+    cross_attn_out: str | None = None
+    cross_o_proj: str | None = None
+    ln_cross: str | None = None
+    resid_cross: str | None = None
+    n_heads_attr: str | None = None
+    unembed_rescale: str | None = None
+    logits_bias: str | None = None
     resid_mid: str | None = None
     parallel: bool | str = False
     post_norm: bool = False
@@ -218,6 +240,68 @@ def _gptj_like(name: str, **changes: Any) -> Family:
         parallel=True,
     )
     return replace(family, **changes)
+
+
+def _t5_stack(stack: str, ffn: int, **changes: Any) -> Family:
+    """One stack of T5 (``layer.0`` self-attention, ``layer.1`` cross-attention in the decoder, then the FFN).
+
+    The FFN's output projection ``wo`` is the same in the ReLU (v1.0) and gated-GELU (v1.1, Flan)
+    layouts, whose ``wi_0``/``wi_1`` pair only changes what ``mlp_act`` (``wo``'s input) is.
+    """
+    family = Family(
+        name="t5",
+        model_types=(),
+        blocks=f"{stack}.block",
+        embed=f"{stack}.embed_tokens",
+        final_norm=f"{stack}.final_layer_norm",
+        attn="layer.0.SelfAttention",
+        attn_out="layer.0.SelfAttention",
+        o_proj="layer.0.SelfAttention.o",
+        mlp_out=f"layer.{ffn}.DenseReluDense",
+        mlp_down=f"layer.{ffn}.DenseReluDense.wo",
+        ln_attn="layer.0.layer_norm",
+        ln_mlp=f"layer.{ffn}.layer_norm",
+        lm_head="lm_head",
+    )
+    return replace(family, **changes)
+
+
+def _bart_like(name: str, *model_types: str, pre_norm: bool, final_norm: bool) -> Family:
+    """BART's two stacks (``self_attn``, ``encoder_attn``, ``fc1``/``fc2``): post-norm (BART, Marian) or
+    pre-norm with a final norm per stack (mBART, Pegasus); logits get ``final_logits_bias``."""
+    encoder = Family(
+        name=name,
+        model_types=(),
+        blocks="encoder.layers",
+        embed="encoder.embed_tokens",
+        final_norm="encoder.layer_norm" if final_norm else None,
+        attn="self_attn",
+        attn_out="self_attn",
+        o_proj="self_attn.out_proj",
+        mlp_out="fc2",
+        mlp_down="fc2",
+        ln_attn="self_attn_layer_norm",
+        ln_mlp="final_layer_norm",
+        lm_head="lm_head",
+        resid_mid=None if pre_norm else "self_attn_layer_norm",
+        post_norm=not pre_norm,
+        n_heads_attr="encoder_attention_heads",
+    )
+    return replace(
+        encoder,
+        model_types=model_types or (name,),
+        blocks="decoder.layers",
+        embed="decoder.embed_tokens",
+        final_norm="decoder.layer_norm" if final_norm else None,
+        encoder=encoder,
+        cross_attn="encoder_attn",
+        cross_attn_out="encoder_attn",
+        cross_o_proj="encoder_attn.out_proj",
+        ln_cross="encoder_attn_layer_norm",
+        resid_cross=None if pre_norm else "encoder_attn_layer_norm",
+        n_heads_attr="decoder_attention_heads",
+        logits_bias="final_logits_bias",
+    )
 
 
 def _bert_like(name: str, lm_head: str | tuple[str, ...], *model_types: str) -> Family:
@@ -443,6 +527,21 @@ FAMILIES: tuple[Family, ...] = (
         ln_mlp="final_layer_norm",
         lm_head="output_projection",
     ),
+    _t5_stack(
+        "decoder",
+        2,
+        model_types=("t5",),
+        encoder=_t5_stack("encoder", 1),
+        cross_attn="layer.1.EncDecAttention",
+        cross_attn_out="layer.1.EncDecAttention",
+        cross_o_proj="layer.1.EncDecAttention.o",
+        ln_cross="layer.1.layer_norm",
+        unembed_rescale="scale_decoder_outputs",
+    ),
+    _bart_like("bart", pre_norm=False, final_norm=False),
+    _bart_like("marian", pre_norm=False, final_norm=False),
+    _bart_like("mbart", pre_norm=True, final_norm=True),
+    _bart_like("pegasus", pre_norm=True, final_norm=True),
     _bert_like("bert", lm_head="cls"),
     _bert_like("roberta", "lm_head", "roberta", "xlm-roberta", "camembert", "data2vec-text"),
     _bert_like("ernie", "cls", "ernie", "layoutlm", "roc_bert"),
@@ -610,6 +709,37 @@ class Architecture:
     lm_head: nn.Module | None = None
     logit_scale: float = 1.0
     residual_scale: float = 1.0
+    # Encoder-decoder models: the decoder's Architecture holds the encoder stack's; ``stack``
+    # names which one this is ("" for decoder-only and encoder-only models).
+    encoder: Architecture | None = None
+    stack: str = ""
+    unembed_scale: float = 1.0  # T5: d_model ** -0.5 before a tied unembedding
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """Whether this is a stack of an encoder-decoder model (either stack)."""
+        return self.stack != ""
+
+    @property
+    def logits_bias(self) -> torch.Tensor | None:
+        """``[vocab]`` added to the logits after the unembedding (BART's ``final_logits_bias``), or ``None``."""
+        name = self.family.logits_bias
+        bias = getattr(self.model, name, None) if name else None
+        return None if bias is None else bias.reshape(-1)
+
+    def cross_attn(self, layer: int) -> nn.Module:
+        """The cross-attention module of decoder block ``layer``."""
+        return self.blocks[layer].get_submodule(self._cross("cross_attn"))
+
+    def cross_o_proj(self, layer: int) -> nn.Module:
+        """Cross-attention's output projection (``W_O`` over all heads) in decoder block ``layer``."""
+        return self.blocks[layer].get_submodule(self._cross("cross_o_proj"))
+
+    def _cross(self, field: str) -> str:
+        path = getattr(self.family, field)
+        if path is None:
+            raise LmscopeError(f"the {self.stack or self.family.name} stack has no cross-attention")
+        return path
 
     def block_part(self, layer: int, path: str | None) -> nn.Module | None:
         """The module at ``path`` inside block ``layer`` (``None`` for ``None``)."""
@@ -699,6 +829,8 @@ def architecture_of(model: nn.Module) -> Architecture:
     """Bind the family of ``model`` to it, checking that every path in the table resolves."""
     config = model.config
     family = family_of(getattr(config, "model_type", "") or type(model).__name__)
+    if family.encoder is not None:
+        return _seq2seq(model, family)
     base = model.base_model
     blocks = _get(base, family.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
@@ -749,3 +881,47 @@ def architecture_of(model: nn.Module) -> Architecture:
         logit_scale=logit_scale,
         residual_scale=float(getattr(config, family.residual_scale, None) or 1.0) if family.residual_scale else 1.0,
     )
+
+
+def _stack(model: nn.Module, family: Family, stack: str, encoder: Architecture | None) -> Architecture:
+    """One stack of an encoder-decoder model, every path checked."""
+    config, base = model.config, model.base_model
+    blocks = _get(base, family.blocks)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise LmscopeError(
+            f"{type(model).__name__}: could not find the {stack}'s blocks at {family.blocks!r} (family {family.name!r})"
+        )
+    missing = [p for p in (family.embed, family.final_norm) if p and _get(base, p) is None]
+    per_block = (family.attn, family.attn_out, family.o_proj, family.mlp_out, family.mlp_down, family.resid_mid,
+                 family.cross_attn, family.cross_attn_out, family.cross_o_proj, family.resid_cross)  # fmt: skip
+    missing += [f"<{stack} block>.{p}" for p in per_block if p and _get(blocks[0], p) is None]
+    if missing:
+        raise LmscopeError(
+            f"{type(model).__name__} does not match lmscope's {family.name!r} family: "
+            f"could not find {', '.join(missing)}"
+        )
+    d_model = int(config.d_model)
+    n_heads = int(getattr(config, family.n_heads_attr or "num_attention_heads"))
+    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+    rescale = bool(family.unembed_rescale and getattr(config, family.unembed_rescale, False))
+    return Architecture(
+        family=family,
+        model=model,
+        blocks=tuple(blocks),
+        n_layers=len(blocks),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        parallel=False,
+        lm_head=_get(model, family.lm_head) if encoder is not None else None,
+        encoder=encoder,
+        stack=stack,
+        unembed_scale=d_model**-0.5 if rescale else 1.0,
+    )
+
+
+def _seq2seq(model: nn.Module, family: Family) -> Architecture:
+    """The decoder stack's Architecture of an encoder-decoder model, holding the encoder stack's."""
+    assert family.encoder is not None
+    return _stack(model, family, "decoder", _stack(model, family.encoder, "encoder", None))

@@ -27,6 +27,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -36,7 +37,7 @@ from transformers.utils import logging as hf_logging
 from lmscope.errors import LmscopeError
 from lmscope.models._architectures import Architecture
 from lmscope.models._fallback import bind_architecture
-from lmscope.models._tiny import TINY_FAMILIES, build_tiny
+from lmscope.models._tiny import TINY_FAMILIES, TINY_SEQ2SEQ, build_tiny
 
 __all__ = [
     "EMBEDDED_DEFAULT",
@@ -68,6 +69,11 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def is_seq2seq(self) -> bool:
+        """An encoder-decoder model (``arch`` is the decoder stack's, ``arch.encoder`` the encoder's)."""
+        return self.arch.encoder is not None
+
 
 def available_models() -> dict[str, str]:
     """Names :func:`load_model` knows without a path or hub id, with a description each."""
@@ -78,6 +84,8 @@ def available_models() -> dict[str, str]:
     for family, (model_type, masked, _) in TINY_FAMILIES.items():
         kind = "masked LM" if masked else "causal LM"
         names[f"tiny-{family}"] = f"seeded random {model_type} {kind} (3 layers, d_model 64)"
+    for family, (model_type, _) in TINY_SEQ2SEQ.items():
+        names[f"tiny-{family}"] = f"seeded random {model_type} encoder-decoder (3+2 layers, d_model 64)"
     return names
 
 
@@ -149,6 +157,8 @@ def _tokenizer_for_tiny(masked: bool) -> PreTrainedTokenizerBase:
 
 
 def _auto_class(config: Any) -> type:
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForSeq2SeqLM  # T5, BART, Marian, Pegasus: the LM head over the decoder
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
         return AutoModelForCausalLM
@@ -227,9 +237,9 @@ def load_model(
         model, tokenizer = _from_directory(directory, False, **load_kwargs)
     elif label.startswith("tiny-"):
         family = label.removeprefix("tiny-")
-        if family not in TINY_FAMILIES:
+        if family not in TINY_FAMILIES and family not in TINY_SEQ2SEQ:
             raise _unknown(label, f"no tiny model for family {family!r}")
-        masked = TINY_FAMILIES[family][1]
+        masked = family in TINY_FAMILIES and TINY_FAMILIES[family][1]
         tokenizer = _tokenizer_for_tiny(masked)
         special = {
             "pad_token_id": tokenizer.pad_token_id,

@@ -10,9 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    PreTrainedModel,
+)
 
-__all__ = ["TINY_FAMILIES", "build_tiny"]
+__all__ = ["TINY_FAMILIES", "TINY_SEQ2SEQ", "build_tiny"]
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64,
@@ -153,8 +159,63 @@ TINY_FAMILIES.update(
 )
 
 
+# Encoder-decoder models (tests/test_seq2seq.py): 3 encoder and 2 decoder layers, so that code mixing up
+# the stacks fails; the decoder starts from the tokenizer's BOS token.
+TINY_SEQ2SEQ: dict[str, tuple[str, dict[str, Any]]] = {
+    "t5": ("t5", {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 3, "num_decoder_layers": 2, "num_heads": 4}),
+    "bart": (
+        "bart",
+        {
+            "d_model": 64,
+            "encoder_layers": 3,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 96,
+            "max_position_embeddings": 256,
+        },
+    ),
+    "marian": (
+        "marian",
+        {
+            "d_model": 64,
+            "encoder_layers": 3,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128,
+            "max_position_embeddings": 256,
+            "scale_embedding": True,
+        },
+    ),
+}
+
+
+def build_seq2seq(
+    model_type: str, vocab_size: int, special: dict[str, int | None], **overrides: Any
+) -> PreTrainedModel:
+    """A random encoder-decoder model of ``model_type`` with a fixed seed, in eval mode, float32."""
+    settings: dict[str, Any] = {"vocab_size": vocab_size, "initializer_factor": 1.0, "init_std": 0.1, **overrides}
+    settings.update({k: v for k, v in special.items() if v is not None})
+    start = special.get("bos_token_id") if special.get("bos_token_id") is not None else special.get("pad_token_id")
+    settings.setdefault("decoder_start_token_id", start)
+    if model_type == "marian":
+        settings["decoder_vocab_size"] = vocab_size
+    config = AutoConfig.for_model(model_type, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config.decoder_start_token_id = settings["decoder_start_token_id"]
+    return model.eval()
+
+
 def build_tiny(family: str, vocab_size: int, special: dict[str, int | None]) -> PreTrainedModel:
     """A random model of ``family`` with a fixed seed, in eval mode, float32."""
+    if family in TINY_SEQ2SEQ:
+        model_type, overrides = TINY_SEQ2SEQ[family]
+        return build_seq2seq(model_type, vocab_size, special, **overrides)
     model_type, masked, overrides = TINY_FAMILIES[family]
     settings = {**_COMMON, **overrides, "vocab_size": vocab_size}
     settings.update({k: v for k, v in special.items() if v is not None})

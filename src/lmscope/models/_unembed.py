@@ -28,6 +28,8 @@ class Unembed:
     tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
     softcap: float | None = None
     scale: float = 1.0  # what the model multiplies its logits by (Cohere, Granite)
+    rescale: float = 1.0  # what the model multiplies final-normed states by before its head (T5: d_model ** -0.5)
+    bias: torch.Tensor | None = field(default=None, repr=False)  # [vocab] added to the logits (BART)
 
     @classmethod
     def from_model(cls, lm: LoadedModel) -> Unembed:
@@ -43,6 +45,8 @@ class Unembed:
             tokenizer=lm.tokenizer,
             softcap=softcap,
             scale=lm.arch.logit_scale,
+            rescale=lm.arch.unembed_scale,
+            bias=lm.arch.logits_bias,
         )
 
     def token_strings(self, ids: Iterable[int]) -> tuple[str, ...]:
@@ -67,7 +71,11 @@ class Unembed:
         h = h.to(device=param.device, dtype=param.dtype)
         if norm and self.final_norm is not None:
             h = self.final_norm(h)
+        if self.rescale != 1.0:
+            h = h * self.rescale
         logits = self.lm_head(h).float()
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.device).float()
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap:
