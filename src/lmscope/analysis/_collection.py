@@ -82,10 +82,10 @@ class Collection:
 
         return layer_similarity(self, method, **options)
 
-    def shards(self, names: Any) -> Any:
-        """Each shard in turn as ``{name: [row, ...]}`` for ``names`` (``"<site>.<layer>"``, ``"dest"``);
-        one shard is in memory at a time (the streaming analyses read collections this way)."""
-        for shard in self._shards:
+    def shards(self, names: Any, order: Any = None) -> Any:
+        """Each shard in turn (or shards ``order``) as ``{name: [row, ...]}`` for ``names`` (``"<site>.<layer>"``,
+        ``"dest"``); one shard is in memory at a time (the streaming analyses read collections this way)."""
+        for shard in self._shards if order is None else [self._shards[int(i)] for i in order]:
             if isinstance(shard, dict):
                 yield {name: shard[name] for name in names}
             else:
