@@ -272,10 +272,11 @@ class Output:
         head: int | None = None,
         neuron: int | None = None,
         source: int | None = None,
+        expert: int | None = None,
         topk: int = 10,
         norm: bool = True,
     ) -> Promoted:
-        """Tokens promoted and suppressed by an update: attention block/head/edge, FFN block/neuron."""
+        """Tokens promoted and suppressed by an update: attention block/head/edge, FFN block/expert/neuron."""
         lm = self._require_lm("promoted tokens")
         return promoted(self.trace, lm.arch, lm.unembed, layer, position, component, head=head, neuron=neuron,
-                        source=source, topk=topk, norm=norm)  # fmt: skip
+                        source=source, expert=expert, topk=topk, norm=norm)  # fmt: skip

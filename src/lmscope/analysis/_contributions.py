@@ -10,7 +10,9 @@ Attention at layer ``l``, query position ``q``: the parts are every (source ``k`
 ``A[h, q, k] · u[k, h]`` with ``u[k, h] = W_O[:, h] · v[k, kv(h)]`` (the value bias is inside the
 captured ``v``), the output-projection bias as its own part, and the residual ``resid_pre[q]``;
 they sum exactly to ``resid_pre[q] + attn_out[q]``. Parallel blocks (GPT-NeoX, Phi) add the MLP
-output to the same sum. The FFN block's parts are ``mlp_out[q]`` and the residual.
+output to the same sum. The FFN block's parts are ``mlp_out[q]`` and the residual; in a
+mixture-of-experts layer they are each routed expert's update (router weight × expert output),
+the shared expert's, and the residual (``lmscope.analysis._experts``).
 
 Computing every (q, k, h) proximity directly touches ``pos² · head · d_model`` numbers per layer.
 Two exact facts make it cheap (``s = sign(y)`` with ``s_d = +1`` where ``y_d = 0``):
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmscope.analysis._experts import expert_parts
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture
@@ -254,6 +257,11 @@ class BlockContributions:
     ``mlp + mlp_residual = 1``); parallel blocks have one (``attention + attn_residual + bias + mlp
     = 1``, ``mlp_residual`` all zero). ``error[q]`` bounds how far any contribution at ``q`` can be
     from the exact value (0 when computed with ``tolerance = 0``).
+
+    In a mixture-of-experts layer (sequential blocks), ``experts [pos_q, part]`` holds each
+    expert's contribution to the FFN block output (``mlp`` is their sum, so ``experts.sum(-1) +
+    mlp_residual = 1``); ``expert_ids`` names the routed expert of each slot (``-1``: the shared
+    expert) and ``expert_weights`` its router weight (the shared expert's gate).
     """
 
     layer: int
@@ -264,6 +272,9 @@ class BlockContributions:
     mlp: torch.Tensor  # [pos_q]
     mlp_residual: torch.Tensor  # [pos_q]
     error: torch.Tensor  # [pos_q]
+    experts: torch.Tensor | None = None  # [pos_q, part]
+    expert_ids: torch.Tensor | None = None  # [pos_q, part] long
+    expert_weights: torch.Tensor | None = None  # [pos_q, part]
 
 
 def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance: float = 0.0) -> BlockContributions:
@@ -294,8 +305,16 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
     scale = 1 / total.clamp_min(torch.finfo(total.dtype).tiny)
     error = torch.where(total > slack, 2 * slack / (total - slack).clamp_min(1e-30), torch.ones_like(slack))
     error = error.masked_fill(slack == 0, 0.0)
+    moe = None if arch.parallel else expert_parts(trace, arch, layer)
+    experts = None
     if arch.parallel:
         mlp_share, mlp_resid = mlp_prox * scale, torch.zeros_like(resid)
+    elif moe is not None:  # each expert is a part; the residual part takes the float rounding of their sum
+        post = mid + mlp
+        parts = torch.cat([moe.updates.transpose(0, 1), (post - moe.updates.sum(1))[None]])  # [part + 1, pos, d]
+        shares = proximity(parts, post)  # [part + 1, pos]
+        experts, mlp_resid = shares[:-1].T.contiguous(), shares[-1]
+        mlp_share = experts.sum(-1)
     else:
         post = mid + mlp
         post_size = post.abs().sum(-1)
@@ -315,4 +334,7 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
         mlp=mlp_share,
         mlp_residual=mlp_resid,
         error=error,
+        experts=experts,
+        expert_ids=None if moe is None else moe.ids,
+        expert_weights=None if moe is None else moe.weights,
     )

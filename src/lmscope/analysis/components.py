@@ -7,6 +7,9 @@ map next to its contribution map (``c[h, q, k]``, the proximity share of the ter
 (parts ``mlp_act[q, n] · W_out[:, n]``, signed by the activation, plus the output bias and the
 rest of the sum); and for any update (attention block, head, edge, FFN block, neuron) the tokens
 it promotes and suppresses, ``W_U · update`` (optionally through the final norm, as LM-TT does).
+
+In a mixture-of-experts layer each expert that runs is a component (its router weight times its
+output), and neurons are reported per expert (``lmscope.analysis._experts``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from lmscope.analysis._contributions import block_contributions, check_decomposable, head_updates, proximity
+from lmscope.analysis._experts import SHARED, ExpertParts, dense_activations, expert_neurons, expert_parts
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
@@ -33,6 +37,7 @@ __all__ = [
     "Promoted",
     "TopNeurons",
     "contribution_map",
+    "expert_neuron_contributions",
     "graph_details",
     "head_shares",
     "neuron_contributions",
@@ -74,7 +79,11 @@ class HeadShares(Result):
 
 @dataclass(frozen=True)
 class TopNeurons(Result):
-    """The FFN neurons contributing most to the block output at ``position``."""
+    """The FFN neurons contributing most to the block output at ``position``.
+
+    In a mixture-of-experts layer ``experts[i]`` is the expert neuron ``neurons[i]`` belongs to
+    (``-1``: the shared expert); only the experts the router chose at ``position`` run.
+    """
 
     _view = "lmscope.views.components"
 
@@ -84,6 +93,7 @@ class TopNeurons(Result):
     neurons: np.ndarray  # [k] neuron indices
     contributions: np.ndarray  # [k]
     activations: np.ndarray  # [k] mlp_act (the sign of the neuron's update)
+    experts: np.ndarray | None = None  # [k] mixture of experts: each neuron's expert (-1: shared)
 
 
 @dataclass(frozen=True)
@@ -144,34 +154,58 @@ def neuron_contributions(
 
     Parts: every ``mlp_act[q, n] · W_out[:, n]``, the output bias, and the rest of the block's sum
     (``resid_mid``, or ``resid_pre + attn_out`` for parallel blocks); they sum to ``resid_post``.
+    In a mixture-of-experts layer the parts are the neurons of the experts that run, one after the
+    other (see :func:`expert_neuron_contributions` for which expert and neuron each is).
+    """
+    c, act, _, _ = expert_neuron_contributions(trace, arch, layer, position)
+    return c, act
+
+
+def expert_neuron_contributions(
+    trace: Trace, arch: Architecture, layer: int, position: int, parts: ExpertParts | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Contributions and activations ``[part]`` of every neuron, with its index and expert (``None``: dense).
+
+    ``parts``: the layer's expert parts, when already computed.
     """
     check_decomposable(arch)
     q = trace.position(position)
-    act = trace.at("mlp_act", layer)[q].float()  # [neuron]
-    module = arch.mlp_down(layer)
+    whole = trace.at("resid_post", layer)[q].float()
+    if arch.experts(layer) is not None:
+        n = expert_neurons(trace, arch, layer, q, parts)
+        rest = whole - n.updates.sum(0) - n.bias  # resid_mid, plus float rounding
+        extra = [n.bias, rest] if bool((n.bias != 0).any()) else [rest]
+        c = proximity(torch.cat([n.updates, torch.stack(extra)]), whole)
+        return c[: len(n.neurons)], n.activations, n.neurons, n.experts
+    if arch.family.experts is not None:  # a dense FFN layer of a mixture-of-experts family
+        act, module = dense_activations(arch, layer, trace.at("mlp_act", layer)[q : q + 1])
+        act = act[0]  # [neuron]
+    else:
+        act = trace.at("mlp_act", layer)[q].float()  # [neuron]
+        module = arch.mlp_down(layer)
     weight = arch.linear_weight(module).detach().float().to(act.device) * arch.residual_scale  # [d_model, neuron]
     parts = act[:, None] * weight.T  # [neuron, d_model]
-    whole = trace.at("resid_post", layer)[q].float()
     rest = whole - trace.at("mlp_out", layer)[q].float()
     bias = getattr(module, "bias", None)
     extra = [rest] if bias is None else [bias.detach().float().to(act.device) * arch.residual_scale, rest]
     c = proximity(torch.cat([parts, torch.stack(extra)]), whole)
-    return c[: len(act)], act
+    return c[: len(act)], act, torch.arange(len(act), device=act.device), None
 
 
 def top_neurons(trace: Trace, arch: Architecture, layer: int, position: int, topk: int = 10) -> TopNeurons:
     """The ``topk`` neurons with the largest contribution to the FFN block output at ``position``."""
     if topk < 1:
         raise LmscopeError(f"topk must be at least 1, not {topk}")
-    c, act = neuron_contributions(trace, arch, layer, position)
+    c, act, neurons, experts = expert_neuron_contributions(trace, arch, layer, position)
     top = c.topk(min(topk, len(c)))
     return TopNeurons(
         layer=trace.layers[trace.layer_index(layer)],
         position=trace.position(position),
         tokens=trace.tokens,
-        neurons=top.indices.cpu().numpy(),
+        neurons=neurons[top.indices].cpu().numpy(),
         contributions=top.values.cpu().numpy(),
         activations=act[top.indices].cpu().numpy(),
+        experts=None if experts is None else experts[top.indices].cpu().numpy(),
     )
 
 
@@ -185,12 +219,15 @@ def update_vector(
     head: int | None = None,
     neuron: int | None = None,
     source: int | None = None,
+    expert: int | None = None,
 ) -> torch.Tensor:
     """The update ``[d_model]`` (float32) one component writes into the residual stream at ``position``.
 
     ``component="attention"``: the block output ``attn_out`` (bias included); with ``head`` and/or
     ``source`` only those terms ``Σ A[h,q,k] · u[k,h]``. ``component="ffn"``: ``mlp_out``; with
-    ``neuron`` the neuron's ``mlp_act[q, n] · W_out[:, n]``.
+    ``neuron`` the neuron's ``mlp_act[q, n] · W_out[:, n]``. In a mixture-of-experts layer,
+    ``expert`` (``-1``: the shared expert) selects one expert's update, router weight included,
+    and ``neuron`` a neuron of that expert.
     """
     q = trace.position(position)
     if component == "attention":
@@ -205,6 +242,10 @@ def update_vector(
         else:
             terms = terms.sum(1)
         return terms.sum(0) if source is None else terms[trace.position(source)]
+    if component == "ffn" and (expert is not None or (neuron is not None and arch.experts(layer) is not None)):
+        return _expert_update(trace, arch, layer, q, expert, neuron)
+    if expert is not None:
+        raise LmscopeError("expert applies to the FFN of a mixture-of-experts layer (component='ffn')")
     if component == "ffn":
         if neuron is None:
             return trace.at("mlp_out", layer)[q].float()
@@ -215,6 +256,29 @@ def update_vector(
         weight = arch.linear_weight(arch.mlp_down(layer)).detach().float() * arch.residual_scale
         return act[neuron].float() * weight[:, neuron].to(act.device)
     raise LmscopeError(f"component must be 'attention' or 'ffn', not {component!r}")
+
+
+def _expert_update(
+    trace: Trace, arch: Architecture, layer: int, q: int, expert: int | None, neuron: int | None
+) -> torch.Tensor:
+    """One expert's update at position ``q`` (or one of its neurons')."""
+    check_decomposable(arch)
+    parts = expert_parts(trace, arch, layer)
+    if parts is None:
+        raise LmscopeError(f"layer {layer} has a dense FFN, not a mixture of experts: leave out expert")
+    ran = [int(e) for e in parts.ids[q]]
+    if expert is None:
+        raise LmscopeError(f"name the expert of neuron {neuron}: the experts that ran at position {q} are {ran}")
+    if expert not in ran:
+        names = ", ".join("shared" if e == SHARED else str(e) for e in ran)
+        raise LmscopeError(f"expert {expert} did not run at position {q} of layer {layer}: the router chose {names}")
+    if neuron is None:
+        return parts.updates[q, ran.index(expert)]
+    n = expert_neurons(trace, arch, layer, q, parts)
+    mine = (n.experts == expert).nonzero().squeeze(1)
+    if not -len(mine) <= neuron < len(mine):
+        raise LmscopeError(f"neuron {neuron} is out of range: expert {expert} has neurons 0..{len(mine) - 1}")
+    return n.updates[mine[neuron]]
 
 
 def _top_bottom(unembed: Unembed, vectors: torch.Tensor, norm: bool, k: int) -> list[tuple[tuple, tuple]]:
@@ -244,16 +308,19 @@ def promoted(
     head: int | None = None,
     neuron: int | None = None,
     source: int | None = None,
+    expert: int | None = None,
     topk: int = 10,
     norm: bool = True,
 ) -> Promoted:
     """The ``topk`` tokens an update promotes and suppresses (see :func:`update_vector`)."""
     if topk < 1:
         raise LmscopeError(f"topk must be at least 1, not {topk}")
-    vector = update_vector(trace, arch, layer, position, component, head=head, neuron=neuron, source=source)
+    vector = update_vector(
+        trace, arch, layer, position, component, head=head, neuron=neuron, source=source, expert=expert
+    )
     (up, down) = _top_bottom(unembed, vector[None], norm, topk)[0]
     label = component
-    for name, value in (("head", head), ("neuron", neuron), ("source", source)):
+    for name, value in (("expert", expert), ("head", head), ("neuron", neuron), ("source", source)):
         if value is not None:
             label += f" {name} {value}"
     return Promoted(
@@ -292,6 +359,7 @@ def graph_details(
             info[n.id]["lens"] = tuple(zip(unembed.token_strings(ids.tolist()), probs.tolist(), strict=True))
     # updates: attention block at mid nodes, FFN block at FFN nodes, each attention edge
     keys, vectors = [], []
+    routed: dict[int, ExpertParts | None] = {}  # per layer: its experts' routing and updates (MoE)
     for n in nodes:
         if n.state == "mid":
             keys.append(n.id)
@@ -299,13 +367,17 @@ def graph_details(
         elif n.kind == "ffn":
             keys.append(n.id)
             vectors.append(mlp[index(n.layer), n.pos].float())
-            c, act = neuron_contributions(trace, arch, n.layer, n.pos)
+            if n.layer not in routed:
+                routed[n.layer] = expert_parts(trace, arch, n.layer)
+            c, act, ids, experts = expert_neuron_contributions(trace, arch, n.layer, n.pos, routed[n.layer])
             top = c.topk(min(topk, len(c)))
             info[n.id] = {
                 "neurons": tuple(
-                    (int(i), float(v), float(act[i])) for i, v in zip(top.indices, top.values, strict=True)
+                    (int(ids[i]), float(v), float(act[i])) for i, v in zip(top.indices, top.values, strict=True)
                 )
             }
+            if experts is not None:
+                info[n.id]["neuron_experts"] = tuple(int(experts[i]) for i in top.indices)
     by_layer: dict[int, list[Edge]] = {}
     for e in edges:
         if e.kind == "attention":

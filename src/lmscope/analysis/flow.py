@@ -6,7 +6,8 @@ Edges carry the contribution of a part to a block output (``lmscope.analysis._co
 
 * ``attention``: ``pre[k] -> mid[q]`` (``post[q]`` for parallel blocks), the sum over heads of the
   (k, h) terms' contributions, with each head's share;
-* ``ffn``: ``mid[q] -> post[q]`` through the FFN node (``pre -> post`` for parallel blocks);
+* ``ffn``: ``mid[q] -> post[q]`` through the FFN node (``pre -> post`` for parallel blocks); in
+  a mixture-of-experts layer, with each expert's share and router weight (``experts``);
 * ``residual``: ``pre[q] -> mid[q]`` and ``mid[q] -> post[q]`` (``pre -> post`` for parallel blocks).
 
 Edges lighter than the threshold τ are pruned, either on the summed weights (``mode="prune"``) or,
@@ -29,7 +30,7 @@ from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture, Unembed
 
-__all__ = ["Details", "Edge", "Endpoint", "FlowGraph", "FlowWeights", "Node", "flow", "flow_weights"]
+__all__ = ["Details", "Edge", "Endpoint", "ExpertShare", "FlowGraph", "FlowWeights", "Node", "flow", "flow_weights"]
 
 MODES = ("prune", "renormalize")
 
@@ -63,8 +64,21 @@ class Node:
 
 
 @dataclass(frozen=True)
+class ExpertShare:
+    """One expert of a mixture-of-experts FFN edge: its id (``-1``: shared), router weight and share."""
+
+    expert: int
+    router_weight: float  # the weight the router gave it (the shared expert's gate; 1 without one)
+    share: float  # its share of the edge's weight (the shares of an edge sum to 1)
+
+
+@dataclass(frozen=True)
 class Edge:
-    """A weighted edge; ``heads[h]`` is head h's share of an attention edge's weight (sums to 1)."""
+    """A weighted edge; ``heads[h]`` is head h's share of an attention edge's weight (sums to 1).
+
+    An FFN edge of a mixture-of-experts layer lists the experts that ran (the router's choice) in
+    ``experts``, each with its router weight and its share of the edge's weight.
+    """
 
     layer: int
     kind: str  # attention, ffn, residual
@@ -72,6 +86,7 @@ class Edge:
     target: Endpoint
     weight: float
     heads: tuple[float, ...] | None = None
+    experts: tuple[ExpertShare, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -86,6 +101,7 @@ class Details:
     promoted: tuple[tuple[str, float], ...] = ()  # tokens the update raises most (logit)
     suppressed: tuple[tuple[str, float], ...] = ()  # tokens the update lowers most
     neurons: tuple[tuple[int, float, float], ...] = ()  # FFN: (neuron, contribution, activation)
+    neuron_experts: tuple[int, ...] = ()  # mixture of experts: the expert of each of ``neurons`` (-1: shared)
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,7 @@ class FlowWeights:
     ffn: torch.Tensor  # [layer, pos]
     ffn_residual: torch.Tensor  # [layer, pos]
     error: float  # bound on any contribution's error from bounded terms (0: exact)
+    experts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...] = ()  # per layer: ids, weights, shares
 
 
 @dataclass(frozen=True)
@@ -154,7 +171,14 @@ def _renormalize(c: BlockContributions, threshold: float) -> BlockContributions:
 
     att, res, bias, mlp, mres = map(cut, (c.attention, c.attn_residual, c.bias, c.mlp, c.mlp_residual))
     tiny = torch.finfo(res.dtype).tiny
-    if c.parallel:
+    experts = None
+    if c.experts is not None:  # a mixture of experts: each expert is a part of the FFN sum
+        experts = cut(c.experts)
+        ffn_total = (experts.sum(-1) + mres).clamp_min(tiny)
+        experts, mres = experts / ffn_total[:, None], mres / ffn_total
+        mlp = experts.sum(-1)
+        total = (att.sum((1, 2)) + res + bias).clamp_min(tiny)
+    elif c.parallel:
         total = (att.sum((1, 2)) + res + bias + mlp).clamp_min(tiny)
         mlp, mres = mlp / total, mres
     else:
@@ -162,7 +186,17 @@ def _renormalize(c: BlockContributions, threshold: float) -> BlockContributions:
         ffn_total = (mlp + mres).clamp_min(tiny)
         mlp, mres = mlp / ffn_total, mres / ffn_total
     return BlockContributions(
-        c.layer, c.parallel, att / total[:, None, None], res / total, bias / total, mlp, mres, c.error
+        c.layer,
+        c.parallel,
+        att / total[:, None, None],
+        res / total,
+        bias / total,
+        mlp,
+        mres,
+        c.error,
+        experts,
+        c.expert_ids,
+        c.expert_weights,
     )
 
 
@@ -176,7 +210,7 @@ def flow_weights(
     layers = trace.layers
     if list(layers) != list(range(layers[0], layers[-1] + 1)):
         raise LmscopeError("the flow graph needs a run of consecutive layers: trace with layers=None or a slice")
-    attention, res, ffn, ffn_res, error = [], [], [], [], 0.0
+    attention, res, ffn, ffn_res, experts, error = [], [], [], [], [], 0.0
     for layer in layers:
         c = block_contributions(trace, arch, layer, tolerance)
         if mode == "renormalize":
@@ -185,9 +219,18 @@ def flow_weights(
         res.append(c.attn_residual.cpu())
         ffn.append(c.mlp.cpu())
         ffn_res.append(c.mlp_residual.cpu())
+        moe = None if c.experts is None else (c.expert_ids.cpu(), c.expert_weights.cpu(), c.experts.cpu())
+        experts.append(moe)
         error = max(error, float(c.error.max()))
     return FlowWeights(
-        layers, arch.parallel, tuple(attention), torch.stack(res), torch.stack(ffn), torch.stack(ffn_res), error
+        layers,
+        arch.parallel,
+        tuple(attention),
+        torch.stack(res),
+        torch.stack(ffn),
+        torch.stack(ffn_res),
+        error,
+        tuple(experts),
     )
 
 
@@ -213,7 +256,7 @@ def _extract(w: FlowWeights, starts: Sequence[int], threshold: float) -> list[Ed
             keep_res = reached & _keep(w.ffn_residual[index], threshold)
             mid, into, ffn_source = ffn | keep_res, "mid", "mid"
             edges += _simple(layer, "residual", keep_res, "mid", "post", w.ffn_residual[index])
-        edges += _simple(layer, "ffn", ffn, ffn_source, "post", w.ffn[index])
+        edges += _simple(layer, "ffn", ffn, ffn_source, "post", w.ffn[index], w.experts[index] if w.experts else None)
         attn = mid[:, None] & _keep(summed, threshold)  # [pos_q, pos_k]
         keep_res = mid & _keep(w.attn_residual[index], threshold)
         edges += _simple(layer, "residual", keep_res, "pre", into, w.attn_residual[index])
@@ -230,13 +273,35 @@ def _extract(w: FlowWeights, starts: Sequence[int], threshold: float) -> list[Ed
     return edges
 
 
-def _simple(layer: int, kind: str, keep: torch.Tensor, source: str, target: str, weight: torch.Tensor) -> list[Edge]:
+def _simple(
+    layer: int,
+    kind: str,
+    keep: torch.Tensor,
+    source: str,
+    target: str,
+    weight: torch.Tensor,
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # ids, router weights, shares
+) -> list[Edge]:
     positions = keep.nonzero().squeeze(1).tolist()
     values = weight[positions].tolist()
     return [
-        Edge(layer, kind, Endpoint(layer, p, source), Endpoint(layer, p, target), v)
+        Edge(layer, kind, Endpoint(layer, p, source), Endpoint(layer, p, target), v, None, _experts(experts, p, v))
         for p, v in zip(positions, values, strict=True)
     ]
+
+
+def _experts(
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, pos: int, weight: float
+) -> tuple[ExpertShare, ...] | None:
+    """The experts of an FFN edge at ``pos``, ordered by share (their shares of ``weight`` sum to 1)."""
+    if experts is None:
+        return None
+    ids, router, shares = (t[pos].tolist() for t in experts)
+    parts = [
+        ExpertShare(int(e), float(r), float(s) / weight if weight > 0 else 0.0)
+        for e, r, s in zip(ids, router, shares, strict=True)
+    ]
+    return tuple(sorted(parts, key=lambda part: -part.share))
 
 
 def _nodes(edges: Sequence[Edge], tokens: Sequence[str], last_layer: int) -> tuple[Node, ...]:

@@ -44,6 +44,10 @@ def to_text(result: Component) -> str:
             [str(n), f"{c:.4f}", f"{a:+.3f}"]
             for n, c, a in zip(result.neurons, result.contributions, result.activations, strict=True)
         ]
+        if result.experts is not None:  # mixture of experts: neurons per expert
+            for row, expert in zip(rows, result.experts, strict=True):
+                row.insert(0, "shared" if expert < 0 else str(expert))
+            return head + "\n" + table(["expert", "neuron", "contribution", "activation"], rows)
         return head + "\n" + table(["neuron", "contribution", "activation"], rows)
     norm = "" if result.norm else ", no final norm"
     head = f"Tokens promoted/suppressed by {result.component}, layer {result.layer}, position "
@@ -74,6 +78,7 @@ def _data(result: Component) -> tuple[str, dict[str, Any]]:
         base.update(
             position=result.position, neurons=result.neurons.tolist(), contributions=result.contributions.tolist(),
             activations=result.activations.tolist(),
+            experts=None if result.experts is None else result.experts.tolist(),
         )  # fmt: skip
         return "top_neurons", base
     base.update(

@@ -101,10 +101,12 @@ def to_text(result: FlowGraph) -> str:
             if e.heads is not None:
                 top = sorted(range(len(e.heads)), key=lambda h: -e.heads[h])[:2]
                 heads = ", ".join(f"h{h} {percent(e.heads[h])}" for h in top)
+            if e.experts is not None:  # mixture of experts: the experts that ran, by share
+                heads = ", ".join(f"{expert_name(x.expert)} {percent(x.share)}" for x in e.experts[:3])
             source = f"{visible(result.tokens[e.source.pos])!r}({e.source.pos}) {e.source.state}"
             target = f"{visible(result.tokens[e.target.pos])!r}({e.target.pos}) {e.target.state}"
             rows.append([str(e.layer), e.kind, source, target, f"{e.weight:.3f}", heads])
-        lines.append(table(["layer", "kind", "source", "target", "weight", "top heads"], rows))
+        lines.append(table(["layer", "kind", "source", "target", "weight", "top heads / experts"], rows))
     return "\n".join(lines)
 
 
@@ -121,8 +123,14 @@ def _edge_row(edge: Edge) -> list[Any]:
     ]
 
 
+def expert_name(expert: int) -> str:
+    """``e3`` for routed expert 3, ``shared`` for a layer's shared expert (id -1)."""
+    return "shared" if expert < 0 else f"e{expert}"
+
+
 def _details(result: FlowGraph) -> dict[str, Any]:
     out = {}
+    routed = {f"f{e.layer}.{e.target.pos}": e.experts for e in result.edges if e.kind == "ffn" and e.experts}
     for key, d in result.details.items():
         out[key] = {
             "lens": [[t, p] for t, p in d.lens],
@@ -130,6 +138,10 @@ def _details(result: FlowGraph) -> dict[str, Any]:
             "suppressed": [[t, v] for t, v in d.suppressed],
             "neurons": [list(n) for n in d.neurons],
         }
+        if d.neuron_experts:
+            out[key]["neuron_experts"] = [expert_name(x) for x in d.neuron_experts]
+        if key in routed:  # the router's choice: expert, router weight, share of the FFN edge
+            out[key]["experts"] = [[expert_name(x.expert), x.router_weight, x.share] for x in routed[key]]
     return out
 
 

@@ -135,12 +135,22 @@
       list("logit lens", d.lens, lms.percent);
       list("promoted", d.promoted, function (v) { return v.toFixed(2); });
       list("suppressed", d.suppressed, function (v) { return v.toFixed(2); });
+      if (d.experts && d.experts.length) {
+        var r = lms.el("div", { className: "lms-flow-list" });
+        r.appendChild(lms.el("span", { className: "lms-muted" }, "experts (router's choice): "));
+        d.experts.forEach(function (x) {
+          r.appendChild(lms.el("span", { className: "lms-flow-neuron" },
+            x[0] + " " + lms.percent(x[2]) + " (router " + x[1].toFixed(2) + ")"));
+        });
+        panel.appendChild(r);
+      }
       if (d.neurons && d.neurons.length) {
         var t = lms.el("div", { className: "lms-flow-list" });
         t.appendChild(lms.el("span", { className: "lms-muted" }, "top neurons: "));
-        d.neurons.forEach(function (n) {
+        d.neurons.forEach(function (n, i) {
+          var owner = d.neuron_experts ? d.neuron_experts[i] + " " : "";
           t.appendChild(lms.el("span", { className: "lms-flow-neuron" },
-            "#" + n[0] + " " + lms.percent(n[1]) + " (act " + n[2].toFixed(2) + ")"));
+            owner + "#" + n[0] + " " + lms.percent(n[1]) + " (act " + n[2].toFixed(2) + ")"));
         });
         panel.appendChild(t);
       }
