@@ -178,6 +178,26 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="FILE", help="also write the view as a standalone HTML file")
 
 
+def _target_arg(parser: argparse.ArgumentParser, *names: str) -> None:
+    """``--target TEXT``: the decoder's forced text (teacher forcing) of an encoder-decoder model."""
+    parser.add_argument(
+        *(names or ("--target", "--target-text")),
+        dest="target_text",
+        default=None,
+        metavar="TEXT",
+        help="encoder-decoder models (T5, BART, ...): the target the decoder reads (teacher forcing); TEXT: the source",
+    )
+
+
+def _traced(lm: Any, args: argparse.Namespace, sites: Any, generate: int = 0, **options: Any) -> Any:
+    """``lm.trace`` (or ``lm.generate``) of TEXT, with ``--target`` for an encoder-decoder model."""
+    if getattr(args, "target_text", None) is not None:
+        options["target"] = args.target_text
+    if generate:
+        return lm.generate(args.text, generate=generate, sites=sites, **options)
+    return lm.trace(args.text, sites=sites, **options)
+
+
 def _load(args: argparse.Namespace) -> Any:
     from lmscope import from_pretrained
 
@@ -253,6 +273,7 @@ def _add_lens(commands: Any) -> None:
         "--topk", type=_int(1, MAX_TOPK), default=5, help=f"candidates per layer, 1 to {MAX_TOPK} (default 5)"
     )
     parser.add_argument("--no-norm", action="store_true", help="skip the final norm before unembedding")
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_lens)
@@ -260,7 +281,7 @@ def _add_lens(commands: Any) -> None:
 
 def _cmd_lens(args: argparse.Namespace) -> None:
     lm = _load(args)
-    out = lm.trace(args.text, sites=["resid_post"])
+    out = _traced(lm, args, ["resid_post"])
     result = out.layer_predictions(position=args.position, layer=args.layer, topk=args.topk, norm=not args.no_norm)
     _emit(result, args)
 
@@ -271,6 +292,7 @@ def _add_rankings(commands: Any) -> None:
     parser.add_argument(
         "--generate", type=_int(0, MAX_GENERATE), default=0, metavar="N", help="generate N tokens first and rank them"
     )
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_rankings)
@@ -278,11 +300,7 @@ def _add_rankings(commands: Any) -> None:
 
 def _cmd_rankings(args: argparse.Namespace) -> None:
     lm = _load(args)
-    if args.generate:
-        out = lm.generate(args.text, generate=args.generate, sites=["resid_post"])
-    else:
-        out = lm.trace(args.text, sites=["resid_post"])
-    _emit(out.rankings(), args)
+    _emit(_traced(lm, args, ["resid_post"], args.generate).rankings(), args)
 
 
 def _add_watch(commands: Any) -> None:
@@ -290,6 +308,7 @@ def _add_watch(commands: Any) -> None:
     _text_arg(parser)
     parser.add_argument("--words", nargs="+", required=True, help='words to rank, e.g. --words " is" " are"')
     parser.add_argument("--position", type=_position, default="next", help=POSITION_HELP)
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_watch)
@@ -297,7 +316,7 @@ def _add_watch(commands: Any) -> None:
 
 def _cmd_watch(args: argparse.Namespace) -> None:
     lm = _load(args)
-    out = lm.trace(args.text, sites=["resid_post"])
+    out = _traced(lm, args, ["resid_post"])
     _emit(out.rankings_watch(args.words, position=args.position), args)
 
 
@@ -322,6 +341,7 @@ def _add_saliency(commands: Any) -> None:
         help="integrated gradients: quadrature points, 1 to 1024 (default 50)",
     )
     parser.add_argument("--style", choices=("minimal", "detailed"), default="minimal", help="HTML view style")
+    _target_arg(parser, "--target-text")  # --target already names what is explained (prob or logit)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_saliency)
@@ -330,7 +350,7 @@ def _add_saliency(commands: Any) -> None:
 def _cmd_saliency(args: argparse.Namespace) -> None:
     lm = _load(args)
     # saliency runs its own forward passes: capture nothing but the logits
-    out = lm.generate(args.text, generate=args.generate, sites=[]) if args.generate else lm.trace(args.text, sites=[])
+    out = _traced(lm, args, [], args.generate)
     _emit(out.saliency(args.method, args.style, target=args.target, contrast=args.contrast, steps=args.steps), args)
 
 
@@ -506,6 +526,14 @@ def _add_collect(commands: Any) -> None:
     parser.add_argument("--batch-size", type=_int(1, 4096), default=16, help="texts per forward pass (default 16)")
     parser.add_argument("--limit", type=_int(1), default=None, help="use at most this many texts")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray workers")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (auto, HOST:PORT); default: a local one")
+    parser.add_argument("--workers", type=_int(1, 10000), default=None, help="Ray workers (default: as CPUs allow)")
+    parser.add_argument("--worker-cpus", type=_int(1, 1024), default=1, help="CPUs and threads per Ray worker")
+    parser.add_argument("--worker-gpus", type=_float(0, 64), default=0, help="GPUs per Ray worker (default 0)")
+    parser.add_argument(
+        "--shard-mb", type=_float(0.001, 1e6), default=64.0, help="activations per shard in MB (default 64)"
+    )
     _model_args(parser)
     parser.set_defaults(run=_cmd_collect)
 
@@ -515,10 +543,21 @@ def _cmd_collect(args: argparse.Namespace) -> None:
 
     texts, sites = _texts(args), _sites(args.sites)
     _layer_range(args.layers)
+    ray = {}
+    if args.engine == "ray":  # a missing package or an address that does not answer fails before the model loads
+        from lmscope.distributed import check_address, require_ray
+
+        require_ray()
+        check_address(args.address)
+        ray = dict(address=args.address, workers=args.workers, worker_cpus=args.worker_cpus)
+        ray.update(worker_gpus=args.worker_gpus, engine="ray")
+    elif (args.address, args.workers, args.worker_cpus, args.worker_gpus) != (None, None, 1, 0):
+        raise LmscopeError("--address, --workers, --worker-cpus and --worker-gpus need --engine ray")
     lm = _load(args)
     layers = _layers(lm, args.layers)
     progress = sys.stderr.isatty()
-    col = collect(lm, texts, sites, layers, args.batch_size, args.out, progress=progress, restart=args.restart)
+    options = dict(progress=progress, restart=args.restart, shard_mb=args.shard_mb, **ray)
+    col = collect(lm, texts, sites, layers, args.batch_size, args.out, **options)
     summary = {"out": str(col.root), "texts": len(col), "tokens": col.n_tokens, "sites": list(col.sites)}
     summary["layers"] = list(col.layers)
     print(json.dumps(summary) if args.json else repr(col))
@@ -541,6 +580,7 @@ def _add_attention(commands: Any) -> None:
     parser.add_argument("--head", type=_int(0), default=0, help="neuron view: the head to start on")
     parser.add_argument("--query", type=int, default=-1, help="the query position to start on (default: last)")
     parser.add_argument("--top-k", type=_int(1), default=None, help="show only the strongest K keys per query")
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_attention)
@@ -553,7 +593,12 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     sites = needed_sites(args.view, args.kind)
     # capture only the layers shown (rollout multiplies every layer up to the chosen one)
     layers = None if args.layer is None else range(args.layer + 1) if args.kind == "rollout" else [args.layer]
-    out = lm.trace(args.text, text_pair=args.text_pair, sites=sites, layers=layers)
+    if lm.is_seq2seq:  # the decoder's layers are chosen; cross-attention needs its own sites
+        sites = [*sites, *(f"cross_{s}" for s in sites if s in ("attn_probs", "q", "k", "v"))]
+        sites += ["position_bias"] if "q" in sites else []  # T5's relative position bias, a term of the score
+        out = _traced(lm, args, sites, layers=layers)
+    else:
+        out = _traced(lm, args, sites, text_pair=args.text_pair, layers=layers)
     result = out.attention(args.layer, args.view, args.kind, args.head, args.query, args.top_k)
     _emit(result, args)
 
@@ -614,6 +659,7 @@ def _add_flow(commands: Any) -> None:
     parser.add_argument(
         "--mode", choices=("prune", "renormalize"), default="prune", help="drop light edges, or also renormalize"
     )
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_flow)
@@ -621,7 +667,8 @@ def _add_flow(commands: Any) -> None:
 
 def _cmd_flow(args: argparse.Namespace) -> None:
     lm = _load(args)
-    out = lm.trace(args.text, sites=["resid_pre", "resid_post", "attn_out", "mlp_out", "attn_probs", "v", "mlp_act"])
+    sites = None if lm.is_seq2seq else ["resid_pre", "resid_post", "attn_out", "mlp_out", "attn_probs", "v", "mlp_act"]
+    out = _traced(lm, args, sites)
     _emit(out.flow(threshold=args.threshold, position=args.position, mode=args.mode), args)
 
 
@@ -680,7 +727,6 @@ def _add_faithfulness(commands: Any) -> None:
     parser.add_argument(
         "--baseline", default=None, help="saliency: a deleted token's embedding: zero (default), mean or a token"
     )
-    parser.add_argument("--draws", type=_int(1, 100), default=3, help="random draws per k (default 3)")
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_faithfulness)
