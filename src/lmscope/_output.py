@@ -19,7 +19,7 @@ from lmscope.analysis import (
     layer_similarity,
 )
 from lmscope.analysis._predicted import Position, position_of_state, prediction
-from lmscope.analysis.attention import Attention, attention, needed_sites
+from lmscope.analysis.attention import Attention, EncoderDecoderAttention, attention, recapture_sites
 from lmscope.analysis.components import (
     ContributionMap,
     HeadShares,
@@ -198,14 +198,16 @@ class Output:
         head: int = 0,
         query: int = -1,
         top_k: int | None = None,
-    ) -> Attention:
+        part: str | None = None,
+    ) -> Attention | EncoderDecoderAttention:
         """BertViz's head, model or neuron view; ``kind`` ``"rollout"`` or ``"value_norm"`` for other maps.
 
         Sites the view needs and this trace lacks (``q``/``k`` for the neuron view, ``v`` for value
-        norms) are captured by running the model again on the same tokens.
+        norms) are captured by running the model again on the same tokens. Encoder-decoder models:
+        encoder, decoder and cross-attention as BertViz offers them, or the one ``part``.
         """
-        trace, sites = self.trace, needed_sites(view, kind)
-        if self.lm is not None and not set(sites) <= set(trace.sites):
+        trace, sites = self.trace, recapture_sites(self.trace, view, kind, part)
+        if self.lm is not None and sites:
             layers = trace.layers if layer is None or kind == "rollout" else [layer]
             trace = trace_ids(
                 self.lm.loaded,
@@ -217,7 +219,9 @@ class Output:
                 source_ids=trace.encoder.token_ids if trace.encoder is not None else None,
             )
         arch = self._require_lm("attention × value norm").arch if kind == "value_norm" else None
-        return attention(trace, layer=layer, view=view, kind=kind, head=head, query=query, top_k=top_k, arch=arch)
+        return attention(
+            trace, layer=layer, view=view, kind=kind, head=head, query=query, top_k=top_k, arch=arch, part=part
+        )
 
     def flow(
         self,

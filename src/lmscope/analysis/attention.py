@@ -52,6 +52,7 @@ __all__ = [
     "needed_sites",
     "neuron_scores",
     "neuron_scores_of",
+    "recapture_sites",
     "rollout",
     "seq2seq_sites",
     "sparsify",
@@ -283,6 +284,25 @@ def seq2seq_sites(view: str, kind: str, part: str | None = None) -> tuple[tuple[
     names = PARTS if part is None else (part,)
     needed = dict.fromkeys(s for name in names for s in needed_sites(view, kind, name))
     return tuple(needed), (("position_bias",) if view == "neuron" else ())
+
+
+def recapture_sites(trace: Trace, view: str, kind: str, part: str | None = None) -> tuple[str, ...]:
+    """The sites to capture again for a view of ``trace``, or ``()`` when the trace holds them all.
+
+    Of an encoder-decoder model the encoder trace must hold the self-attention sites the encoder part
+    reads, and a T5 neuron view its ``position_bias``.
+    """
+    if getattr(trace, "encoder", None) is None:
+        sites = needed_sites(view, kind)
+        return () if set(sites) <= set(trace.sites) else sites
+    needed, optional = seq2seq_sites(view, kind, part)
+    on_decoder = set() if part == "encoder" else set(needed)
+    on_encoder = set(needed) - set(needed_sites(view, kind, "cross")) if part in (None, "encoder") else set()
+    if optional and trace.model.family == "t5":  # its self-attention adds a relative position bias
+        on_decoder |= set(optional) if part in (None, "decoder") else set()
+        on_encoder |= set(optional) if on_encoder else set()
+    complete = on_decoder <= set(trace.sites) and on_encoder <= set(trace.encoder.sites)
+    return () if complete else (*needed, *optional)
 
 
 def attention(
