@@ -145,7 +145,8 @@ class LM:
         else:
             ids = self.encode(text)
         plan = prepare(self.loaded, interventions, len(ids))
-        return Output(trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b, plan=plan), self)
+        trace = trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b, plan=plan)
+        return Output(trace, self, plan)
 
     def generate(
         self,
@@ -196,7 +197,8 @@ class LM:
             seed=seed,
             plan=plan,
         )
-        return Output(trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan), self)
+        trace = trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan)
+        return Output(trace, self, plan)
 
     def _decoder_ids(self, target: str | Sequence[int] | None) -> torch.Tensor:
         """The decoder's tokens: its start token, then ``target`` if given."""

@@ -34,6 +34,7 @@ from lmscope.analysis.flow import FlowGraph, flow
 from lmscope.analysis.rankings import Rankings, RankingsWatch, rankings, rankings_watch
 from lmscope.analysis.saliency import Saliency, primary_attributions
 from lmscope.capture import Trace, trace_ids
+from lmscope.capture._interventions import Plan
 from lmscope.errors import LmscopeError
 
 if TYPE_CHECKING:
@@ -45,9 +46,18 @@ __all__ = ["Output"]
 class Output:
     """The result of ``lm.trace`` / ``lm.generate`` / ``lmscope.load_trace``."""
 
-    def __init__(self, trace: Trace, lm: LM | None = None):
+    def __init__(self, trace: Trace, lm: LM | None = None, plan: Plan | None = None):
         self.trace = trace
         self.lm = lm
+        self.plan = plan  # the interventions of the run, prepared: analyses that run the model again apply them
+
+    def _plan(self, what: str) -> Plan | None:
+        if self.trace.interventions and not self.plan:
+            raise LmscopeError(
+                f"{what} runs the model again, and this trace was recorded under interventions whose values a "
+                "saved trace does not keep: trace it again with lm.trace(..., interventions=[...])"
+            )
+        return self.plan
 
     def __repr__(self) -> str:
         model = self.trace.model.name
@@ -121,7 +131,8 @@ class Output:
         (see :func:`lmscope.analysis.primary_attributions`).
         """
         lm = self._require_lm("saliency")
-        return primary_attributions(self.trace, lm.loaded, attr_method, style=style, **options)
+        plan = self._plan("saliency")
+        return primary_attributions(self.trace, lm.loaded, attr_method, style=style, plan=plan, **options)
 
     def saliency(self, attr_method: str = "grad_x_input", style: str = "minimal", **options: Any) -> Saliency:
         """Alias of :meth:`primary_attributions`."""
@@ -216,6 +227,7 @@ class Output:
                 sites=sites,
                 layers=layers,
                 segment_b=trace.segment_b,
+                plan=self._plan("this attention view"),
                 source_ids=trace.encoder.token_ids if trace.encoder is not None else None,
             )
         arch = self._require_lm("attention × value norm").arch if kind == "value_norm" else None

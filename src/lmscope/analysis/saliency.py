@@ -51,6 +51,7 @@ from lmscope.analysis._gradients import (
 from lmscope.analysis._occlusion import occlusion
 from lmscope.analysis._result import Result
 from lmscope.capture import Trace
+from lmscope.capture._interventions import Plan, intervening
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
 
@@ -200,6 +201,7 @@ def primary_attributions(
     steps: int = DEFAULT_STEPS,
     baseline: str | int | torch.Tensor = "zero",
     batch_size: int | None = None,
+    plan: Plan | None = None,
 ) -> Saliency:
     """Attribute each output token of ``trace`` to the tokens before it (see the module docstring).
 
@@ -215,6 +217,8 @@ def primary_attributions(
             occlusion replaces each token's embedding by the baseline's (``"zero"`` erases it).
         batch_size: the most token positions in one batched pass (bounds memory); by default
             chosen for the machine and model (:func:`lmscope.analysis._gradients.default_rows`).
+        plan: the interventions of an intervened run (``Output.plan``), applied to every pass, so
+            the attributions explain the intervened model (``embed`` ones edit the embeddings).
     """
     method = _method(attr_method)
     if style not in STYLES:
@@ -235,13 +239,13 @@ def primary_attributions(
     kind = "contrast" if foil is not None else target
     targets = Targets(torch.tensor(out_pos), torch.cat([ids, next_id])[out_pos], foil, kind)
 
-    embeds = input_embeddings(lm, ids)  # [pos, d_model]
+    embeds, plan = (plan or Plan((), ())).on_embeddings(input_embeddings(lm, ids))  # [pos, d_model]
     e = embeds.float()
     rows: list[np.ndarray] = [np.zeros(0)] * len(out_pos)
     values = np.zeros(len(out_pos), dtype=np.float32)
     base_values = errors = None
     batch_size = default_rows(lm) if batch_size is None else batch_size
-    with frozen_parameters(lm.model):
+    with frozen_parameters(lm.model), intervening(lm, plan):
         if method == "occlusion":
             base = _baseline(lm, baseline, embeds)  # [pos, d_model]
             drops = torch.zeros(len(out_pos), max(out_pos), dtype=torch.float32)  # [n, pos']

@@ -26,7 +26,9 @@ Operations: ``zero``; ``mean`` over reference texts (every position of every tex
 What the Trace of an intervened run holds: every captured site as the intervened model computed
 it, except ``attn_probs`` under an edge intervention, which capture recomputes from q and k (the
 probabilities before the edit; the outputs do reflect it). Analyses that run the model again
-(saliency) run it without the interventions.
+(saliency, attention views that need sites the trace lacks) run it under the same interventions:
+the Output of ``lm.trace``/``lm.generate`` keeps its prepared :class:`Plan`; a trace loaded from a
+file records what was done but not the values, so those analyses refuse it.
 """
 
 from __future__ import annotations
@@ -203,6 +205,17 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    def on_embeddings(self, embeds: torch.Tensor) -> tuple[torch.Tensor, Plan]:
+        """``embeds [pos, d_model]`` with the plan's ``embed`` interventions applied, and the rest of the plan.
+
+        For runs that pass ``inputs_embeds`` (saliency), where the embedding module never runs.
+        """
+        for item in self.items:
+            if item.site == "embed":
+                embeds = item.edit(embeds[None], 0)[0]
+        rest = tuple(item for item in self.items if item.site != "embed")
+        return embeds, Plan(rest, self.records)
 
 
 def _unit_shape(lm: LoadedModel, site: str) -> tuple[int, ...]:
