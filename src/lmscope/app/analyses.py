@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from lmscope.app._core import Service, json_response
+from lmscope.app._core import Service, check_text, json_response
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 
@@ -35,6 +35,7 @@ ANALYSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "saliency": ("head", ()),
     "rankings": ("head", ("resid_post",)),
     "attention": ("", ("attn_probs",)),
+    "intervene": ("head", ()),
 }
 
 
@@ -274,6 +275,41 @@ async def promoted(
         )
 
     return await _analysis(request, app, run_id, method, html, data)
+
+
+def intervention_cost(trace: Trace, op: str) -> tuple[int, str]:
+    """Cost of an intervention: forward passes (the intervened run, a patch source's run) × tokens × layers."""
+    passes, tokens, layers = 2 if op == "patch" else 1, trace.n_pos, trace.model.n_layers
+    return passes * tokens * layers, f"intervention: {passes} forward passes × {tokens} tokens × {layers} layers"
+
+
+@router.get("/intervene")
+async def intervene(
+    run_id: str,
+    request: Request,
+    app: Service,
+    element: Annotated[str, Query(description="a flow-graph node or edge id (x3.4, f2.4, a2.1.4.mid, r2.4.4.post)")],
+    op: Annotated[str, Query(description="ablate, or patch from source")] = "ablate",
+    source: Annotated[str | None, Query(description="patch: a text of the same number of tokens")] = None,
+    position: Annotated[int, Query(description="the residual position whose prediction is compared")] = -1,
+    topk: Annotated[int, Query(ge=1, le=100)] = 10,
+    html: Html = True,
+    data: Data = True,
+) -> Response:
+    """Re-run the run's input with one node or edge of the flow graph ablated, or patched from the run of
+    ``source``; answers the prediction at ``position`` before and after (``InterventionEffect``)."""
+    from lmscope.analysis.effect import flow_element_interventions, intervention_effect
+
+    if source is not None and len(check_text(source, "patch source")) > 32 * app.config.max_input_tokens:
+        raise LmscopeError(f"the patch source is {len(source)} characters, far beyond the run's length: shorten it")
+
+    def method(out: Any) -> Any:
+        lm = out._require_lm("an intervention")
+        interventions, description = flow_element_interventions(lm, out, element, op, source)
+        return intervention_effect(lm, out, interventions, position=position, topk=topk, description=description)
+
+    cost = lambda trace: intervention_cost(trace, op)  # noqa: E731
+    return await _analysis(request, app, run_id, method, html, data, cost)
 
 
 _NODE = re.compile(r"([xmf])(\d+)\.(\d+)")

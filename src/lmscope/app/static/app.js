@@ -234,6 +234,7 @@
         mountFragment(body, view.html);
       });
       focusable(details);
+      if (S.run.capabilities && S.run.capabilities.intervene) { interveneBar(details, id); }
       if (c.kind === "a") { selectHead(dominantHead(details), true); }
       if (c.kind === "m" && S.run.n_heads) {  // after attention: which heads wrote the update here
         var body = viewBox(details, "details-block-heads", "Head importances in this block (click a head for what it promotes)");
@@ -243,6 +244,49 @@
       }
       return reply;
     }, function () { return null; });
+  }
+
+  /** "Ablate" and "Patch from…" a node or edge of the graph: the run's input runs again with it
+      removed (or replaced by its value in the run of another text of as many tokens), and the
+      prediction at the selected position shows before and after (the library's InterventionEffect). */
+  function interveneBar(details, id) {
+    var bar = lms.el("div", { className: "intervene", "data-intervene": id });
+    var ablate = lms.el("button", { type: "button", className: "intervene-ablate" }, "Ablate");
+    var patch = lms.el("button", { type: "button", className: "intervene-patch" }, "Patch from\u2026");
+    var source = lms.el("input", { type: "text", className: "intervene-source", "aria-label": "text to patch from",
+      placeholder: "a text of the same number of tokens" });
+    source.value = S.run.text || "";
+    var result = lms.el("div", { className: "intervene-result" });
+    function go(op) {
+      clearError();
+      var params = { element: id, op: op, position: S.position, topk: 10, data: false };
+      if (op === "patch") { params.source = source.value; }
+      result.replaceChildren(lms.el("p", { className: "muted" }, op === "patch" ? "patching\u2026" : "ablating\u2026"));
+      result.removeAttribute("data-kind");
+      return showAnalysis(result, "intervene", "intervene", params);
+    }
+    ablate.addEventListener("click", function () { go("ablate"); });
+    patch.addEventListener("click", function () { go("patch"); });
+    source.addEventListener("keydown", function (event) { if (event.key === "Enter") { event.preventDefault(); go("patch"); } });
+    var row = lms.el("div", { className: "intervene-row" });
+    row.appendChild(lms.el("span", { className: "view-title" }, "Intervene on " + id + ":"));
+    row.appendChild(ablate);
+    row.appendChild(patch);
+    row.appendChild(source);
+    bar.appendChild(row);
+    bar.appendChild(result);
+    details.insertBefore(bar, details.firstChild);
+    return bar;
+  }
+
+  /** A residual edge has no details of its own (its nodes do): only the intervention bar. */
+  function showResidualEdge(details, id) {
+    S.seq.details = (S.seq.details || 0) + 1;
+    S.details = parseId(id);
+    details.replaceChildren(lms.el("p", { className: "muted details-note" },
+      "A residual edge carries the state unchanged: ablating it leaves only the sublayer's update."));
+    details.setAttribute("data-details", id);
+    interveneBar(details, id);
   }
 
   /** Heads and neurons in the details answer the keyboard as well as clicks. */
@@ -348,6 +392,7 @@
         var edge = target.closest && target.closest("[data-edge]");
         if (node) { clearError(); showDetails(details, node.getAttribute("data-node")); }
         else if (edge && edge.getAttribute("data-edge")[0] !== "r") { clearError(); showDetails(details, edge.getAttribute("data-edge")); }
+        else if (edge && S.run.capabilities && S.run.capabilities.intervene) { clearError(); showResidualEdge(details, edge.getAttribute("data-edge")); }
       });
       body.addEventListener("lmscope:position", function (event) {
         var p = event.detail && event.detail.position;
