@@ -224,6 +224,7 @@ class LM:
         """Causal tracing (Meng et al. 2022): see :func:`lmscope.analysis.causal_tracing.causal_trace`."""
         from lmscope.analysis.causal_tracing import causal_trace
 
+        self._one_stack("causal tracing")
         return causal_trace(self, text, subject, target, **options)
 
     def activation_patching(self, clean: str, corrupted: str, answer: str | int, wrong: str | int | None = None,
@@ -231,6 +232,7 @@ class LM:
         """Exact and attribution patching: see :func:`lmscope.analysis.patching.activation_patching`."""
         from lmscope.analysis.patching import activation_patching
 
+        self._one_stack("activation patching")
         return activation_patching(self, clean, corrupted, answer, wrong, **options)
 
     def faithfulness(self, text: str, method: str = "flow", **options: Any) -> Faithfulness:
@@ -238,7 +240,12 @@ class LM:
         removed: see :func:`lmscope.analysis.faithfulness.faithfulness`."""
         from lmscope.analysis.faithfulness import faithfulness
 
+        self._one_stack("the faithfulness test")
         return faithfulness(self, text, method, **options)
+
+    def _one_stack(self, what: str) -> None:
+        if self.is_seq2seq:
+            raise LmscopeError(f"{what} does not support encoder-decoder models ({self.name}) yet")
 
     def load_trace(self, path: str | os.PathLike[str]) -> Output:
         """A saved trace, checked to come from this model, with the model attached."""

@@ -198,6 +198,15 @@ def _traced(lm: Any, args: argparse.Namespace, sites: Any, generate: int = 0, **
     return lm.trace(args.text, sites=sites, **options)
 
 
+def _one_stack(lm: Any, what: str) -> None:
+    """A clear error where a command does not handle encoder-decoder models yet."""
+    if lm.is_seq2seq:
+        raise LmscopeError(
+            f"{what} does not support encoder-decoder models ({lm.name}) yet: use lens, rankings, watch, saliency, "
+            "attention, flow or nmf (one text) on them"
+        )
+
+
 def _load(args: argparse.Namespace) -> Any:
     from lmscope import from_pretrained
 
@@ -494,6 +503,13 @@ def _add_nmf(commands: Any) -> None:
     parser.add_argument("--nonneg", choices=("clip", "shift", "error"), default="clip", help="negative values (NMF)")
     parser.add_argument("--seed", type=_int(0, 2**32 - 1), default=0, help="random seed (default 0)")
     parser.add_argument("--limit", type=_int(1), default=None, help="use at most this many texts")
+    parser.add_argument(
+        "--stack",
+        choices=("encoder", "decoder"),
+        default=None,
+        help="encoder-decoder models: the stack (default: the decoder with --target, else the encoder)",
+    )
+    _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
     parser.set_defaults(run=_cmd_nmf)
@@ -507,7 +523,20 @@ def _cmd_nmf(args: argparse.Namespace) -> None:
     lm = _load(args)
     layers = _layers(lm, args.layers)
     options = dict(method=args.method, site=args.site, nonneg=args.nonneg, seed=args.seed)
-    if len(texts) == 1:
+    if lm.is_seq2seq:
+        if len(texts) > 1:
+            _one_stack(lm, "nmf over several texts")
+        stack = args.stack or ("decoder" if args.target_text is not None else "encoder")
+        if stack == "encoder":
+            from lmscope.capture import resolve_layers
+
+            layers = resolve_layers(_layer_range(args.layers), lm.arch.encoder.n_layers) or layers
+        chosen = {"layers": layers} if stack == "decoder" else {"encoder_layers": layers}
+        args.text = texts[0]
+        source = _traced(lm, args, [args.site], **chosen).trace.stack(stack)
+    elif args.stack is not None or args.target_text is not None:
+        raise LmscopeError(f"--stack and --target apply to encoder-decoder models, and {lm.name} is not one")
+    elif len(texts) == 1:
         source = lm.trace(texts[0], sites=[args.site], layers=layers).trace
     else:
         source = collect(lm, texts, sites=[args.site], layers=layers, progress=sys.stderr.isatty())
@@ -554,6 +583,7 @@ def _cmd_collect(args: argparse.Namespace) -> None:
     elif (args.address, args.workers, args.worker_cpus, args.worker_gpus) != (None, None, 1, 0):
         raise LmscopeError("--address, --workers, --worker-cpus and --worker-gpus need --engine ray")
     lm = _load(args)
+    _one_stack(lm, "lmscope collect")
     layers = _layers(lm, args.layers)
     progress = sys.stderr.isatty()
     options = dict(progress=progress, restart=args.restart, shard_mb=args.shard_mb, **ray)
@@ -630,6 +660,7 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     _layer_range(args.layers)
     sites = _sites(args.sites)
     lm = _load(args)
+    _one_stack(lm, "lmscope probe")
     dataset = ProbingDataset.build(lm.tokenizer, sentences, args.task)
     result = probe(
         lm,
