@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lmscope
 from lmscope.analysis import streaming
 from lmscope.analysis._collection import FORMAT, META, VERSION, load_collection, write_json, write_shard
 from lmscope.analysis.layer_similarity import layer_similarity
@@ -149,3 +150,51 @@ def test_memory_stays_bounded(tmp_path):
     assert peak < limit, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB collection"
     assert result.n_tokens == cka_result.n_tokens == col.n_tokens
     assert np.allclose(np.diag(cka_result.matrix), 1.0)
+
+
+# --- probes trained shard by shard ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probing_collection(tmp_path_factory):
+    from lmscope.probing import ProbingDataset, load_ud, ud_dir
+
+    lm = lmscope.from_pretrained("minilm-l6")
+    dataset = ProbingDataset.build(lm.tokenizer, load_ud(600, ud_dir()), "upos")
+    root = tmp_path_factory.mktemp("probing") / "col"
+    lmscope.collect(lm, dataset.texts, sites=("resid_post",), layers=[2], out_dir=root, progress=False,
+                          shard_mb=0.1, batch_size=4)  # fmt: skip
+    return dataset, load_collection(root)
+
+
+def test_probe_streamed_equals_in_memory_when_one_block_holds_the_split(probing_collection):
+    from lmscope.probing import control_labels, train_probes
+    from lmscope.probing._stream import ShardWords, probe_collection
+
+    dataset, col = probing_collection
+    assert len(col._shards) > 3
+    x = dataset.features(col, "resid_post", 2)  # [word, d_model], in memory
+    result = probe_collection(col, dataset, layers=[2], seeds=2, epochs=6)
+    row = result.rows[0]
+    for seed, row_accuracy, control in zip((0, 1), row.accuracies, row.control_accuracies, strict=True):
+        split = dataset.split(seed)
+        labels = np.stack(
+            [dataset.labels, control_labels(dataset.types, dataset.labels, len(dataset.label_names), seed)]
+        )
+        fit = train_probes(x[split.train], labels[:, split.train], x[split.dev], labels[:, split.dev], x[split.test],
+                           labels[:, split.test], len(dataset.label_names), epochs=6, seed=seed)  # fmt: skip
+        assert (row_accuracy, control) == pytest.approx(tuple(fit.test_accuracy), rel=1e-5)
+    source = ShardWords(dataset, col, "resid_post", 2, "mean")
+    words, pooled = source.read(range(len(col._shards)), np.ones(len(dataset), bool))
+    np.testing.assert_array_equal(words, np.arange(len(dataset)))
+    np.testing.assert_allclose(pooled, dataset.features(col, "resid_post", 2, "mean"), rtol=1e-6)
+
+
+def test_probe_in_blocks_of_shards_learns_and_its_control_task_stays_low(probing_collection):
+    from lmscope.probing._stream import probe_collection
+
+    dataset, col = probing_collection
+    whole = probe_collection(col, dataset, layers=[2], seeds=1, epochs=6).rows[0]
+    blocks = probe_collection(col, dataset, layers=[2], seeds=1, epochs=6, block_words=60).rows[0]
+    assert blocks.accuracy == pytest.approx(whole.accuracy, abs=0.08)
+    assert blocks.selectivity > 0.2 and blocks.control_accuracy < blocks.accuracy

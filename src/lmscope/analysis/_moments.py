@@ -12,7 +12,8 @@ For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate`
   (centered squared norm per position, and the largest row of each position).
 
 Memory is one shard plus these statistics. When the blocks together exceed ``memory_mb`` they are
-split over several passes (each reads every shard again); one pass when they fit.
+split over several passes (each reads every shard again; a caller may use and drop each pass's
+blocks before the next); one pass when they fit.
 """
 
 from __future__ import annotations
@@ -133,11 +134,12 @@ class Moments:
 
 
 def passes(blocks: Sequence[tuple[Key, Key]], features: dict[Key, int], memory_mb: float) -> list[list[Any]]:
-    """``blocks`` grouped into passes whose float64 statistics fit in ``memory_mb`` (each pass at least one)."""
+    """``blocks`` grouped into passes whose float64 statistics fit in ``memory_mb`` (each pass at least one
+    block); the auto-products ``(a, a)`` all go to the first pass, whatever their size."""
     limit = memory_mb * 2**20
-    out: list[list[Any]] = [[]]
-    used = 0.0
-    for a, b in blocks:
+    out: list[list[Any]] = [[pair for pair in blocks if pair[0] == pair[1]]]
+    used = sum(8.0 * features[a] ** 2 for a, _ in out[0])
+    for a, b in (pair for pair in blocks if pair[0] != pair[1]):
         size = 8.0 * features[a] * features[b]
         if out[-1] and used + size > limit:
             out.append([])
@@ -156,10 +158,14 @@ def accumulate(
     skip_first: bool = False,
     memory_mb: float = 768.0,
     progress: bool = False,
+    after_pass: Any = None,
 ) -> tuple[Moments, str]:
     """:class:`Moments` of ``keys`` with the cross-products ``blocks`` over ``collection``, and the row selection.
 
     ``positions`` / ``skip_first`` choose positions within each text (as in ``Collection.get``).
+    ``after_pass(moments, blocks)``, if given, is called after each pass with the blocks it
+    accumulated (the means are complete from the first pass on); it may use and delete them, so
+    only one pass's blocks are held at a time.
     """
     lengths = [len(ids) for ids in collection.token_ids]
     rows, selection = select_rows(lengths, positions, skip_first)
@@ -187,6 +193,8 @@ def accumulate(
                 moments.update(data, within[dest[chosen]], dest[chosen], group, first)
                 del shard, data
                 bar.update()
+            if after_pass is not None:
+                after_pass(moments, group)
     finally:
         bar.close()
     return moments, selection

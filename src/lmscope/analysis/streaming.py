@@ -261,6 +261,22 @@ def layer_similarity(
     keys_b = keys_a if site_b == site_a else [_key(collection, (site_b, layer)) for layer in chosen]
     keys = keys_a if site_b == site_a else [*keys_a, *keys_b]
     blocks = _blocks(keys_a, keys_b)
+    if method == "cka":
+        options = {**options, "debiased": False}
+    index_a, index_b = {k: i for i, k in enumerate(keys_a)}, {k: j for j, k in enumerate(keys_b)}
+    sides: dict[Any, Side] = {}
+    matrix = np.full((len(chosen), len(chosen)), np.nan)  # [layer_a, layer_b]
+
+    def measure(moments: Moments, group: list[Any]) -> None:
+        """The matrix entries this pass's blocks give; then its cross-products are let go."""
+        for a, b in group:
+            for x, y in ((a, b), (b, a)):
+                if x in index_a and y in index_b:
+                    matrix[index_a[x], index_b[y]] = compare(moments, x, y, method, sides=sides, **options)
+        for a, b in group:
+            if a != b:
+                del moments.blocks[a, b]
+
     moments, selection = accumulate(
         collection,
         keys,
@@ -269,14 +285,8 @@ def layer_similarity(
         skip_first=skip_first,
         memory_mb=memory_mb,
         progress=progress,
+        after_pass=measure,
     )
-    if method == "cka":
-        options = {**options, "debiased": False}
-    sides: dict[Any, Side] = {}
-    matrix = np.empty((len(chosen), len(chosen)))  # [layer_a, layer_b]
-    for i, a in enumerate(keys_a):
-        for j, b in enumerate(keys_b):
-            matrix[i, j] = compare(moments, a, b, method, sides=sides, **options)
     lengths = [len(ids) for ids in collection.token_ids]
     tokens = collection.all_tokens
     origin = np.arange(collection.n_tokens)
@@ -299,15 +309,14 @@ def layer_similarity(
 
 
 def _blocks(keys_a: Sequence[Any], keys_b: Sequence[Any]) -> list[tuple[Any, Any]]:
-    """Every auto-product and every (a, b) cross-product, each once (a symmetric pair counted once)."""
+    """Every auto-product (first: they are kept to the end), then every (a, b) cross-product, each once."""
     out: list[tuple[Any, Any]] = []
     seen: set[tuple[Any, Any]] = set()
-    for a in keys_a:
-        for b in keys_b:
-            for pair in ((a, a), (b, b), (a, b)):
-                if pair not in seen and pair[::-1] not in seen:
-                    seen.add(pair)
-                    out.append(pair)
+    for a, b in [(k, k) for k in dict.fromkeys([*keys_a, *keys_b])] + [(a, b) for a in keys_a for b in keys_b]:
+        for pair in ((a, b),):
+            if pair not in seen and pair[::-1] not in seen:
+                seen.add(pair)
+                out.append(pair)
     return out
 
 

@@ -29,7 +29,7 @@ import torch
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["LEARNING_RATES", "ProbeFit", "control_labels", "train_probes"]
+__all__ = ["LEARNING_RATES", "ProbeFit", "control_labels", "fit_blocks", "train_probes"]
 
 LEARNING_RATES = (0.1, 1e-3, 1e-5)
 
@@ -116,9 +116,33 @@ def train_probes(
 
 def _train(x_train, x_dev, x_test, y_train, y_dev, y_test, n_classes, epochs, rates, batch_size, seed) -> ProbeFit:
     """``train_probes`` on tensors: x ``[word, features]``, y ``[label_set, word]``."""
-    generator = torch.Generator().manual_seed(seed)  # minibatch order
     x_train, x_dev, x_test = _standardize(x_train, x_dev, x_test)
-    n_sets, n_rates, d = y_train.shape[0], len(rates), x_train.shape[1]
+    return fit_blocks(
+        lambda generator: [(x_train, y_train)],
+        lambda: [(x_dev, y_dev)],
+        lambda: [(x_test, y_test)],
+        x_train.shape[1],
+        y_train.shape[0],
+        n_classes,
+        epochs,
+        rates,
+        batch_size,
+        seed,
+    )
+
+
+def fit_blocks(train, dev, test, d, n_sets, n_classes, epochs, rates, batch_size, seed) -> ProbeFit:
+    """Probes trained on blocks of words. ``train(generator)`` gives one epoch's training blocks
+    ``(x [word, d] standardized float32, y [label_set, word])`` (a source of several blocks shuffles
+    their order with ``generator``); ``dev()`` and ``test()`` give their splits' blocks.
+
+    Each epoch visits each block's words in a random order, in minibatches of ``batch_size`` (the last
+    of a block may be smaller). With one block this is exactly the in-memory training of
+    :func:`train_probes`; :mod:`lmscope.probing._stream` reads the blocks shard by shard, so one block
+    is in memory at a time.
+    """
+    generator = torch.Generator().manual_seed(seed)  # minibatch order
+    n_rates = len(rates)
     shape = (n_rates, n_sets, n_classes)  # one probe per (learning rate, label set), side by side
     width = n_rates * n_sets * n_classes
 
@@ -131,37 +155,42 @@ def _train(x_train, x_dev, x_test, y_train, y_dev, y_test, n_classes, epochs, ra
 
     moments = [torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(bias)]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    # one-hot targets of every probe: [word, rate·set·class]
-    onehot = torch.nn.functional.one_hot(y_train.T, n_classes).float()  # [word, set, class]
-    onehot = onehot[:, None].expand(-1, n_rates, -1, -1).reshape(len(x_train), width)
 
-    def accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [rate, set]
-        predicted = (x @ weight + bias).view(len(x), *shape).argmax(-1)  # [word, rate, set]
-        return (predicted == y.T[:, None, :]).float().mean(0)
+    def accuracy(blocks) -> torch.Tensor:  # [rate, set]
+        correct, total = torch.zeros(n_rates, n_sets), 0
+        for x, y in blocks():
+            predicted = (x @ weight + bias).view(len(x), *shape).argmax(-1)  # [word, rate, set]
+            correct += (predicted == y.T[:, None, :]).float().sum(0)
+            total += len(x)
+        return correct / total
 
     best_dev = torch.full((n_rates, n_sets), -1.0)
     best_test = torch.zeros(n_rates, n_sets)
     best_epoch = torch.zeros(n_rates, n_sets, dtype=torch.long)
     step = 0
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(x_train), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            xb = x_train[batch]  # [batch, d]
-            probs = torch.softmax((xb @ weight + bias).view(len(batch), -1, n_classes), -1)  # [batch, probe, class]
-            error = (probs.view(len(batch), width) - onehot[batch]) / len(batch)  # d loss / d logits
-            step += 1
-            # bias corrections folded into the step size and epsilon (the same update as m̂ / (√v̂ + eps))
-            correction1, correction2 = 1 - beta1**step, (1 - beta2**step) ** 0.5
-            for param, grad, m, v in ((weight, xb.T @ error, *moments[:2]), (bias, error.sum(0), *moments[2:])):
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denominator = v.sqrt().add_(eps * correction2)
-                param.addcdiv_(m * (lr * (correction2 / correction1)), denominator, value=-1)
-        dev, test = accuracy(x_dev, y_dev), accuracy(x_test, y_test)
-        better = dev > best_dev
-        best_dev = torch.where(better, dev, best_dev)
-        best_test = torch.where(better, test, best_test)
+        for x_train, y_train in train(generator):
+            # one-hot targets of every probe: [word, rate·set·class]
+            onehot = torch.nn.functional.one_hot(y_train.T, n_classes).float()  # [word, set, class]
+            onehot = onehot[:, None].expand(-1, n_rates, -1, -1).reshape(len(x_train), width)
+            order = torch.randperm(len(x_train), generator=generator)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                xb = x_train[batch]  # [batch, d]
+                probs = torch.softmax((xb @ weight + bias).view(len(batch), -1, n_classes), -1)  # [batch, probe, class]
+                error = (probs.view(len(batch), width) - onehot[batch]) / len(batch)  # d loss / d logits
+                step += 1
+                # bias corrections folded into the step size and epsilon (the same update as m̂ / (√v̂ + eps))
+                correction1, correction2 = 1 - beta1**step, (1 - beta2**step) ** 0.5
+                for param, grad, m, v in ((weight, xb.T @ error, *moments[:2]), (bias, error.sum(0), *moments[2:])):
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denominator = v.sqrt().add_(eps * correction2)
+                    param.addcdiv_(m * (lr * (correction2 / correction1)), denominator, value=-1)
+        dev_accuracy, test_accuracy = accuracy(dev), accuracy(test)
+        better = dev_accuracy > best_dev
+        best_dev = torch.where(better, dev_accuracy, best_dev)
+        best_test = torch.where(better, test_accuracy, best_test)
         best_epoch = torch.where(better, epoch, best_epoch)
     chosen = best_dev.argmax(0)  # [set] the learning rate with the best dev accuracy
     sets = torch.arange(n_sets)
