@@ -51,7 +51,14 @@ from lmscope.analysis.saliency import _ALIASES, METHODS, _method, _token_id
 from lmscope.capture._interventions import Intervention
 from lmscope.errors import LmscopeError
 
-__all__ = ["FAITHFULNESS_METHODS", "Faithfulness", "faithfulness", "flow_faithfulness", "saliency_faithfulness"]
+__all__ = [
+    "FAITHFULNESS_METHODS",
+    "Faithfulness",
+    "deletion_baseline",
+    "faithfulness",
+    "flow_faithfulness",
+    "saliency_faithfulness",
+]
 
 FAITHFULNESS_METHODS: tuple[str, ...] = ("flow", *METHODS)
 
