@@ -160,6 +160,12 @@ BAD: dict[str, list[str]] = {
     "--window": ["0", "-1", "x", "100"],
     "--draws": ["0", "-1", "x", "1000"],
     "--baseline": ["", "zero", "two words"],
+    "--engine": ["bogus"],
+    "--address": ["127.0.0.1:1", "not an address"],  # without --engine ray: refused before anything starts
+    "--workers": ["0", "-1", "x"],
+    "--worker-cpus": ["0", "x"],
+    "--worker-gpus": ["-1", "x", "nan"],
+    "--shard-mb": ["0", "-1", "x", "nan"],
 }
 
 

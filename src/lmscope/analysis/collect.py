@@ -36,6 +36,12 @@ row's place on the concatenated token axis), with ``collection.json`` holding to
 Memory stays bounded by one shard plus one batch however large the corpus; ``get`` reads one
 tensor from each shard. With ``out_dir=None`` the shards stay in memory.
 
+Engines: ``engine="local"`` (the default) runs every batch in this process; ``engine="ray"`` splits
+the same batches into the same shards and has Ray workers collect them, on this machine or on a
+cluster (:mod:`lmscope.distributed`; needs ``pip install 'lmscope[distributed]'``). Both write the
+same shards, so a collection reads the same whichever engine made it; ``collection.json`` also
+records the engine, the workers, the tokens of each shard and the timings.
+
 Files are written atomically and ``collection.json`` last. A collection that stopped half-way (an
 error, a full disk, Ctrl+C) leaves ``collection.partial.json`` and its finished shards: calling
 ``collect`` again with the same texts and settings resumes after the last finished shard, and
@@ -49,10 +55,11 @@ import gzip
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -78,7 +85,7 @@ from lmscope.capture import (
 )
 from lmscope.errors import LmscopeError
 
-__all__ = ["TOKEN_SITES", "Collection", "collect", "load_collection", "read_texts"]
+__all__ = ["TOKEN_SITES", "Collection", "Job", "batch_part", "collect", "load_collection", "manifest", "read_texts"]
 
 TOKEN_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act", "q", "k", "v")
 
@@ -153,6 +160,12 @@ def collect(
     progress: bool = True,
     shard_mb: float = 64.0,
     restart: bool = False,
+    *,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    worker_cpus: int = 1,
+    worker_gpus: float = 0,
 ) -> Collection:
     """Collect per-token activations of ``sites`` at ``layers`` for every text (see the module docstring).
 
@@ -160,7 +173,23 @@ def collect(
     hold a finished collection) receives the shards; ``None`` keeps them in memory. An unfinished
     collection in ``out_dir`` is resumed if it was started with the same texts and settings;
     ``restart=True`` discards it instead.
+
+    ``engine="ray"`` runs the collection on Ray workers (see :func:`lmscope.distributed.collect_on_ray`):
+    ``address`` joins a running cluster (``"auto"``, ``"HOST:PORT"``), else a local one starts for the
+    job; ``workers`` (default: as many as the cluster's CPUs or GPUs allow) each hold the model and use
+    ``worker_cpus`` CPUs (and torch threads) and ``worker_gpus`` GPUs. ``out_dir`` is required and
+    must be a folder every worker sees.
     """
+    if engine not in ("local", "ray"):
+        raise LmscopeError(f"engine must be 'local' or 'ray', not {engine!r}")
+    if engine == "ray":
+        from lmscope.distributed import require_ray
+
+        require_ray()
+        if out_dir is None:
+            raise LmscopeError("engine='ray' writes shards to a folder: give out_dir, a folder every worker sees")
+    elif (address, workers, worker_cpus, worker_gpus) != (None, None, 1, 0):
+        raise LmscopeError("address, workers, worker_cpus and worker_gpus apply to engine='ray' only")
     loaded, max_tokens = getattr(lm, "loaded", lm), getattr(lm, "max_tokens", None)
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
@@ -184,6 +213,13 @@ def collect(
 
     info = model_info(loaded)
     plan = _plan(info, chosen_sites, chosen_layers, batch_size, shard_mb, ids)
+    if engine == "ray":
+        from lmscope.distributed import collect_on_ray
+
+        job = Job(loaded, texts, ids, flat, chosen_sites, chosen_layers, batch_size, shard_mb, pad, info, plan)
+        options = dict(address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
+        return collect_on_ray(job, root, restart=restart, progress=progress, **options)
+    began = time.perf_counter()
     record = _resume(root, plan, restart) if root is not None else {"plan": plan, "shards": [], "batches": 0}
     features: dict[str, int] = dict(record.get("features", {}))
     shards: list[Any] = [root / name for name in record["shards"]] if root is not None else []
@@ -192,14 +228,17 @@ def collect(
     buffer: list[dict[str, np.ndarray]] = []
     buffered = 0
     limit = shard_mb * 2**20
+    rows: list[int] = list(record.get("shard_tokens", []))  # tokens of each shard
 
     def flush(finished: int) -> None:
         nonlocal buffer, buffered
         if buffer:
             shards.append(write_shard(buffer, root, len(shards)))
+            rows.append(sum(len(part["dest"]) for part in buffer))
             if root is not None:  # the shard is complete on disk: record it, so a rerun can resume after it
                 names = [p.name for p in shards]
-                write_json(root / PARTIAL, {**record, "shards": names, "batches": finished, "features": features})
+                record.update(shards=names, batches=finished, features=features, shard_tokens=rows)
+                write_json(root / PARTIAL, record)
         buffer, buffered = [], 0
 
     from tqdm.auto import tqdm
@@ -208,13 +247,9 @@ def collect(
     bar.update(sum(len(group) for group in batches[:done]))
     try:
         for number, group in enumerate(batches[done:], start=done):
-            captured = _run_batch(loaded, [ids[i] for i in group], chosen_sites, chosen_layers, pad)
-            part = {"dest": np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in group])}
-            for site, tensor in captured.items():  # [batch, layer, pos, features]
-                features[site] = tensor.shape[-1]
-                for li, layer in enumerate(chosen_layers):
-                    rows = [tensor[b, li, : lengths[i]] for b, i in enumerate(group)]  # [pos, features] each
-                    part[f"{site}.{layer}"] = torch.cat(rows).numpy()
+            group_ids, group_starts = [ids[i] for i in group], [int(starts[i]) for i in group]
+            part = batch_part(loaded, group_ids, group_starts, chosen_sites, chosen_layers, pad)
+            features.update({site: part[f"{site}.{chosen_layers[0]}"].shape[1] for site in chosen_sites})
             buffer.append(part)
             buffered += sum(a.nbytes for a in part.values())
             if buffered >= limit:
@@ -224,23 +259,76 @@ def collect(
     finally:
         bar.close()
 
-    split = np.split(np.array(flat, dtype=object), np.cumsum(lengths)[:-1])
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": asdict(info),
-        "sites": list(chosen_sites),
-        "layers": list(chosen_layers),
-        "features": features,
-        "texts": texts,
-        "token_ids": ids,
-        "tokens": [list(t) for t in split],
-        "shards": [p.name for p in shards] if root is not None else [],
-    }
+    names = [p.name for p in shards] if root is not None else []
+    seconds = time.perf_counter() - began
+    rows = rows if root is not None and len(rows) == len(names) else []  # (a record of an older lmscope lacks them)
+    run = {"engine": "local", "workers": 1, "shard_tokens": rows}
+    run["timings"] = {"seconds": round(seconds, 3), "tokens_per_second": round(int(lengths.sum()) / seconds, 1)}
+    meta = manifest(info, chosen_sites, chosen_layers, features, texts, ids, flat, names, run)
     if root is not None:
         write_json(root / META, meta)  # last: the folder now holds a finished collection
         (root / PARTIAL).unlink(missing_ok=True)
     return Collection(meta, shards, root)
+
+
+class Job(NamedTuple):
+    """Everything that decides a collection's contents, tokenized and checked (shared by the engines)."""
+
+    loaded: Any
+    texts: list[str]
+    ids: list[list[int]]  # per text
+    flat: list[str]  # token strings of all texts, concatenated
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    batch_size: int
+    shard_mb: float
+    pad: int
+    info: Any  # ModelInfo
+    plan: str
+
+
+def manifest(info: Any, sites: tuple[str, ...], layers: tuple[int, ...], features: dict[str, int],
+             texts: list[str], ids: list[list[int]], flat: list[str], shards: list[str],
+             run: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The contents of ``collection.json`` (``run``: how it was made: engine, workers, timings...)."""
+    lengths = [len(seq) for seq in ids]
+    split = np.split(np.array(flat, dtype=object), np.cumsum(lengths)[:-1])
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": asdict(info),
+        "sites": list(sites),
+        "layers": list(layers),
+        "features": features,
+        "texts": texts,
+        "token_ids": ids,
+        "tokens": [list(t) for t in split],
+        "shards": shards,
+        **run,
+    }
+
+
+def batch_part(
+    loaded: Any,
+    ids: list[list[int]],
+    starts: list[int],
+    sites: tuple[str, ...],
+    layers: tuple[int, ...],
+    pad: int,
+) -> dict[str, np.ndarray]:
+    """One batch's rows, as a shard stores them: ``"dest"`` ``[row]`` and ``"<site>.<layer>"`` ``[row, features]``.
+
+    ``ids`` are the batch's texts (token ids) and ``starts`` their places on the concatenated token axis.
+    """
+    captured = _run_batch(loaded, ids, sites, layers, pad)
+    part = {
+        "dest": np.concatenate([np.arange(start, start + len(seq)) for start, seq in zip(starts, ids, strict=True)])
+    }
+    for site, tensor in captured.items():  # [batch, layer, pos, features]
+        for li, layer in enumerate(layers):
+            rows = [tensor[b, li, : len(seq)] for b, seq in enumerate(ids)]  # [pos, features] each
+            part[f"{site}.{layer}"] = torch.cat(rows).numpy()
+    return part
 
 
 def _prepare(root: Path) -> Path:
@@ -254,8 +342,18 @@ def _prepare(root: Path) -> Path:
     if not os.access(root, os.W_OK | os.X_OK):
         raise LmscopeError(f"cannot write into {root}: permission denied: choose a folder you may write to")
     if (root / META).exists():
-        raise LmscopeError(f"{root} already holds a collection: choose a new folder, or delete it first")
+        raise LmscopeError(
+            f"{root} already holds a collection{_of_model(root / META)}: choose a new folder, or delete it first"
+        )
     return root
+
+
+def _of_model(path: Path) -> str:
+    """`` of MODEL`` for the finished collection whose manifest is ``path`` (empty if it cannot be read)."""
+    try:
+        return f" of {json.loads(path.read_text(encoding='utf-8'))['model']['name']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _plan(info: Any, sites: tuple[str, ...], layers: tuple[int, ...], batch_size: int, shard_mb: float,
@@ -317,10 +415,12 @@ def read_texts(path: str | os.PathLike[str], limit: int | None = None) -> list[s
         raise LmscopeError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     except (OSError, EOFError) as error:  # unreadable, or a damaged .gz
         raise LmscopeError(f"cannot read {path}: {error}") from None
+    if any("\x00" in line for line in lines):
+        raise LmscopeError(f"{path} is not a text file (it holds NUL bytes): give a file of texts, one a line")
     if path.name.endswith((".conllu", ".conllu.gz")):
         texts = [line.split("=", 1)[1].strip() for line in lines if line.startswith("# text =")]
     else:
         texts = [line.strip() for line in lines if line.strip()]
     if not texts:
-        raise LmscopeError(f"{path} holds no texts")
+        raise LmscopeError(f"{path} holds no texts: give a file of texts, one a line (or a .conllu file)")
     return texts[:limit] if limit is not None else texts

@@ -1,0 +1,299 @@
+"""A corpus collection on Ray: the same shards as the single-process engine, collected by workers.
+
+The shards are planned before any work starts, deterministically from the texts and settings alone
+(not from the number of workers): texts sorted by length are cut into batches exactly as
+:func:`lmscope.collect` cuts them, and consecutive batches are grouped into the shards the
+single-process engine would write (a shard closes once it holds ``shard_mb`` of activations). So
+both engines write the same files, and a collection reads the same whichever engine made it.
+
+Each worker (an actor holding the model) collects one shard at a time and writes it under a
+temporary name, then renames it. A worker that dies mid-shard is restarted by Ray (up to
+``RESTARTS`` times) and its shard is given out again, to whichever worker is free (at most
+``RETRIES`` times per shard). The driver alone writes ``collection.partial.json`` (after each
+finished shard) and ``collection.json`` (last); a job that is stopped and run again keeps every
+shard that is complete on disk and redoes the others.
+
+Only the driver needs the texts; the model goes to the workers once, through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmscope._files import TEMP_PREFIX
+from lmscope.analysis._collection import META, PARTIAL, Collection, write_json
+from lmscope.analysis.collect import Job, _batches, _resume, _run_batch, manifest
+from lmscope.distributed._cluster import connect, local_cpus
+from lmscope.distributed._worker import EXIT_HOOK, Worker
+from lmscope.errors import LmscopeError
+
+__all__ = ["collect_on_ray", "plan_shards"]
+
+RESTARTS = 3  # times Ray restarts a worker process that died
+RETRIES = 3  # times one shard is given out again after its worker died
+
+# Called by the driver with each finished shard's number (tests stop a job half-way through it).
+_after_shard: Any = None
+
+
+def plan_shards(job: Job, features: dict[str, int]) -> list[list[list[int]]]:
+    """Shards as lists of batches (lists of text indices), exactly as the single-process engine cuts them."""
+    per_token = 8 + 4 * sum(features[site] for site in job.sites) * len(job.layers)  # "dest" int64 + float32 rows
+    limit = job.shard_mb * 2**20
+    shards: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    buffered = 0
+    for group in _batches(job.ids, job.batch_size):
+        current.append(group)
+        buffered += per_token * sum(len(job.ids[i]) for i in group)
+        if buffered >= limit:
+            shards.append(current)
+            current, buffered = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _features(job: Job) -> dict[str, int]:
+    """Features per site, from a forward pass over one token."""
+    import torch
+
+    with torch.no_grad():
+        captured = _run_batch(job.loaded, [job.ids[0][:1]], job.sites, job.layers, job.pad)
+    return {site: int(tensor.shape[-1]) for site, tensor in captured.items()}
+
+
+def _complete(path: Path, tokens: int) -> bool:
+    """Whether ``path`` is a finished shard of ``tokens`` rows (renamed into place only once complete)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(size))
+        return header["dest"]["shape"] == [tokens]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def collect_on_ray(
+    job: Job,
+    root: Path,
+    *,
+    restart: bool = False,
+    progress: bool = True,
+    address: str | None = None,
+    workers: int | None = None,
+    worker_cpus: int = 1,
+    worker_gpus: float = 0,
+) -> Collection:
+    """Collect ``job`` into ``root`` on Ray workers (``lmscope.collect(..., engine="ray")`` calls this).
+
+    ``address``: a running cluster to join (else a local one starts); ``workers``: how many actors hold
+    the model (default: as many as the cluster's free CPUs, or GPUs, allow); each uses ``worker_cpus``
+    CPUs (also its torch threads) and ``worker_gpus`` GPUs.
+    """
+    if worker_cpus < 1 or worker_gpus < 0 or (workers is not None and workers < 1):
+        raise LmscopeError("workers and worker_cpus must be at least 1, and worker_gpus at least 0")
+    began = time.perf_counter()
+    features = _features(job)
+    shards = plan_shards(job, features)
+    names = [f"shard-{n:05d}.safetensors" for n in range(len(shards))]
+    lengths = np.array([len(seq) for seq in job.ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
+    tokens = [int(sum(lengths[i] for group in shard for i in group)) for shard in shards]
+
+    record = _resume(root, job.plan, restart)
+    for temporary in root.glob(f"{TEMP_PREFIX}*shard-*.safetensors"):  # partial shards of a stopped run
+        temporary.unlink(missing_ok=True)
+    done = {n for n in range(len(shards)) if _complete(root / names[n], tokens[n])}
+    for stale in set(root.glob("shard-*.safetensors")) - {root / names[n] for n in done}:
+        stale.unlink(missing_ok=True)  # written by a run of another plan, or damaged
+    batches_before = np.cumsum([0, *[len(shard) for shard in shards]]).tolist()
+
+    def save_record() -> None:
+        prefix = 0  # the single-process engine resumes after the finished shards' first gap
+        while prefix < len(shards) and prefix in done:
+            prefix += 1
+        record.update(engine="ray", shards=names[:prefix], batches=batches_before[prefix], features=features)
+        record.update(shard_tokens=tokens[:prefix], done=sorted(done))
+        write_json(root / PARTIAL, record)
+
+    save_record()
+    todo = [n for n in range(len(shards)) if n not in done]
+    timings: dict[int, dict[str, Any]] = {}
+    retried = 0
+    started = time.perf_counter()
+    count = workers or 1
+    if todo:
+        local = max(1, workers or local_cpus() // worker_cpus)  # workers of a local cluster
+        gpus = None if workers is None and worker_gpus else worker_gpus * local  # None: as many as there are
+        with connect(address, local * worker_cpus, gpus) as ray:
+            count = workers or _fit(ray, worker_cpus, worker_gpus)
+            run = _Run(ray, job, root, count, worker_cpus, worker_gpus)
+            try:
+                started = time.perf_counter()
+                batches = {n: [[(starts[i], job.ids[i]) for i in group] for group in shards[n]] for n in todo}
+                timings, retried = run.collect(todo, batches, tokens, done, save_record, progress, len(shards))
+            finally:
+                run.stop()
+    seconds = time.perf_counter() - began
+    collected = sum(tokens[n] for n in timings)
+    shard_rows = [
+        {"name": names[n], "tokens": tokens[n], **timings.get(n, {"resumed": True})} for n in range(len(shards))
+    ]
+    run_info = {
+        "engine": "ray",
+        "workers": count,
+        "worker_cpus": worker_cpus,
+        "worker_gpus": worker_gpus,
+        "shard_tokens": tokens,
+        "timings": {
+            "seconds": round(seconds, 3),
+            "startup_seconds": round(started - began, 3),
+            "tokens_per_second": round(collected / max(time.perf_counter() - started, 1e-9), 1),
+            "shards_retried": retried,
+            "shards": shard_rows,
+        },
+    }
+    meta = manifest(job.info, job.sites, job.layers, features, job.texts, job.ids, job.flat, names, run_info)
+    write_json(root / META, meta)  # last: the folder now holds a finished collection
+    (root / PARTIAL).unlink(missing_ok=True)
+    return Collection(meta, [root / name for name in names], root)
+
+
+def _fit(ray: Any, cpus: int, gpus: float) -> int:
+    """How many workers of ``cpus`` CPUs and ``gpus`` GPUs the cluster's resources hold (at least 1)."""
+    total = ray.cluster_resources()
+    count = int(total.get("CPU", 0) // cpus)
+    if gpus:
+        count = min(count, int(total.get("GPU", 0) // gpus))
+    if count < 1:
+        raise LmscopeError(
+            f"the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: not enough for "
+            f"one worker of {cpus} CPUs and {gpus:g} GPUs: ask for less (--worker-cpus, --worker-gpus)"
+        )
+    return count
+
+
+class _Run:
+    """The actors of one job, and the loop that hands them shards."""
+
+    def __init__(self, ray: Any, job: Job, root: Path, count: int, cpus: int, gpus: float):
+        import torch
+
+        self.ray, self.job = ray, job
+        buffer = io.BytesIO()
+        torch.save(job.loaded, buffer)
+        self.model = ray.put(buffer.getvalue())  # kept while the job runs: restarted workers fetch it again
+        del buffer
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=0)(Worker)
+        hook = os.environ.get(EXIT_HOOK)
+        self.actors = [remote.remote([self.model], str(root), cpus, gpus > 0, hook) for _ in range(count)]
+        try:
+            checks = ray.get([actor.check.remote() for actor in self.actors])
+        except ray.exceptions.RayError as error:
+            raise LmscopeError(f"the Ray workers could not start: {_cause(error)}") from None
+        errors = [c["error"] for c in checks if c["error"]]
+        if errors:
+            raise LmscopeError(f"{errors[0]}: the output folder must be a shared folder every worker can write")
+
+    def collect(self, todo: list[int], batches: dict[int, Any], tokens: list[int], done: set[int],
+                save: Any, progress: bool, total: int) -> tuple[dict[int, dict[str, Any]], int]:  # fmt: skip
+        """Hand out the shards in ``todo`` until all are written; returns their timings and the retries."""
+        from tqdm.auto import tqdm
+
+        ray, job = self.ray, self.job
+        pending, inflight = deque(todo), {}
+        alive, failures = set(range(len(self.actors))), [0] * len(self.actors)
+        attempts: dict[int, int] = {}
+        timings: dict[int, dict[str, Any]] = {}
+        retried, collected, began = 0, 0, time.perf_counter()
+        bar = tqdm(total=total, initial=total - len(todo), desc="collect", unit="shard", disable=not progress)
+
+        def submit(worker: int) -> None:
+            if pending and failures[worker] <= RESTARTS:
+                number = pending.popleft()
+                ref = self.actors[worker].run.remote(number, batches[number], job.sites, job.layers, job.pad)
+                inflight[ref] = (worker, number)
+
+        def show() -> None:
+            rate = collected / max(time.perf_counter() - began, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s, {len(alive)}/{len(self.actors)} workers, {retried} retried")
+
+        try:
+            for worker in range(len(self.actors)):
+                submit(worker)
+            show()
+            while inflight:
+                [ref], _ = ray.wait(list(inflight), num_returns=1)
+                worker, number = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as error:  # the worker process died: redo its shard
+                    failures[worker] += 1
+                    alive.discard(worker)
+                    attempts[number] = attempts.get(number, 0) + 1
+                    retried += 1
+                    if attempts[number] > RETRIES:
+                        raise LmscopeError(
+                            f"shard {number} failed {attempts[number]} times, its worker dying each time "
+                            f"({_cause(error)}): check the workers' memory and logs"
+                        ) from None
+                    pending.appendleft(number)
+                    busy = {w for w, _ in inflight.values()}
+                    for other in range(len(self.actors)):  # a dead one too: Ray restarts it, its task waits
+                        if other not in busy:
+                            submit(other)
+                    if not inflight:
+                        raise LmscopeError(
+                            f"every Ray worker died ({_cause(error)}): check the workers' logs"
+                        ) from None
+                    show()
+                    continue
+                except ray.exceptions.RayTaskError as error:  # an error in the work itself: retrying would not help
+                    raise _task_error(error) from None
+                alive.add(worker)
+                done.add(number)
+                collected += result["tokens"]
+                timings[number] = {
+                    "seconds": round(result["seconds"], 3),
+                    "attempts": attempts.get(number, 0) + 1,
+                    "host": result["host"],
+                }
+                save()
+                if _after_shard is not None:
+                    _after_shard(number)
+                bar.update(1)
+                show()
+                submit(worker)
+        finally:
+            bar.close()
+        return timings, retried
+
+    def stop(self) -> None:
+        """End every actor (a stopped job leaves no worker writing)."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):  # an actor already gone
+                self.ray.kill(actor, no_restart=True)
+
+
+def _cause(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _task_error(error: Any) -> LmscopeError:
+    """The error a worker raised, as one line (lmscope's own errors keep their message)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, LmscopeError):
+        return LmscopeError(str(cause))
+    return LmscopeError(f"a Ray worker failed: {' '.join(str(cause or error).split())[-300:]}")
