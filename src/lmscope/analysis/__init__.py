@@ -1,5 +1,6 @@
 """Pure functions of a Trace (and model weights) that return results."""
 
+from lmscope.analysis import streaming
 from lmscope.analysis._result import Result
 from lmscope.analysis.attention import Attention, EncoderDecoderAttention, attention
 from lmscope.analysis.collect import Collection, collect, load_collection
@@ -45,5 +46,6 @@ __all__ = [
     "pwcca",
     "rankings",
     "rankings_watch",
+    "streaming",
     "svcca",
 ]
