@@ -148,7 +148,7 @@ def flow_faithfulness(
     """Ablate the flow graph's top-``k`` edges (attention and FFN) vs random ``k`` edges of the same graph."""
     _check_draws(draws)
     out = lm.trace(text)
-    graph = out.flow(threshold=threshold)
+    graph = out.flow(threshold=threshold, details=False)
     edges = sorted((e for e in graph.edges if e.kind in ("attention", "ffn")), key=lambda e: -e.weight)
     if not edges:
         raise LmscopeError("the flow graph has no attention or FFN edges at this threshold: lower it")
