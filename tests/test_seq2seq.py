@@ -254,3 +254,32 @@ def test_tiny_seq2seq_models_are_listed() -> None:
     names = lmscope.models.available_models()
     for name in ("tiny-t5", "tiny-bart", "tiny-marian"):
         assert "encoder-decoder" in names[name]
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-marian", "mbart"])
+def test_lmscope_verify_passes_on_encoder_decoder_models(name: str) -> None:
+    from lmscope.analysis.verify import verify
+
+    report = verify(load(name), generate=3)
+    assert report.passed, report.failed
+    assert {check.name for check in report.checks} == {"logits", "generation", "lens", "blocks", "attention"}
+
+
+def test_command_line_takes_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lmscope.cli import main
+
+    common = ["--model", "tiny-t5", "--target", TARGET, "--json"]
+    assert main(["lens", SOURCE, "--position", "2", *common]) == 0
+    lens = json.loads(capsys.readouterr().out)
+    assert lens["tokens"] and len(lens["layers"]) == 2
+    assert main(["rankings", SOURCE, *common]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ranks"]) == 2
+    assert main(["attention", SOURCE, "--layer", "1", *common]) == 0
+    assert main(["nmf", SOURCE, "--components", "2", "--model", "tiny-t5", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["lens", SOURCE, "--model", "tiny-gpt2", "--target", TARGET]) == 2
+    assert "no target" in capsys.readouterr().err
+    assert main(["probe", "--model", "tiny-t5"]) == 2
+    assert "encoder-decoder" in capsys.readouterr().err

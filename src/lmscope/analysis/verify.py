@@ -17,6 +17,10 @@ and passes or fails against a tolerance stated for the model's dtype:
 * **attention**: captured attention probabilities against those the model returns with eager
   attention (``output_attentions=True``).
 
+Encoder-decoder models are checked on the source ``text`` and ``generate`` greedy target tokens:
+logits, generation and lens as above; blocks of both stacks (input + self-attention, cross-attention
+and MLP updates, or their norms); and the encoder's, decoder's and cross-attention probabilities.
+
 Errors are measured in float32. A check that does not apply (no LM head, a post-norm family's
 per-head terms, ...) is reported as ``n/a`` with the reason, and does not fail the report.
 """
@@ -262,6 +266,11 @@ def verify(lm: Any, text: str = TEXT, generate: int = 4) -> VerifyReport:
     dtype = str(loaded.dtype).removeprefix("torch.")
     tol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     ids = lm.encode(text)
+    if getattr(lm, "is_seq2seq", False):
+        checks = _seq2seq_checks(lm, ids, generate, tol)
+        return VerifyReport(model=lm.name, model_type=str(lm.model.config.model_type), family=lm.arch.family.name,
+                            layout="architecture table", dtype=dtype, device=str(loaded.device), text=text,
+                            n_tokens=len(ids), checks=tuple(checks))  # fmt: skip
     with torch.no_grad():
         plain = getattr(lm.model(ids[None].to(loaded.device), use_cache=False), "logits", None)
     plain = None if plain is None else plain[0]
@@ -287,6 +296,67 @@ def verify(lm: Any, text: str = TEXT, generate: int = 4) -> VerifyReport:
         n_tokens=len(ids),
         checks=tuple(checks),
     )
+
+
+def _seq2seq_checks(lm: Any, ids: torch.Tensor, generate: int, tol: tuple[float, float, float]) -> list[Check]:
+    """The checks of an encoder-decoder model: ``ids`` is the source, the target is generated greedily."""
+    from lmscope.capture import ALL_SITES
+
+    out = lm.generate(ids.tolist(), generate=generate, sites=ALL_SITES)
+    trace, device = out.trace, lm.loaded.device
+    source, decoder = ids[None].to(device), out.token_ids[None].to(device)
+    run = dict(input_ids=source, attention_mask=torch.ones_like(source), decoder_input_ids=decoder, use_cache=False)
+    with torch.no_grad():
+        plain = lm.model(**run).logits[0]
+        reference = lm.model.generate(source, attention_mask=torch.ones_like(source), max_new_tokens=generate,
+                                      do_sample=False, num_beams=1)[0].cpu()  # fmt: skip
+    checks = _logit_checks(out.logits, plain.to(out.logits.device), tol)
+    differ = int((out.token_ids != reference).sum()) if len(reference) == len(out.token_ids) else len(reference)
+    checks.append(_check("generation", f"greedy tokens differing from model.generate ({generate} new)", differ, 0))
+    checks += _lens_check(lm, trace, plain, tol)
+    worst = 0.0
+    for stack, arch in ((trace.encoder, lm.arch.encoder), (trace, lm.arch)):
+        family, get = arch.family, stack.get
+        pre, post, attn, mlp = get("resid_pre"), get("resid_post"), get("attn_out"), get("mlp_out")
+        with torch.no_grad():
+            for layer in range(arch.n_layers):
+                parts = [(family.ln_attn, attn[layer], get("resid_mid")[layer])]
+                if family.cross_attn:
+                    parts.append((family.ln_cross, get("cross_attn_out")[layer], get("resid_cross")[layer]))
+                parts.append((family.ln_mlp, mlp[layer], post[layer]))
+                state = pre[layer]
+                for norm, update, after in parts:
+                    total = state + update
+                    if family.post_norm:
+                        total = arch.block_part(layer, norm)(total)
+                    worst = max(worst, _relative(total - after, after))
+                    state = after
+                if layer + 1 < arch.n_layers:
+                    worst = max(worst, _relative(pre[layer + 1] - post[layer], post[layer]))
+    shape = "norms of input + update" if lm.arch.family.post_norm else "input + self-, cross-attention, MLP updates"
+    checks.append(_check("blocks", f"both stacks' block outputs vs {shape}: max relative error", worst, tol[2]))
+    measure = "encoder, decoder and cross-attention probabilities vs eager attention: max |Δ p|"
+    configs = {id(c): c for m in lm.model.modules() if (c := getattr(m, "config", None)) is not None}.values()
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+    try:
+        for config, _ in saved:
+            config._attn_implementation_internal = "eager"
+        with torch.no_grad():
+            eager = lm.model(**run, output_attentions=True)
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+    worst = 0.0
+    for name, captured, returned in (
+        ("attn_probs", trace.encoder, eager.encoder_attentions),
+        ("attn_probs", trace, eager.decoder_attentions),
+        ("cross_attn_probs", trace, eager.cross_attentions),
+    ):
+        probs = captured.get(name).float()  # [layer, head, pos_q, pos_k]
+        worst = max(worst, *(float((probs[i] - a[0].float().to(probs.device)).abs().max()) for i, a in
+                             enumerate(returned)))  # fmt: skip
+    checks.append(_check("attention", measure, worst, tol[1]))
+    return checks
 
 
 def accept_guessed(lm: Any) -> VerifyReport:
