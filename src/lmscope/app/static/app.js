@@ -466,8 +466,9 @@
           ["encoder", "Encoder"], ["decoder", "Decoder"], ["cross", "Cross (target \u2192 source)"]] });
         [["source", "Source (encoder)", S.run.source_tokens, S.run.source_tokens.length],
           ["target", "Target (decoder)", S.run.tokens, S.run.n_input]].forEach(function (side) {
-          var line = lms.el("p", { className: "seq2seq-tokens", "data-side": side[0] }, side[1] + ": ");
-          side[2].forEach(function (token, i) { line.appendChild(lms.token(token, i >= side[3] ? "generated" : "")); });
+          var line = lms.el("div", { className: "lmscope seq2seq-tokens", "data-side": side[0] }, side[1] + ": ");
+          line.style.padding = "2px 0";
+          side[2].forEach(function (token, i) { line.appendChild(lms.token(token, i >= side[3] ? "lms-generated" : "")); });
           panel.appendChild(line);
         });
       }
