@@ -134,11 +134,12 @@ def test_output_attention_recaptures_what_the_neuron_view_needs() -> None:
     out = lm.trace(SOURCE, target=TARGET)  # default sites: no q, k, position_bias
     needed, optional = seq2seq_sites("neuron", "weights")
     assert {"q", "k", "cross_q", "cross_k", "cross_attn_probs"} <= set(needed) and optional == ("position_bias",)
-    result = out.attention(view="neuron", query=2)
+    result = out.attention(view="neuron", query=2, layer=1)  # T5 computes its bias in layer 0 and shares it
     reference = eager(lm, out.trace)
     for part in result:
-        scores = neuron_scores_of(part, part.layers[-1], 3, part.query)
-        np.testing.assert_allclose(scores.probs, reference[part.part][-1, 3, part.query], atol=2e-6)
+        assert part.layers == (1,)
+        scores = neuron_scores_of(part, 1, 3, part.query)
+        np.testing.assert_allclose(scores.probs, reference[part.part][1, 3, part.query], atol=2e-6)
     assert result.decoder.query == result.cross.query == 2  # a decoder position
     assert result.encoder.query == out.trace.encoder.n_pos - 1  # the encoder starts on its last token
 
@@ -167,6 +168,12 @@ def test_other_maps_and_bad_requests() -> None:
             f = v[layer, :, head] @ w_o[:, head * arch.d_head : (head + 1) * arch.d_head].T  # [pos_k, d_model]
             expected = probs[layer, head] * f.norm(dim=-1)[None, :]
             np.testing.assert_allclose(norms.weights[layer, head], expected.numpy(), rtol=1e-4, atol=1e-6)
+    # the encoder's maps use the encoder's own output projections
+    encoder = attention(trace, kind="value_norm", part="encoder", layer=2, arch=lm.arch)
+    w_o = arch.linear_weight(arch.encoder.o_proj(2)).detach().double()[:, : arch.d_head]  # head 0
+    f = trace.encoder.get("v").double()[2, :, 0] @ w_o.T  # [pos_k, d_model]
+    expected = trace.encoder.get("attn_probs").double()[2, 0] * f.norm(dim=-1)[None, :]
+    np.testing.assert_allclose(encoder.weights[0, 0], expected.numpy(), rtol=1e-4, atol=1e-6)
     figure = out.attention().plot(part="cross", layer=1, head=0)
     assert "cross" in figure.axes[0].get_title(loc="left")
     assert figure.axes[0].get_xticklabels()[0].get_text() == views.visible(trace.encoder.tokens[0])
