@@ -90,7 +90,8 @@ def check_decomposable(arch: Architecture) -> None:
             f"the {family.name!r} family normalizes the residual stream after each block (post-norm), so block "
             "outputs are not sums of parts and the flow graph does not apply: use a pre-norm causal LM"
         )
-    if family.attn_out not in (family.attn, family.o_proj) or family.mlp_out not in (family.mlp_down, "mlp"):
+    ffn = family.mlp_down.rpartition(".")[0]  # the FFN module whose output is its down projection's (T5)
+    if family.attn_out not in (family.attn, family.o_proj) or family.mlp_out not in (family.mlp_down, "mlp", ffn):
         raise LmscopeError(
             f"the {family.name!r} family transforms attention or MLP outputs before adding them to the residual "
             "stream (e.g. post-block norms), so they cannot be split into per-head and per-neuron parts"
