@@ -610,6 +610,12 @@ def _add_attention(commands: Any) -> None:
     parser.add_argument("--head", type=_int(0), default=0, help="neuron view: the head to start on")
     parser.add_argument("--query", type=int, default=-1, help="the query position to start on (default: last)")
     parser.add_argument("--top-k", type=_int(1), default=None, help="show only the strongest K keys per query")
+    parser.add_argument(
+        "--part",
+        choices=("encoder", "decoder", "cross"),
+        default=None,
+        help="encoder-decoder models: one kind of attention (default: Encoder, Decoder and Cross)",
+    )
     _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
@@ -629,7 +635,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
         out = _traced(lm, args, sites, layers=layers)
     else:
         out = _traced(lm, args, sites, text_pair=args.text_pair, layers=layers)
-    result = out.attention(args.layer, args.view, args.kind, args.head, args.query, args.top_k)
+    result = out.attention(args.layer, args.view, args.kind, args.head, args.query, args.top_k, part=args.part)
     _emit(result, args)
 
 
