@@ -145,6 +145,7 @@ BAD: dict[str, list[str]] = {
     "--head": ["-1", "99", "x"],
     "--query": ["99", "-99", "x"],
     "--top-k": ["0", "-1", "x"],
+    "--part": ["bogus", "cross"],  # cross: the test model is not an encoder-decoder model
     "--task": ["bogus"],
     "--tokens": ["0", "-5", "x"],
     "--seeds": ["0", "1000", "x"],
