@@ -10,7 +10,11 @@ prefix), with the methods of :mod:`lmscope.analysis.saliency` applied to both em
   on the source shows it;
 - ``input_x_gradient``, ``integrated_gradients`` (one straight path for source and decoder
   together: completeness ``Σ_src a + Σ_dec a = f(e) − f(b)``) and ``occlusion``: signed, not
-  normalized.
+  normalized. A zero baseline is degenerate for T5: with no position embedding and a
+  scale-invariant RMS norm, ``f`` is nearly constant along the path and jumps at the baseline
+  itself, so the attributions miss the jump (the reported completeness error shows it); use a
+  token's embedding (``baseline=<token>``) there. BART-like models add learned or sinusoidal
+  positions and stay smooth at zero.
 
 ``contrast`` explains ``logit(y_t) − logit(foil)`` (Yin & Neubig 2022). Every target comes from
 one forward pass and one batched backward pass (:mod:`lmscope.analysis._seq2seq_gradients`):

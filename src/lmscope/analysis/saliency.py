@@ -232,6 +232,11 @@ def primary_attributions(
         )
     if steps < 1:
         raise LmscopeError(f"steps must be at least 1, not {steps}")
+    if getattr(trace, "encoder", None) is not None:  # encoder-decoder: over the source and the decoder prefix
+        from lmscope.analysis._seq2seq_saliency import seq2seq_attributions
+
+        return seq2seq_attributions(trace, lm, method, style=style, positions=positions, target=target,
+                                    contrast=contrast, steps=steps, baseline=baseline, batch_size=batch_size)  # fmt: skip
     out_pos = _output_positions(trace, positions)
     ids = trace.token_ids
     next_id = trace.logits[-1].argmax().reshape(1).to(ids)  # [1] the top prediction after the last token

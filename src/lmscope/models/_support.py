@@ -38,7 +38,10 @@ _NO_ATTENTION = (
 _HYBRID = (
     "mixes attention with state-space or linear-attention layers, so its blocks differ: lmscope does not load it yet"
 )
-_SEQ2SEQ = "an encoder-decoder (or speech/music) model: lmscope reads one decoder-only or encoder stack"
+_SEQ2SEQ = (
+    "an encoder-decoder (or speech/music) model outside the table: lmscope knows the T5 and BART layouts "
+    "(t5, bart, mbart, marian, pegasus)"
+)
 _MOE = "a mixture of experts: the fallback needs one MLP per block; it needs a table entry with its experts"
 
 _KNOWN: dict[str, str] = {
@@ -116,12 +119,14 @@ def model_support() -> tuple[ModelSupport, ...]:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
     table = {t for family in FAMILIES for t in family.model_types}
     refused = _unsupported()
     kinds = dict.fromkeys(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal")
     kinds.update(dict.fromkeys(MODEL_FOR_MASKED_LM_MAPPING_NAMES, "masked"))  # BERT-style types have both
+    kinds.update(dict.fromkeys(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "seq2seq"))  # BART has all three
     rows = []
     for model_type in sorted(kinds):
         if model_type in table:
@@ -129,6 +134,8 @@ def model_support() -> tuple[ModelSupport, ...]:
         elif model_type in FALLBACK_VERIFIED:
             note = "works by the structural fallback (verified in CI on a tiny model)"
             row = ModelSupport(model_type, kinds[model_type], "fallback", note)
+        elif kinds[model_type] == "seq2seq":  # the structural fallback guesses no encoder-decoder layout
+            row = ModelSupport(model_type, "seq2seq", "unsupported", refused.get(model_type) or _SEQ2SEQ)
         elif model_type in refused or model_type in _KNOWN:
             why = refused.get(model_type) or _KNOWN[model_type]
             row = ModelSupport(model_type, kinds[model_type], "unsupported", why)

@@ -2,7 +2,8 @@
 
 Minimal: the whole text; hovering (or focusing) an output token colours every token before it by
 its attribution. Detailed: the same, with a bar and a percentage under every input token. Signed
-methods colour positive attributions warm and negative ones cool.
+methods colour positive attributions warm and negative ones cool. Encoder-decoder results add the
+source tokens as a row of their own above the decoder tokens, coloured on the same scale.
 """
 
 from __future__ import annotations
@@ -48,11 +49,27 @@ def to_text(result: Saliency, k: int = 5) -> str:
         output = f"{t} {visible(tokens[t])!r}" + (" (next)" if t == len(result.tokens) else "")
         if result.contrast is not None:
             output += f" vs {visible(result.contrast[i])!r}"
-        tops = "  ".join(f"{visible(result.tokens[s])!r} {_value(result, v)}" for s, v in result.top(i, k))
+        tops = "  ".join(f"{label} {_value(result, v)}" for label, v in _top(result, i, k))
         rows.append([output, _target_value(result, float(result.values[i])), tops])
     caveat = note(result)
     head += "" if caveat is None else "\n" + caveat
+    if _source(result):
+        head += "\nEncoder-decoder: inputs are the source tokens (src) and the decoder prefix, normalized together"
     return head + "\n" + table(["output", _TARGETS[result.target], f"top {k} input tokens"], rows)
+
+
+def _source(result: Saliency) -> tuple[str, ...]:
+    """The source tokens of an encoder-decoder result (empty for a decoder-only one)."""
+    return tuple(getattr(result, "source_tokens", ()))
+
+
+def _top(result: Saliency, index: int, k: int) -> list[tuple[str, float]]:
+    """The ``k`` largest attributions by magnitude, source tokens (``src``) and decoder prefix together."""
+    found = [(repr(visible(result.tokens[s])), v) for s, v in result.top(index, k)]
+    if _source(result):
+        found += [(f"src {visible(result.source_tokens[s])!r}", v) for s, v in result.top_source(index, k)]
+        found.sort(key=lambda item: -abs(item[1]))
+    return found[:k]
 
 
 def _tokens(result: Saliency) -> list[str]:
@@ -74,4 +91,7 @@ def to_html(result: Saliency) -> str:
         "style": result.style,
         "note": note(result),
     }
+    if _source(result):  # encoder-decoder: the source row, coloured on the same scale as the decoder prefix
+        data["source_tokens"] = list(result.source_tokens)
+        data["source_attributions"] = [[float(v) for v in row] for row in result.source_attributions]
     return fragment("saliency", data, scripts=("saliency.js",), styles=("saliency.css",), text=to_text(result))

@@ -1,7 +1,9 @@
 /* lmscope saliency view (Ecco's minimal and detailed views). Hover, focus or click an output
    token: every token before it is coloured by its attribution; the detailed style adds a bar and
    a figure under each. Tokens are drawn once; a selection only restyles them, so a few hundred
-   tokens stay responsive. Text enters the DOM only through textContent. */
+   tokens stay responsive. Encoder-decoder data adds a source row (source_tokens,
+   source_attributions) coloured on the decoder prefix's scale. Text enters the DOM only through
+   textContent. */
 (function () {
   "use strict";
   var lms = window.lmscope;
@@ -23,7 +25,27 @@
     var info = lms.el("span", { className: "lms-muted lms-sal-info" });
     controls.appendChild(info);
     body.appendChild(controls);
+    var source = [];
+    if (data.source_tokens) {  // encoder-decoder: the source tokens, labelled, above the decoder tokens
+      var srcText = lms.el("div", { className: "lms-sal-text lms-sal-source" });
+      srcText.appendChild(lms.el("span", { className: "lms-muted lms-sal-label" }, "source"));
+      source = data.source_tokens.map(function (token, pos) {
+        var cell = lms.el("span", { className: "lms-sal-cell", "data-src-pos": String(pos) });
+        var chip = lms.token(token, "lms-sal-src");
+        var bar = lms.el("span", { className: "lms-sal-bar" });
+        var fill = lms.el("span", { className: "lms-sal-fill" });
+        var figure = lms.el("span", { className: "lms-sal-figure" });
+        bar.appendChild(fill);
+        cell.appendChild(chip);
+        cell.appendChild(bar);
+        cell.appendChild(figure);
+        srcText.appendChild(cell);
+        return { cell: cell, chip: chip, fill: fill, figure: figure };
+      });
+      body.appendChild(srcText);
+    }
     var text = lms.el("div", { className: "lms-sal-text" });
+    if (data.source_tokens) { text.appendChild(lms.el("span", { className: "lms-muted lms-sal-label" }, "target")); }
     body.appendChild(text);
 
     var outputOf = {};
@@ -57,22 +79,26 @@
     function select(index) {
       var target = data.positions[index];
       var row = data.attributions[index];
+      var srcRow = data.source_attributions ? data.source_attributions[index] : [];
       var scale = 0;
-      row.forEach(function (v) { scale = Math.max(scale, Math.abs(v)); });
+      row.concat(srcRow).forEach(function (v) { scale = Math.max(scale, Math.abs(v)); });
       scale = scale || 1;
+      function paint(c, v) {
+        var share = Math.abs(v) / scale;
+        var rgb = v >= 0 ? HOT : COOL;
+        c.chip.style.background = lms.rgba(rgb, share);
+        c.chip.style.color = share > 0.6 ? "#ffffff" : "";
+        c.fill.style.width = (100 * share).toFixed(1) + "%";
+        c.fill.style.background = lms.rgba(rgb, 0.85);
+        c.figure.textContent = figureOf(v);
+        c.cell.title = "attribution " + figureOf(v);
+      }
+      source.forEach(function (c, pos) { paint(c, srcRow[pos]); });
       cells.forEach(function (c, pos) {
         c.cell.classList.toggle("lms-sal-selected", pos === target);
         c.cell.classList.toggle("lms-sal-after", pos > target);
         if (pos < target) {
-          var v = row[pos];
-          var share = Math.abs(v) / scale;
-          var rgb = v >= 0 ? HOT : COOL;
-          c.chip.style.background = lms.rgba(rgb, share);
-          c.chip.style.color = share > 0.6 ? "#ffffff" : "";
-          c.fill.style.width = (100 * share).toFixed(1) + "%";
-          c.fill.style.background = lms.rgba(rgb, 0.85);
-          c.figure.textContent = figureOf(v);
-          c.cell.title = "attribution " + figureOf(v);
+          paint(c, row[pos]);
         } else {
           c.chip.style.background = "";
           c.chip.style.color = "";
