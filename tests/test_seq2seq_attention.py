@@ -168,6 +168,12 @@ def test_other_maps_and_bad_requests() -> None:
             f = v[layer, :, head] @ w_o[:, head * arch.d_head : (head + 1) * arch.d_head].T  # [pos_k, d_model]
             expected = probs[layer, head] * f.norm(dim=-1)[None, :]
             np.testing.assert_allclose(norms.weights[layer, head], expected.numpy(), rtol=1e-4, atol=1e-6)
+    # sparsified cross-attention ships the strongest source tokens of each target token
+    sparse = view_data(attention(trace, part="cross", top_k=3))
+    strongest = np.sort(trace.get("cross_attn_probs")[0].numpy(), axis=-1)[..., ::-1][..., :3]  # [head, pos, 3]
+    shipped = np.array([m["w"] for m in sparse["maps"][0]], dtype=float).reshape(strongest.shape) / SCALE
+    np.testing.assert_allclose(np.sort(shipped, axis=-1)[..., ::-1], strongest, atol=0.5 / SCALE + 1e-7)
+    assert max(max(m["idx"]) for m in sparse["maps"][0]) < trace.encoder.n_pos and sparse["k"] == 3
     # the encoder's maps use the encoder's own output projections
     encoder = attention(trace, kind="value_norm", part="encoder", layer=2, arch=lm.arch)
     w_o = arch.linear_weight(arch.encoder.o_proj(2)).detach().double()[:, : arch.d_head]  # head 0
