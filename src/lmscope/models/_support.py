@@ -100,7 +100,7 @@ _KNOWN: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ModelSupport:
-    """One model type: its kind (``causal``/``masked``), status and, where it is not in the table, why."""
+    """One model type: its kind (``causal``/``masked``/``seq2seq``), status and, where it is not in the table, why."""
 
     model_type: str
     kind: str
