@@ -80,6 +80,10 @@ def test_every_saliency_method_has_curves_views_and_json(method: str) -> None:
     html = result.to_html()
     assert 'data-view="faithfulness"' in html and "lms-fa-chart" in html
     json.dumps(result.to_dict())
+    if method == "occlusion":
+        pytest.importorskip("matplotlib")
+        figure = result.plot()
+        assert len(figure.axes) == 2 and len(figure.axes[0].lines) == 4  # three curves and the intact run
 
 
 def test_flow_faithfulness_shares_the_result_and_view() -> None:

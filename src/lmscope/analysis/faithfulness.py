@@ -106,6 +106,10 @@ class Faithfulness(Result):
     def n_edges(self) -> int:
         return self.n_units
 
+    def plot(self) -> Any:
+        """A matplotlib ``Figure`` of the curves."""
+        return self._view_module().plot(self)
+
 
 def faithfulness(lm: Any, text: str, method: str = "flow", **options: Any) -> Faithfulness:
     """Score ``method``'s attribution of the prediction after ``text`` by removal (module docstring).

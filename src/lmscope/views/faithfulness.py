@@ -15,7 +15,7 @@ import numpy as np
 from lmscope.views._html import fragment
 from lmscope.views._text import percent, table, visible
 
-__all__ = ["to_html", "to_text"]
+__all__ = ["plot", "to_html", "to_text"]
 
 
 def _what(result: Any) -> str:
@@ -99,3 +99,21 @@ def to_html(result: Any) -> str:
     }
     return fragment("faithfulness", data, scripts=("faithfulness.js",), styles=("faithfulness.css",),
                     text=to_text(result))  # fmt: skip
+
+
+def plot(result: Any) -> Any:
+    """The curves as a matplotlib ``Figure``: the target's logit and probability over ``k``."""
+    from lmscope.views._figure import new_figure
+
+    figure = new_figure(figsize=(10, 4), layout="constrained")
+    colors = {"top": "#d62728", "random": "#7f7f7f", "insert": "#1f77b4"}
+    for i, kind in enumerate(("logit", "prob")):
+        axes = figure.add_subplot(1, 2, i + 1)
+        for series in _series(result, kind):
+            axes.plot(result.ks, series["values"], marker="o", color=colors[series["style"]], label=series["name"])
+        axes.axhline(result.base_logit if kind == "logit" else result.base_prob, color="#888", linestyle="--")
+        axes.set_xlabel("k")
+        axes.set_ylabel(f"{'logit' if kind == 'logit' else 'probability'} of {visible(result.target)}")
+    axes.legend(fontsize=8)
+    figure.suptitle(_title(result), fontsize=9)
+    return figure
