@@ -133,8 +133,7 @@ async def attention(
 ) -> Response:
     """BertViz's head, model or neuron view of the run's attention (``kind``: weights, rollout, value_norm);
     of an encoder-decoder model all three kinds (Encoder, Decoder, Cross), or the one ``part``."""
-    chosen = {"part": part} if part else {}
-    method = lambda out: out.attention(layer, view, kind, head, query, top_k, **chosen)  # noqa: E731
+    method = lambda out: out.attention(layer, view, kind, head, query, top_k, part=part or None)  # noqa: E731
     return await _analysis(request, app, run_id, method, html, data)
 
 
