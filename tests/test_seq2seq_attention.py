@@ -63,7 +63,7 @@ def lines(weights: np.ndarray) -> int:
     return int((np.rint(weights * SCALE) / SCALE >= FLOOR).sum())
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "bart", "marian"])
 def test_the_three_kinds_equal_output_attentions(family: str) -> None:
     lm = tiny(family)
     out = lm.trace(SOURCE, target=TARGET)  # default sites
