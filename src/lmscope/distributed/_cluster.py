@@ -13,18 +13,19 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["check_address", "connect", "local_cpus", "require_ray"]
+__all__ = ["check_address", "cluster_processes", "connect", "end_processes", "local_cpus", "require_ray"]
 
 INSTALL = "pip install 'lmscope[distributed]'"
-# A busy machine starts Ray's agent slowly: the raylet waits for it as long as ray.init waits for the raylet.
-PATIENT = {"agent_register_timeout_ms": 30_000}
 TIMEOUT_S = 5.0  # how long an address may take to answer before it counts as not answering
 
 
@@ -71,7 +72,8 @@ def connect(address: str | None, cpus: float, gpus: float | None) -> Iterator[An
         yield ray
         return
     check_address(address)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's own retry warnings would bury lmscope's error
+    level = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = level or "error"  # Ray's retry warnings would bury lmscope's error
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     temporary = None
     try:
@@ -83,10 +85,10 @@ def connect(address: str | None, cpus: float, gpus: float | None) -> Iterator[An
                     num_gpus=gpus,
                     include_dashboard=False,
                     _temp_dir=temporary,
-                    _system_config=PATIENT,
                     **quiet,
                 )
             except Exception as error:  # Ray raises a bare Exception when its processes start too slowly
+                end_processes(temporary)
                 raise LmscopeError(
                     f"a local Ray cluster did not start ({' '.join(str(error).split())[:200]}): try again when the "
                     "machine is less busy, or start one with `ray start --head` and pass --address auto"
@@ -103,10 +105,41 @@ def connect(address: str | None, cpus: float, gpus: float | None) -> Iterator[An
         yield ray
     finally:
         ray.shutdown()  # also ends the processes of a local cluster that failed to start
+        if level is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
         if temporary is not None:
+            end_processes(temporary)
             shutil.rmtree(temporary, ignore_errors=True)
 
 
 def local_cpus() -> int:
     """CPUs this machine offers a local cluster."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cluster_processes(folder: str) -> list[int]:
+    """Ids of the running processes of the local cluster whose session files are in ``folder`` (Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if folder in line and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def end_processes(folder: str, wait_s: float = 30.0) -> list[int]:
+    """End the processes of the local cluster in ``folder`` (a start that failed half-way leaves some that
+    ``ray.shutdown`` does not know); returns those still running after ``wait_s``."""
+    for pid in cluster_processes(folder):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while cluster_processes(folder) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in cluster_processes(folder):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return cluster_processes(folder)

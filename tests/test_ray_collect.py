@@ -1,0 +1,244 @@
+"""Collection on Ray: a local cluster of 2 worker processes on this machine collects exactly what one process does.
+
+One cluster serves the whole file (Ray takes seconds to start); it is shut down at the end and no Ray
+process of it may outlive the tests. The model is a tiny random Llama, the corpus 24 short texts cut into
+6 shards (``shard_mb`` so small that every batch of 4 texts is its own shard).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import lmscope
+import lmscope.distributed._collect  # the module (the package re-exports names from it)
+from conftest import tiny
+from lmscope.cli import main
+from lmscope.distributed._cluster import cluster_processes, end_processes
+from lmscope.distributed._worker import EXIT_HOOK, check_folder
+from lmscope.errors import LmscopeError
+
+ray = pytest.importorskip("ray")
+DRIVER = sys.modules["lmscope.distributed._collect"]
+
+TEXTS = [f"Sentence number {i} says {'more and ' * (i % 5)}something." for i in range(24)]
+OPTIONS = dict(sites=("resid_post", "mlp_act"), batch_size=4, shard_mb=0.001)
+RAY = dict(engine="ray", workers=2)
+SHARDS = 6
+
+
+def env() -> dict[str, str]:
+    """This process's environment (after ``ray.init``, which sets the cluster's token mode) for a subprocess."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A local Ray cluster of 2 CPUs (so 2 workers of 1 CPU), its session files in a temporary folder."""
+    folder = tempfile.mkdtemp(prefix="lmscope-ray-test-")
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+    for attempt in range(2):  # a machine busy with other work can make Ray's start time out once
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, **quiet)
+            break
+        except Exception:
+            end_processes(folder)  # what the failed start left running
+            with warnings.catch_warnings():  # Ray's handles of those processes, never waited for
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+            if attempt:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        deadline = time.monotonic() + 60
+        while cluster_processes(folder) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = cluster_processes(folder)
+        end_processes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert not left, f"Ray processes outlived the tests: {left}"
+
+
+@pytest.fixture(scope="module")
+def lm() -> lmscope.LM:
+    return tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(lm: lmscope.LM, tmp_path_factory: pytest.TempPathFactory) -> lmscope.Collection:
+    """The single-process collection, on disk."""
+    return lmscope.collect(lm, TEXTS, out_dir=tmp_path_factory.mktemp("single") / "acts", progress=False, **OPTIONS)
+
+
+def assert_same(a: lmscope.Collection, b: lmscope.Collection) -> None:
+    """Same texts, tokens in the same order, equal values, and byte-identical shard files."""
+    assert a.texts == b.texts and a.tokens == b.tokens and a.token_ids == b.token_ids and a.offsets == b.offsets
+    assert a.sites == b.sites and a.layers == b.layers and a.features == b.features and a.model == b.model
+    for site in a.sites:
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.get(site, layer), b.get(site, layer))
+    names = sorted(p.name for p in a.root.glob("shard-*"))
+    assert names == sorted(p.name for p in b.root.glob("shard-*")) and len(names) == SHARDS
+    assert all((a.root / n).read_bytes() == (b.root / n).read_bytes() for n in names)
+
+
+def manifest(col: lmscope.Collection) -> dict:
+    return json.loads((col.root / "collection.json").read_text())
+
+
+def test_ray_collection_equals_the_single_process_one(cluster, lm, reference, tmp_path, capsys) -> None:
+    col = lmscope.collect(lm, TEXTS, out_dir=tmp_path / "acts", progress=True, **OPTIONS, **RAY)
+    assert_same(reference, col)
+    assert_same(reference, lmscope.load_collection(tmp_path / "acts"))
+    meta = manifest(col)
+    assert meta["engine"] == "ray" and meta["workers"] == 2 and meta["shards"] == [p.name for p in col._shards]
+    assert sum(meta["shard_tokens"]) == col.n_tokens and meta["shard_tokens"] == manifest(reference)["shard_tokens"]
+    timings = meta["timings"]
+    assert timings["shards_retried"] == 0 and timings["seconds"] > 0 and timings["tokens_per_second"] > 0
+    assert [s["attempts"] for s in timings["shards"]] == [1] * SHARDS
+    assert manifest(reference)["engine"] == "local"
+    err = capsys.readouterr().err  # the progress bar: shards, tokens/s, workers alive, shards retried
+    assert f"{SHARDS}/{SHARDS}" in err and "tok/s" in err and "2/2 workers" in err and "0 retried" in err
+
+
+def test_a_worker_that_dies_mid_shard_has_its_shard_redone(cluster, lm, reference, tmp_path, monkeypatch) -> None:
+    died = tmp_path / "died"
+    monkeypatch.setenv(EXIT_HOOK, f"2:{died}")  # the first worker to reach shard 2 exits after its first batch
+    col = lmscope.collect(lm, TEXTS, out_dir=tmp_path / "acts", progress=False, **OPTIONS, **RAY)
+    assert died.is_file()  # a worker process really died
+    timings = manifest(col)["timings"]
+    assert timings["shards_retried"] == 1
+    assert [s["attempts"] for s in timings["shards"]] == [1, 1, 2, 1, 1, 1]
+    assert_same(reference, col)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_job_resumes_after_its_complete_shards(cluster, lm, reference, tmp_path, monkeypatch) -> None:
+    finished = []
+
+    def stop_after_two(number: int) -> None:
+        finished.append(number)
+        if len(finished) == 2:
+            raise Stop
+
+    monkeypatch.setattr(DRIVER, "_after_shard", stop_after_two)
+    out = tmp_path / "acts"
+    with pytest.raises(Stop):
+        lmscope.collect(lm, TEXTS, out_dir=out, progress=False, **OPTIONS, **RAY)
+    monkeypatch.setattr(DRIVER, "_after_shard", None)
+    assert not (out / "collection.json").exists()
+    with pytest.raises(LmscopeError, match="unfinished collection"):
+        lmscope.load_collection(out)
+    complete = {int(p.name[6:11]) for p in out.glob("shard-*")}
+    assert set(finished) <= complete and len(complete) < SHARDS
+    # what a worker killed while writing leaves: a temporary file, and (a damaged disk) a truncated shard
+    (out / ".lmscope-tmp-0000abcd-shard-00005.safetensors").write_bytes(b"half a shard")
+    broken = min(set(range(SHARDS)) - complete)
+    (out / f"shard-{broken:05d}.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    local = tmp_path / "local"
+    shutil.copytree(out, local)
+
+    col = lmscope.collect(lm, TEXTS, out_dir=out, progress=False, **OPTIONS, **RAY)
+    redone = {i for i, s in enumerate(manifest(col)["timings"]["shards"]) if not s.get("resumed")}
+    assert redone == set(range(SHARDS)) - complete  # complete shards kept, partial and missing ones redone
+    assert not list(out.glob(".lmscope-tmp-*")) and not (out / "collection.partial.json").exists()
+    assert_same(reference, col)
+    # the single-process engine resumes a stopped Ray job too (the same plan, the same shards)
+    assert_same(reference, lmscope.collect(lm, TEXTS, out_dir=local, progress=False, **OPTIONS))
+
+
+def test_the_command_line_joins_a_running_cluster(cluster, reference, tmp_path) -> None:
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "acts"
+    argv = [
+        "collect",
+        "--file",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-llama",
+        "--sites",
+        "resid_post,mlp_act",
+    ]
+    argv += ["--batch-size", "4", "--shard-mb", "0.001", "--engine", "ray", "--address", cluster, "--workers", "2"]
+    done = subprocess.run([sys.executable, "-m", "lmscope", *argv, "--json"], capture_output=True, text=True, env=env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["texts"] == len(TEXTS) and summary["tokens"] == reference.n_tokens
+    assert_same(reference, lmscope.load_collection(out))
+
+
+def test_bad_input_is_one_clear_error(cluster, lm, tmp_path, capsys) -> None:
+    def fails(argv: list[str], message: str) -> None:
+        began = time.monotonic()
+        assert main(argv) in (1, 2)
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+        assert time.monotonic() - began < 15  # no hang
+
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("A first text.\nA second text.\n")
+    common = ["--out", str(tmp_path / "acts"), "--model", "tiny-llama", "--engine", "ray"]
+    # an address where no cluster answers (a port nobody listens on), and one that does not parse
+    fails(["collect", "--file", str(corpus), *common, "--address", "127.0.0.1:9"], "no Ray cluster answers")
+    fails(["collect", "--file", str(corpus), *common, "--address", "somewhere"], "is not HOST:PORT")
+    # a corpus file that is empty, or not text
+    (tmp_path / "empty.txt").write_text("\n \n")
+    fails(["collect", "--file", str(tmp_path / "empty.txt"), *common], "holds no texts: give a file of texts")
+    (tmp_path / "binary.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    fails(["collect", "--file", str(tmp_path / "binary.bin"), *common], "is not UTF-8 text")
+    (tmp_path / "nul.txt").write_bytes(b"text\x00with\x00nul bytes\n")
+    fails(["collect", "--file", str(tmp_path / "nul.txt"), *common], "is not a text file")
+    # Ray options without the Ray engine
+    fails(["collect", "--file", str(corpus), "--out", str(tmp_path / "x"), "--workers", "2"], "need --engine ray")
+    # a folder that holds another model's collection, finished or not
+    other = tmp_path / "other"
+    lmscope.collect(tiny("gpt2"), TEXTS[:3], out_dir=other, progress=False)
+    with pytest.raises(LmscopeError, match="already holds a collection of tiny-gpt2: choose a new folder"):
+        lmscope.collect(lm, TEXTS, out_dir=other, progress=False, **OPTIONS, **RAY)
+    (other / "collection.json").rename(other / "collection.partial.json")
+    partial = json.loads((other / "collection.partial.json").read_text())
+    (other / "collection.partial.json").write_text(json.dumps({**partial, "plan": "another", "batches": 1}))
+    with pytest.raises(LmscopeError, match="unfinished collection of other texts or settings"):
+        lmscope.collect(lm, TEXTS, out_dir=other, progress=False, **OPTIONS, **RAY)
+    # a folder a worker cannot write (on another machine it may not exist, or be read-only)
+    assert "cannot write into" in check_folder(tmp_path / "missing" / "acts")
+    (tmp_path / "a_file").write_text("")
+    assert "cannot write into" in check_folder(tmp_path / "a_file" / "acts")
+    assert check_folder(tmp_path) is None
+    with pytest.raises(LmscopeError, match="give out_dir"):
+        lmscope.collect(lm, TEXTS, progress=False, **RAY)
+    with pytest.raises(LmscopeError, match="engine='ray' only"):
+        lmscope.collect(lm, TEXTS, progress=False, workers=2)
+    with pytest.raises(LmscopeError, match="engine must be"):
+        lmscope.collect(lm, TEXTS, progress=False, engine="spark")
+
+
+def test_without_ray_the_engine_names_the_extra_and_nothing_imports_ray(tmp_path, monkeypatch, capsys) -> None:
+    code = "import sys, lmscope, lmscope.cli, lmscope.distributed; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env())
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    with pytest.raises(LmscopeError, match=r"pip install 'lmscope\[distributed\]'"):
+        lmscope.collect(tiny("llama"), TEXTS, out_dir=tmp_path / "acts", progress=False, engine="ray")
+    assert main(["collect", "A text.", "--out", str(tmp_path / "b"), "--model", "tiny-llama", "--engine", "ray"]) == 2
+    assert "pip install 'lmscope[distributed]'" in capsys.readouterr().err
