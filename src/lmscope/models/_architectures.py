@@ -530,7 +530,7 @@ FAMILIES: tuple[Family, ...] = (
     _t5_stack(
         "decoder",
         2,
-        model_types=("t5",),
+        model_types=("t5", "mt5", "umt5"),  # umT5: a relative position bias of its own in every layer
         encoder=_t5_stack("encoder", 1),
         cross_attn="layer.1.EncDecAttention",
         cross_attn_out="layer.1.EncDecAttention",
