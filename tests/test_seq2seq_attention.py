@@ -156,6 +156,9 @@ def test_other_maps_and_bad_requests() -> None:
         attention(trace, kind="rollout", part="cross")
     with pytest.raises(LmscopeError, match="unknown part"):
         attention(trace, part="both")
+    with pytest.raises(LmscopeError, match=r"layer 2 is not in both stacks \(captured: encoder \[0, 1, 2\], decoder"):
+        attention(trace, layer=2)  # the tiny models have 3 encoder and 2 decoder layers
+    assert attention(trace, layer=2, part="encoder").layers == (2,)
     with pytest.raises(LmscopeError, match="encoder-decoder"):
         tiny("gpt2").trace("hello there").attention(part="cross")
     # value norms of cross-attention: ‖α · W_O^h v_k‖ with the cross-attention's own output projection

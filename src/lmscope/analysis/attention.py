@@ -350,6 +350,12 @@ def attention(
     shown = []
     for name in names:
         stack = encoder if name == "encoder" else trace
+        own = None if layer is None else layer + stack.model.n_layers if layer < 0 else layer
+        if own is not None and own not in stack.layers and len(names) > 1:
+            raise LmscopeError(
+                f"layer {layer} is not in both stacks (captured: encoder {list(encoder.layers)}, decoder "
+                f"{list(trace.layers)}): pick part='encoder', 'decoder' or 'cross' to see one"
+            )
         start = query if name != "encoder" or part == "encoder" else -1
         shown.append(
             _one(
