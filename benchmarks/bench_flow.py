@@ -2,6 +2,8 @@
 
     python benchmarks/bench_flow.py
 
+    python benchmarks/bench_flow.py --moe
+
 Prints, for a 128-token input: the full graph (contributions of every part for every layer and
 position, edges pruned at 0.04, extraction for all positions, no node details) vs one plain
 forward pass, and vs the straightforward vectorized computation that materializes the
@@ -9,6 +11,10 @@ forward pass, and vs the straightforward vectorized computation that materialize
 the full graph; then how time and memory grow from 32 to 512 tokens. Times are medians of
 interleaved runs in one process; memory is the peak resident set above the level before the call
 (Linux ``clear_refs`` resets the peak).
+
+``--moe``: the same full graph on a random mixture-of-experts model sized like the embedded one
+(Mixtral layout: 30 layers, d_model 576, 9 heads, 8 experts of 1536 neurons, top-2), where every
+routed expert of every FFN block is a component, vs one plain forward pass.
 """
 
 from __future__ import annotations
@@ -66,12 +72,75 @@ def materialized(trace, arch) -> list[torch.Tensor]:
     return out
 
 
+def moe_model(lm: lmscope.LM) -> lmscope.LM:
+    """A seeded random Mixtral sized like the embedded model, with the embedded model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dense = lm.model.config
+    config = AutoConfig.for_model(
+        "mixtral",
+        vocab_size=dense.vocab_size,
+        hidden_size=dense.hidden_size,
+        num_hidden_layers=dense.num_hidden_layers,
+        num_attention_heads=dense.num_attention_heads,
+        num_key_value_heads=dense.num_key_value_heads,
+        intermediate_size=dense.intermediate_size,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return lmscope.wrap(model, lm.tokenizer, name="random Mixtral (embedded model's size, 8 experts, top-2)")
+
+
+def main_moe() -> None:
+    lm = moe_model(lmscope.from_pretrained())
+    arch = lm.arch
+    print(
+        f"{lm.name}: {arch.n_layers} layers, d_model {arch.d_model}, {arch.n_experts} experts, top-{arch.top_k}; "
+        f"torch threads {torch.get_num_threads()} (a shared machine: other work slows both timings)"
+    )
+    ids = tokens(lm, 128)
+    trace = lm.trace(ids.tolist()).trace
+
+    def forward() -> None:
+        with torch.no_grad():
+            lm.model(input_ids=ids[None])
+
+    def graph():
+        return flow(trace, arch, None, threshold=0.04, position=None, details=False)
+
+    times = interleaved({"forward": forward, "graph": graph}, repeats=3)
+    result = graph()
+    routed = sum(1 for e in result.all_edges if e.experts)
+    print(
+        f"128 tokens: forward {times['forward']:.3f} s; full graph with every expert as a component "
+        f"{times['graph']:.3f} s = {times['graph'] / times['forward']:.2f}x forward (goal <= 3x); "
+        f"{len(result.all_edges)} edges >= 0.04, {routed} FFN edges with their experts"
+    )
+    single = interleaved(
+        {
+            "forward": forward,
+            "graph": lambda: flow(trace, arch, lm.unembed, threshold=0.04, position=-1, details=True),
+        },
+        repeats=3,
+    )
+    print(
+        f"out.flow() defaults (last position, with node details and top neurons per expert): "
+        f"{single['graph']:.3f} s = {single['graph'] / single['forward']:.2f}x forward"
+    )
+
+
 def main() -> None:
     """``--threads N`` sets torch's thread count (1 gives steadier figures on a crowded machine);
     ``--sizes 32,128`` limits the growth table."""
     args = sys.argv[1:]
     if "--threads" in args:
         torch.set_num_threads(int(args[args.index("--threads") + 1]))
+    if "--moe" in args:
+        main_moe()
+        return
     sizes = (32, 64, 128, 256, 512)
     if "--sizes" in args:
         sizes = tuple(int(n) for n in args[args.index("--sizes") + 1].split(","))

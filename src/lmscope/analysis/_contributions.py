@@ -47,6 +47,7 @@ from lmscope.analysis._experts import expert_parts
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture
+from lmscope.models._architectures import NO_ATTENTION
 from lmscope.models._fallback import check_weights_readable
 
 __all__ = [
@@ -83,8 +84,10 @@ def proximity(parts: torch.Tensor, whole: torch.Tensor, norm: float = 1) -> torc
 
 def check_decomposable(arch: Architecture) -> None:
     """Raise unless attention and MLP outputs are linear maps added straight to the residual."""
-    check_weights_readable(arch)
     family = arch.family
+    if family.attn is None:
+        raise LmscopeError(f"{type(arch.model).__name__} {NO_ATTENTION}")
+    check_weights_readable(arch)
     if family.post_norm:
         raise LmscopeError(
             f"the {family.name!r} family normalizes the residual stream after each block (post-norm), so block "

@@ -71,7 +71,8 @@ class Recorder:
         self.arch = lm.arch if arch is None else arch
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
-        self._attn_layer = {id(self.arch.attn(layer)): layer for layer in layers}
+        has_attention = self.arch.family.attn is not None  # a state-space model (Mamba) has none
+        self._attn_layer = {id(self.arch.attn(layer)): layer for layer in layers} if has_attention else {}
         self._cross_layer = (
             {id(self.arch.cross_attn(layer)): layer for layer in layers} if self.arch.family.cross_attn else {}
         )

@@ -19,9 +19,10 @@ import torch
 
 from lmscope.capture._hooks import recording, resolve_layers, resolve_sites
 from lmscope.capture._interventions import Plan, intervening
-from lmscope.capture._trace import CROSS_SITES, DEFAULT_SITES, SEQ2SEQ_SITES, ModelInfo, Trace
+from lmscope.capture._trace import ALL_SITES, CROSS_SITES, DEFAULT_SITES, SEQ2SEQ_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
+from lmscope.models._architectures import NO_ATTENTION
 
 __all__ = [
     "check_finite",
@@ -37,6 +38,9 @@ __all__ = [
     "token_strings",
     "trace_ids",
 ]
+
+ATTENTION_FREE_ABSENT = frozenset({"resid_mid", "attn_out", "attn_probs", "v", "q", "k", "position_bias"})
+"""Sites a state-space model (no attention) does not have."""
 
 
 def context_length(lm: LoadedModel) -> int | None:
@@ -200,6 +204,11 @@ def trace_ids(
     if lm.arch.is_seq2seq:
         return _trace_seq2seq(lm, ids, source_ids, n_input, sites, layers, encoder_layers, plan)
     requested = resolve_sites(sites, DEFAULT_SITES)
+    if lm.arch.family.attn is None:  # a state-space model (Mamba): no attention, so no attention sites
+        absent = [s for s in requested if s in ATTENTION_FREE_ABSENT]
+        if absent and sites is not None and tuple(requested) != resolve_sites(ALL_SITES, DEFAULT_SITES):
+            raise LmscopeError(f"{lm.name} {NO_ATTENTION}: it has no site {absent[0]!r}")
+        requested = tuple(s for s in requested if s not in ATTENTION_FREE_ABSENT)
     chosen_sites = tuple(s for s in requested if s not in CROSS_SITES)  # ALL_SITES: all this model has
     if requested and not chosen_sites:
         raise LmscopeError(f"{lm.name} has no cross-attention, so it has no site {requested[0]!r}")

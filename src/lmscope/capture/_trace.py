@@ -160,6 +160,9 @@ class Trace:
     def get(self, site: str) -> torch.Tensor:
         """The tensor of ``site`` over all captured layers, or a clear error if not captured."""
         if site not in self.tensors:
+            if self.model.n_heads == 0 and site in ("attn_probs", "v", "q", "k", "attn_out", "resid_mid"):
+                raise LmscopeError(f"{self.model.name} has no attention (a state-space model), so no {site!r}: "
+                                   "the logit lens, rankings, saliency and activations apply to it")  # fmt: skip
             captured = ", ".join(self.tensors) or "nothing"
             raise LmscopeError(
                 f"this trace did not capture {site!r} (it has {captured}): trace again with sites including {site!r}"

@@ -25,7 +25,17 @@ from torch import nn
 
 from lmscope.errors import LmscopeError
 
-__all__ = ["FAMILIES", "UNSUPPORTED", "Architecture", "Experts", "Family", "Fused", "architecture_of", "family_of"]
+__all__ = [
+    "FAMILIES",
+    "NO_ATTENTION",
+    "UNSUPPORTED",
+    "Architecture",
+    "Experts",
+    "Family",
+    "Fused",
+    "architecture_of",
+    "family_of",
+]
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,10 @@ class Family:
             module's second output is then its attention probabilities.
         attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``;
             ``None``: ``1/√d_head``, applied by XGLM to the query projection's output).
+        attn, attn_out, o_proj: ``None`` for a state-space model without attention (Mamba): its
+            mixer is then the block's one sublayer, recorded as the "MLP" (``mlp_out`` the mixer's
+            update, ``mlp_act`` its output projection's input), and only analyses of the residual
+            stream, gradients and activations apply (:data:`NO_ATTENTION`).
         experts: a mixture-of-experts FFN (:class:`Experts`). ``mlp_down`` is then the FFN module
             itself, so ``mlp_act`` records the FFN's input ``[pos, d_model]`` in every layer (dense
             or routed), from which each expert's activations are recomputed.
@@ -161,9 +175,9 @@ class Family:
     blocks: str
     embed: str
     final_norm: str | None
-    attn: str
-    attn_out: str
-    o_proj: str
+    attn: str | None
+    attn_out: str | None
+    o_proj: str | None
     mlp_out: str
     mlp_down: str
     ln_attn: str | None
@@ -220,6 +234,24 @@ def _sandwich(name: str, *model_types: str, **changes: Any) -> Family:
 def _moe(name: str, experts: Experts, **changes: Any) -> Family:
     """Llama's layout with a mixture-of-experts FFN (``mlp_act`` is the FFN's input; see :class:`Experts`)."""
     return _llama_like(name, mlp_down="mlp", experts=experts, **changes)
+
+
+def _state_space(name: str, *model_types: str) -> Family:
+    """Mamba's layout: one norm and one mixer per block, no attention (the mixer stands in the MLP's place)."""
+    return Family(
+        name=name,
+        model_types=model_types or (name,),
+        blocks="layers",
+        embed="embeddings",
+        final_norm="norm_f",
+        attn=None,
+        attn_out=None,
+        o_proj=None,
+        mlp_out="mixer",
+        mlp_down="mixer.out_proj",
+        ln_attn=None,
+        ln_mlp="norm",
+    )
 
 
 def _gptj_like(name: str, **changes: Any) -> Family:
@@ -404,6 +436,8 @@ FAMILIES: tuple[Family, ...] = (
             shared="mlp.shared_experts",
         ),
     ),
+    _state_space("mamba", "mamba", "falcon_mamba"),
+    _state_space("mamba2"),
     _gptj_like("gptj"),
     _gptj_like("codegen", fused=(Fused("attn.qkv_proj", ("q", "v", "k"), groups=4),)),
     Family(
@@ -635,6 +669,12 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+NO_ATTENTION = (
+    "is a state-space model without attention: the logit lens, rankings, saliency and activations apply to it; "
+    "attention views, the flow graph, head and neuron contributions and attention edits do not"
+)
+"""Why an attention-less family (``attn=None``) refuses the analyses that need attention."""
+
 _NO_INTERFACE = (
     "its attention does not go through transformers' attention interface, so lmscope cannot capture "
     "attention probabilities (or values) without changing the model's code"
@@ -746,6 +786,8 @@ class Architecture:
         return None if path is None else _get(self.blocks[layer], path)
 
     def attn(self, layer: int) -> nn.Module:
+        if self.family.attn is None:
+            raise LmscopeError(f"{type(self.model).__name__} {NO_ATTENTION}")
         return self.blocks[layer].get_submodule(self.family.attn)
 
     @property
@@ -840,7 +882,7 @@ def architecture_of(model: nn.Module) -> Architecture:
         )
     missing = [p for p in (family.embed, family.final_norm) if p and _get(base, p) is None]
     per_block = (family.attn, family.attn_out, family.o_proj, family.mlp_out, family.mlp_down)
-    missing += [f"<block>.{p}" for p in per_block if _get(blocks[0], p) is None]
+    missing += [f"<block>.{p}" for p in per_block if p and _get(blocks[0], p) is None]
     if family.resid_mid and _get(blocks[0], family.resid_mid) is None:
         missing.append(f"<block>.{family.resid_mid}")
     if missing:
@@ -852,6 +894,7 @@ def architecture_of(model: nn.Module) -> Architecture:
     lm_head = None if None in heads else heads[0] if len(heads) == 1 else _Chain(*heads)
 
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
+    n_heads = 0 if family.attn is None else n_heads  # a state-space model: no heads
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
     if family.multi_query and getattr(config, family.multi_query, False):
         n_kv_heads = 1
@@ -859,8 +902,8 @@ def architecture_of(model: nn.Module) -> Architecture:
     if family.logit_divisor:
         logit_scale /= float(getattr(config, family.logit_divisor, None) or 1.0)
     d_model = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
-    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
-    o_proj = _get(blocks[0], family.o_proj)
+    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads) if n_heads else 0
+    o_proj = _get(blocks[0], family.o_proj) if family.o_proj else None
     width = getattr(o_proj, "in_features", None)
     if family.experts is not None and width and width != n_heads * d_head and width % n_heads == 0:
         d_head = width // n_heads  # values narrower than queries and keys (DeepSeek's latent attention)

@@ -32,8 +32,12 @@ FALLBACK_VERIFIED: tuple[str, ...] = (
 )
 
 _NO_ATTENTION = (
-    "a state-space/recurrent model without attention: the logit lens, saliency and activations would apply "
-    "to it, attention views, the flow graph and head importances cannot; lmscope does not load it yet"
+    "a recurrent model without attention: the logit lens, saliency and activations would apply to it, attention "
+    "views, the flow graph and head importances cannot; lmscope has no table entry for its blocks yet"
+)
+_STATE_SPACE = (
+    "in the architecture table (verified in CI), a state-space model without attention: the logit lens, "
+    "rankings, saliency and activations apply; attention views, the flow graph and head importances do not"
 )
 _HYBRID = (
     "mixes attention with state-space or linear-attention layers, so its blocks differ: lmscope does not load it yet"
@@ -45,7 +49,7 @@ _SEQ2SEQ = (
 _MOE = "a mixture of experts: the fallback needs one MLP per block; it needs a table entry with its experts"
 
 _KNOWN: dict[str, str] = {
-    **dict.fromkeys(("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"), _NO_ATTENTION),
+    **dict.fromkeys(("rwkv", "xlstm"), _NO_ATTENTION),
     **dict.fromkeys(
         (
             "bamba",
@@ -123,13 +127,16 @@ def model_support() -> tuple[ModelSupport, ...]:
     )
 
     table = {t for family in FAMILIES for t in family.model_types}
+    state_space = {t for family in FAMILIES if family.attn is None for t in family.model_types}
     refused = _unsupported()
     kinds = dict.fromkeys(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal")
     kinds.update(dict.fromkeys(MODEL_FOR_MASKED_LM_MAPPING_NAMES, "masked"))  # BERT-style types have both
     kinds.update(dict.fromkeys(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "seq2seq"))  # BART has all three
     rows = []
     for model_type in sorted(kinds):
-        if model_type in table:
+        if model_type in state_space:
+            row = ModelSupport(model_type, kinds[model_type], "table", _STATE_SPACE)
+        elif model_type in table:
             row = ModelSupport(model_type, kinds[model_type], "table", "in the architecture table (verified in CI)")
         elif model_type in FALLBACK_VERIFIED:
             note = "works by the structural fallback (verified in CI on a tiny model)"

@@ -155,6 +155,10 @@ TINY_FAMILIES.update(
             False,
             {**_DEEPSEEK, "n_routed_experts": 8, "q_lora_rank": 24, "n_group": 2, "topk_group": 1},
         ),
+        # state-space models without attention (tests/test_mamba.py)
+        "mamba": ("mamba", False, {"state_size": 8, "expand": 2}),
+        "falcon_mamba": ("falcon_mamba", False, {"state_size": 8, "expand": 2}),
+        "mamba2": ("mamba2", False, {"state_size": 8, "expand": 2, "num_heads": 8, "head_dim": 16, "chunk_size": 16}),
     }
 )
 

@@ -1,0 +1,166 @@
+"""Saliency of encoder-decoder models: each target token over the source tokens and the decoder prefix.
+
+References are computed independently of lmscope's hooks: for each target, one forward pass of the
+Hugging Face model through its own ``inputs_embeds`` / ``decoder_inputs_embeds`` over the source
+and the target's prefix, and a backward pass to both (the per-token loop of inseq and Ecco).
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pytest
+import torch
+
+import lmscope
+from lmscope.analysis._seq2seq_gradients import seq2seq_embeddings
+from lmscope.analysis._seq2seq_saliency import Seq2SeqSaliency
+from lmscope.errors import LmscopeError
+
+SOURCE = "The old lighthouse keeper climbed the stairs"
+TARGET = "Der alte Leuchtturm"
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq(request: pytest.FixtureRequest) -> tuple[lmscope.LM, lmscope.Output]:
+    lm = lmscope.from_pretrained(f"tiny-{request.param}")
+    return lm, lm.trace(SOURCE, target=TARGET)
+
+
+def _loop(lm: lmscope.LM, out: lmscope.Output, method: str, foil: int | None = None) -> list[tuple[np.ndarray, ...]]:
+    """The per-token loop: a whole forward pass (encoder included) and a backward pass per target."""
+    model = lm.model
+    src, dec = seq2seq_embeddings(model, out.trace.encoder.token_ids, out.token_ids)
+    rows = []
+    for t in range(1, len(out.tokens)):
+        s = src[None].clone().requires_grad_(True)
+        d = dec[None, :t].clone().requires_grad_(True)
+        logits = model(inputs_embeds=s, decoder_inputs_embeds=d, use_cache=False).logits[0, -1].float()
+        token = int(out.token_ids[t])
+        f = logits[token] - logits[foil] if foil is not None else torch.softmax(logits, -1)[token]
+        g_s, g_d = (g[0] for g in torch.autograd.grad(f, (s, d)))
+        if method == "grad_x_input":
+            a_s, a_d = (g_s * s[0]).norm(dim=-1), (g_d * d[0]).norm(dim=-1)
+        elif method == "gradient":
+            a_s, a_d = g_s.norm(dim=-1), g_d.norm(dim=-1)
+        else:
+            a_s, a_d = (g_s * s[0]).sum(-1), (g_d * d[0]).sum(-1)
+        if method != "input_x_gradient":
+            total = a_s.sum() + a_d.sum()
+            a_s, a_d = a_s / total, a_d / total
+        rows.append((a_s.detach().numpy(), a_d.detach().numpy(), float(f.detach())))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["grad_x_input", "gradient", "input_x_gradient"])
+def test_batched_equals_the_per_token_loop(seq2seq: tuple[lmscope.LM, lmscope.Output], method: str) -> None:
+    lm, out = seq2seq
+    result = out.saliency(method)
+    assert isinstance(result, Seq2SeqSaliency)
+    assert result.positions == tuple(range(1, len(out.tokens)))
+    assert result.source_tokens == out.trace.encoder.tokens
+    for i, (a_s, a_d, f) in enumerate(_loop(lm, out, method)):
+        assert result.source_attributions[i].shape == (len(out.trace.encoder.tokens),)
+        assert result.attributions[i].shape == (result.positions[i],)  # decoder prefix s < t
+        np.testing.assert_allclose(result.source_attributions[i], a_s, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(result.attributions[i], a_d, atol=1e-6, rtol=1e-4)
+        assert result.values[i] == pytest.approx(f, rel=1e-4, abs=1e-7)
+        if method != "input_x_gradient":  # one normalization over source and prefix together
+            assert result.source_attributions[i].sum() + result.attributions[i].sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_batches_of_one_equal_one_batch(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    _, out = seq2seq
+    whole, ones = out.saliency(), out.saliency(batch_size=1)
+    for a, b in zip(
+        whole.source_attributions + whole.attributions, ones.source_attributions + ones.attributions, strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_contrast_equals_the_loop(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    lm, out = seq2seq
+    foil = 17
+    result = out.saliency("input_x_gradient", contrast=foil)
+    assert result.target == "contrast"
+    for i, (a_s, a_d, f) in enumerate(_loop(lm, out, "input_x_gradient", foil=foil)):
+        np.testing.assert_allclose(result.source_attributions[i], a_s, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(result.attributions[i], a_d, atol=1e-5, rtol=1e-4)
+        assert result.values[i] == pytest.approx(f, rel=1e-4, abs=1e-5)
+
+
+def test_integrated_gradients_complete_over_source_and_prefix(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    lm, out = seq2seq
+    # T5 adds no position embedding and its RMS norm is scale invariant, so f jumps at the zero
+    # baseline (see lmscope.analysis._seq2seq_saliency); a token's embedding is a smooth baseline.
+    smooth = lm.arch.family.name != "t5"
+    options = {"target": "logit", "steps": 16 if smooth else 32, "baseline": "zero" if smooth else 5}
+    result = out.saliency("integrated_gradients", **options)
+    gap = result.values - result.baseline_values
+    pairs = zip(result.source_attributions, result.attributions, strict=True)
+    totals = np.array([s.sum() + d.sum() for s, d in pairs])
+    np.testing.assert_allclose(np.abs(totals - gap), result.completeness_error, atol=1e-5)
+    bound = 1e-4 if smooth else 5e-2 * max(1.0, float(np.abs(gap).max()))
+    assert float(result.completeness_error.max()) < bound
+    few = {**options, "steps": 4}
+    whole, small = out.saliency("ig", **few), out.saliency("ig", batch_size=8, **few)  # other batching, same result
+    for a, b in zip(
+        whole.source_attributions + whole.attributions, small.source_attributions + small.attributions, strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_occlusion_equals_rerunning_without_each_token(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    lm, out = seq2seq
+    result = out.saliency("occlusion", target="logit", positions=[2, len(out.tokens) - 1])
+    src, dec = seq2seq_embeddings(lm.model, out.trace.encoder.token_ids, out.token_ids)
+
+    def logit(s: torch.Tensor, d: torch.Tensor, t: int) -> float:
+        with torch.no_grad():
+            logits = lm.model(inputs_embeds=s[None], decoder_inputs_embeds=d[None, :t], use_cache=False).logits
+        return float(logits[0, -1, int(out.token_ids[t])])
+
+    for i, t in enumerate(result.positions):
+        full = logit(src, dec, t)
+        for s in (0, len(src) - 1):
+            erased = src.clone()
+            erased[s] = 0
+            assert result.source_attributions[i][s] == pytest.approx(full - logit(erased, dec, t), abs=1e-4)
+        erased = dec.clone()
+        erased[t - 1] = 0
+        assert result.attributions[i][t - 1] == pytest.approx(full - logit(src, erased, t), abs=1e-4)
+
+
+def test_generated_tokens_are_explained_by_default() -> None:
+    lm = lmscope.from_pretrained("tiny-t5")
+    out = lm.generate(SOURCE, generate=3)
+    result = out.saliency()
+    assert result.positions == tuple(range(out.n_input, len(out.tokens)))
+    probs = torch.softmax(out.logits.float(), -1)
+    for i, t in enumerate(result.positions):
+        assert result.values[i] == pytest.approx(float(probs[t - 1, out.token_ids[t]]), rel=1e-4, abs=1e-7)
+    nxt = out.saliency(positions="next")
+    assert nxt.positions == (len(out.tokens),) and nxt.next_token is not None
+
+
+def test_views_show_source_and_target_escaped() -> None:
+    lm = lmscope.from_pretrained("tiny-t5")
+    out = lm.trace("<script>alert(1)</script> & more", target="<b>bold</b>")
+    result = out.saliency()
+    text = str(result)
+    assert "src " in text and "normalized together" in text
+    page = result.to_html()
+    assert "<script>alert(1)" not in page and "<b>bold" not in page
+    assert '"source_tokens"' in page and '"source_attributions"' in page
+    assert html.escape("<script>") not in text  # the text twin holds the tokens as they are
+    assert result.to_dict()["source_tokens"] == list(out.trace.encoder.tokens)
+
+
+def test_bad_input() -> None:
+    lm = lmscope.from_pretrained("tiny-t5")
+    out = lm.trace(SOURCE, target=TARGET)
+    with pytest.raises(LmscopeError, match="baseline tensor"):
+        out.saliency("integrated_gradients", baseline=torch.zeros(3, 3))
+    with pytest.raises(LmscopeError, match="position 0"):
+        out.saliency(positions=[0])
