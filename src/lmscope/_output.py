@@ -244,14 +244,23 @@ class Output:
         tolerance: float = 0.0,
         details: bool = True,
         topk: int = 5,
+        stack: str | None = None,
     ) -> FlowGraph:
         """Information-flow graph of the prediction of the token at ``position`` (``None``: all), as in LM-TT.
 
         ``position`` as in :meth:`layer_predictions`: ``p`` starts the graph at the state ``p − 1``
         that predicts token ``p``; the default ``-1`` (also ``"next"``) explains the prediction after
-        the last token. The graph's own ``positions`` are those states.
+        the last token. The graph's own ``positions`` are those states. Encoder-decoder models:
+        the decoder's graph (with cross-attention edges from the encoder's output positions), or
+        with ``stack="encoder"`` the encoder's own, whose ``position`` is a source position
+        (``None``: all); see :mod:`lmscope.analysis._seq2seq_flow`.
         """
         lm = self._require_lm("the flow graph")
+        if self.trace.encoder is not None or stack not in (None, "decoder"):
+            from lmscope.analysis._seq2seq_flow import seq2seq_flow_of
+
+            return seq2seq_flow_of(self.trace, lm, position, stack=stack or "decoder", threshold=threshold,
+                                   mode=mode, tolerance=tolerance, details=details, topk=topk)  # fmt: skip
         unembed = lm.unembed if lm.arch.has_lm_head else None
         causal = self._causal(lm)
         if position is None:

@@ -3,28 +3,40 @@
 The HTML draws positions as columns and layers as rows (input tokens at the bottom), circles for
 residual states and squares for FFN blocks, edge width and colour by weight; a start-token
 selector re-extracts the subgraph in the page from the edges reaching any output, and clicking a
-node or edge shows its precomputed details. The text twin lists the strongest routes.
+node or edge shows its precomputed details. The text twin lists the strongest routes. The
+decoder graph of an encoder-decoder model adds a ``cross`` state per layer and a row of encoder
+output nodes (``source``), with cross-attention edges drawn dashed in their own colour.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lmscope.analysis.flow import Edge, FlowGraph
+from lmscope.analysis.flow import Edge, Endpoint, FlowGraph
 from lmscope.views._html import fragment
 from lmscope.views._prediction import describe
 from lmscope.views._text import percent, table, visible
 
 __all__ = ["strongest_routes", "to_html", "to_text"]
 
-_KINDS = {"attention": 0, "ffn": 1, "residual": 2}
-_STATES = {"pre": 0, "mid": 1, "post": 2}
+_KINDS = {"attention": 0, "ffn": 1, "residual": 2, "cross": 3}
+_STATES = {"pre": 0, "mid": 1, "post": 2, "cross": 3, "source": 4}
 
 
 def _depth(node_id: str) -> int:
-    """Height of a residual state in the stack: x{l} is 2l, m{l} is 2l + 1."""
+    """Height of a residual state in the stack: x{l} is 3l, m{l} 3l + 1, c{l} (after cross-attention)
+    3l + 2; an encoder output (e.{pos}) lies below them all."""
+    if node_id[0] == "e":
+        return -1
     layer = int(node_id[1:].split(".")[0])
-    return 2 * layer + (node_id[0] == "m")
+    return 3 * layer + {"m": 1, "c": 2}.get(node_id[0], 0)
+
+
+def _token(result: FlowGraph, end: Endpoint) -> str:
+    """The token of an edge's end: a source token for an encoder output, else the stack's own."""
+    if end.state == "source":
+        return f"src {visible(result.source_tokens[end.pos])!r}"  # type: ignore[attr-defined]
+    return repr(visible(result.tokens[end.pos]))
 
 
 def strongest_routes(result: FlowGraph, count: int = 5) -> list[tuple[float, list[Edge]]]:
@@ -49,7 +61,11 @@ def strongest_routes(result: FlowGraph, count: int = 5) -> list[tuple[float, lis
                 best[edge.source.id] = (value, edge)
     first = result.layers[0]
     starts = sorted(
-        ((score, node) for node, (score, edge) in best.items() if edge is not None and node.startswith(f"x{first}.")),
+        (
+            (score, node)
+            for node, (score, edge) in best.items()
+            if edge is not None and (node.startswith(f"x{first}.") or node.startswith("e."))
+        ),
         reverse=True,
     )[:count]
     routes = []
@@ -64,6 +80,8 @@ def strongest_routes(result: FlowGraph, count: int = 5) -> list[tuple[float, lis
 
 
 def _hop(edge: Edge, tokens: tuple[str, ...]) -> str:
+    if edge.kind == "cross":
+        return f"cross L{edge.layer}"
     if edge.kind == "attention":
         return f"attn L{edge.layer} {visible(tokens[edge.source.pos])!r}({edge.source.pos})"
     return f"{'FFN' if edge.kind == 'ffn' else 'res'} L{edge.layer}"
@@ -75,14 +93,16 @@ def to_text(result: FlowGraph) -> str:
         if len(result.positions) <= 4
         else f"all {len(result.positions)} positions"
     )
+    stack = getattr(result, "stack", "")
     head = (
-        f"Information flow to {where}: threshold {result.threshold:g} ({result.mode}), "
+        (f"{stack.capitalize()} stack of an encoder-decoder model. " if stack else "")
+        + f"Information flow to {where}: threshold {result.threshold:g} ({result.mode}), "
         f"{len(result.nodes)} nodes, {len(result.edges)} edges"
     )
     if result.error > 0:
         head += f", weights within ±{result.error:.2g} of exact"
     lines = [head]
-    if len(result.positions) <= 4:  # which prediction each start explains (a causal LM's next token)
+    if len(result.positions) <= 4 and stack != "encoder":  # the prediction each start explains (causal LM)
         n = len(result.tokens)
         for p in result.positions:
             lines.append(f"  explains the {describe(p + 1 if p + 1 < n else None, p, result.tokens)}")
@@ -90,9 +110,9 @@ def to_text(result: FlowGraph) -> str:
     if routes:
         lines.append("Strongest routes (product of edge weights), input first:")
         for score, path in routes:
-            start = path[0].source.pos
+            start = path[0].source
             hops = " → ".join(_hop(e, result.tokens) for e in path if e.kind != "residual") or "residual only"
-            lines.append(f"  {score:.3f}  {visible(result.tokens[start])!r}({start}) → {hops}")
+            lines.append(f"  {score:.3f}  {_token(result, start)}({start.pos}) → {hops}")
     strong = sorted((e for e in result.edges if e.kind != "residual"), key=lambda e: -e.weight)[:12]
     if strong:
         rows = []
@@ -103,8 +123,8 @@ def to_text(result: FlowGraph) -> str:
                 heads = ", ".join(f"h{h} {percent(e.heads[h])}" for h in top)
             if e.experts is not None:  # mixture of experts: the experts that ran, by share
                 heads = ", ".join(f"{expert_name(x.expert)} {percent(x.share)}" for x in e.experts[:3])
-            source = f"{visible(result.tokens[e.source.pos])!r}({e.source.pos}) {e.source.state}"
-            target = f"{visible(result.tokens[e.target.pos])!r}({e.target.pos}) {e.target.state}"
+            source = f"{_token(result, e.source)}({e.source.pos}) {e.source.state}"
+            target = f"{_token(result, e.target)}({e.target.pos}) {e.target.state}"
             rows.append([str(e.layer), e.kind, source, target, f"{e.weight:.3f}", heads])
         lines.append(table(["layer", "kind", "source", "target", "weight", "top heads / experts"], rows))
     return "\n".join(lines)
@@ -157,4 +177,7 @@ def to_html(result: FlowGraph) -> str:
         "edges": [_edge_row(e) for e in (result.all_edges or result.edges)],
         "details": _details(result),
     }
+    if getattr(result, "stack", ""):  # encoder-decoder: which stack, and the encoder's tokens for source nodes
+        data["stack"] = result.stack  # type: ignore[attr-defined]
+        data["source_tokens"] = list(result.source_tokens)  # type: ignore[attr-defined]
     return fragment("flow", data, scripts=("flow.js",), styles=("flow.css",), text=to_text(result))

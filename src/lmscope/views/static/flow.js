@@ -7,17 +7,22 @@
    any output; it announces a chosen position with a bubbling "lmscope:position" event (detail
    {position}, null for all positions), and a page sets it with "lmscope:select" (detail
    {position}) on the fragment root. Clicking a node or edge shows precomputed details.
+   The decoder graph of an encoder-decoder model (data.stack "decoder", data.source_tokens) has
+   three states per layer (pre, mid, cross) and a row of encoder output nodes under the graph,
+   labelled with the source tokens; cross-attention edges are dashed, in their own colour.
    Text goes into the DOM only through textContent. */
 (function () {
   "use strict";
   var lms = (window.lmscope = window.lmscope || {});
   lms.views = lms.views || {};
-  var KINDS = ["attention", "ffn", "residual"];
-  var STATES = ["pre", "mid", "post"];
-  var COLORS = { attention: "31, 119, 180", ffn: "214, 39, 40", residual: "110, 118, 129" };
+  var KINDS = ["attention", "ffn", "residual", "cross"];
+  var STATES = ["pre", "mid", "post", "cross", "source"];
+  var COLORS = { attention: "31, 119, 180", ffn: "214, 39, 40", residual: "110, 118, 129", cross: "44, 160, 44" };
 
   function nodeId(layer, pos, state) {
     if (state === 1) { return "m" + layer + "." + pos; }
+    if (state === 3) { return "c" + layer + "." + pos; }
+    if (state === 4) { return "e." + pos; }
     return "x" + (layer + (state === 2 ? 1 : 0)) + "." + pos;
   }
 
@@ -37,6 +42,9 @@
     var tokens = data.tokens, first = data.layers[0], last = data.layers[1];
     var nLayers = last - first + 1, nPos = tokens.length;
     var labels = tokens.map(label);
+    var source = data.stack === "decoder" && data.source_tokens ? data.source_tokens : null;
+    var per = source ? 3 : 2;  // residual states per layer: pre, mid (, cross)
+    var below = source ? 5 : 0;  // rows under the graph for the encoder outputs and their labels
     var incoming = {};
     data.edges.forEach(function (e) {
       var t = nodeId(e[0], e[4], e[5]);
@@ -90,12 +98,12 @@
       }
       var axisH = flat ? 22 : Math.ceil(longest * CHAR * SLANT + FONT + 8);
       var room = Math.min(720, 0.75 * (window.innerHeight || 900)) - axisH - 14;  // the box's max-height
-      var rowH = Math.max(9, Math.min(22, Math.floor(room / (2 * nLayers + 0.5))));
+      var rowH = Math.max(9, Math.min(22, Math.floor(room / (per * nLayers + below + 0.5))));
       var r = Math.max(3, Math.min(4.5, 0.4 * rowH)), half = Math.max(3, Math.min(5, 0.4 * rowH));
       var off = Math.max(r + half + 1, Math.min(14, 0.3 * colW));  // FFN squares sit beside their column
       right = Math.max(right, off + half + 2 - colW / 2);  // the last column's squares stay inside
       return { left: left, top: 10, colW: colW, rowH: rowH, flat: flat, axisH: axisH, r: r, half: half, off: off,
-        width: left + nPos * colW + right, height: 10 + 2 * nLayers * rowH + 10 };
+        width: left + nPos * colW + right, height: 10 + (per * nLayers + below) * rowH + 10 };
     }
 
     function extract(starts) {
@@ -172,7 +180,12 @@
 
     function describe(id) {
       var kind = id[0], rest = id.slice(1).split("."), layer = parseInt(rest[0], 10), pos = parseInt(rest[1], 10);
+      if (kind === "e") {
+        pos = parseInt(rest[1], 10);
+        return "encoder output, source position " + pos + " (" + lms.visible(source[pos]) + ")";
+      }
       var tok = lms.visible(tokens[pos]);
+      if (kind === "c") { return "after cross-attention, layer " + layer + ", position " + pos + " (" + tok + ")"; }
       if (kind === "f") { return "FFN block, layer " + layer + ", position " + pos + " (" + tok + ")"; }
       if (kind === "m") { return "after attention, layer " + layer + ", position " + pos + " (" + tok + ")"; }
       if (layer > last) { return "output of layer " + last + ", position " + pos + " (" + tok + ")"; }
@@ -184,11 +197,15 @@
       var L = layout();
       drawnWidth = wrap.clientWidth;
       function xOf(pos) { return L.left + pos * L.colW + L.colW / 2; }
-      function yOf(d) { return L.top + (2 * nLayers - d) * L.rowH; }
+      function yOf(d) { return L.top + (per * nLayers - d) * L.rowH; }
       function depth(id) {
+        if (id[0] === "e") { return -2; }
         var layer = parseInt(id.slice(1).split(".")[0], 10);
-        return 2 * (layer - first) + (id[0] === "m" ? 1 : 0);
+        return per * (layer - first) + (id[0] === "m" ? 1 : id[0] === "c" ? 2 : 0);
       }
+      // Encoder outputs spread over the graph's width, under its input row.
+      function xSrc(pos) { return L.left + (pos + 0.5) * (nPos * L.colW) / source.length; }
+      function xNode(id) { return id[0] === "e" ? xSrc(parseInt(id.split(".")[1], 10)) : xOf(parseInt(id.split(".")[1], 10)); }
       while (svg.firstChild) { svg.removeChild(svg.firstChild); }
       while (axis.firstChild) { axis.removeChild(axis.firstChild); }
       svg.setAttribute("width", L.width);
@@ -200,7 +217,7 @@
       summary.textContent = graph.edges.length + " edges, threshold " + data.threshold + " (" + data.mode + ")" +
         (data.error > 0 ? ", weights within \u00b1" + data.error.toPrecision(2) : "");
       for (var l = first; l <= last; l++) {
-        var y = yOf(2 * (l - first) + 1);
+        var y = yOf(per * (l - first) + 1);
         svg.appendChild(lms.svg("text", { x: 4, y: y + 4, class: "lms-flow-layer" })).textContent = "L" + l;
       }
       tokens.forEach(function (t, i) {
@@ -216,12 +233,25 @@
         text.appendChild(tip);
         axis.appendChild(text);
       });
+      if (source) {  // the encoder's tokens under their nodes, in the graph itself
+        svg.appendChild(lms.svg("text", { x: 4, y: yOf(-2) + 4, class: "lms-flow-layer" })).textContent = "enc";
+        source.forEach(function (t, i) {
+          var text = lms.svg("text", { x: 0, y: 0, transform: "translate(" + (xSrc(i) - 3) + "," + (yOf(-2) + 9) +
+            ") rotate(45)", class: "lms-flow-token lms-flow-source" });
+          var shown = lms.visible(t);
+          text.textContent = shown.length > 8 ? shown.slice(0, 7) + "\u2026" : shown;
+          var tip = lms.svg("title", {});
+          tip.textContent = "source position " + i + ": " + JSON.stringify(t);
+          text.appendChild(tip);
+          svg.appendChild(text);
+        });
+      }
       var r = L.r, half = L.half, off = L.off;
       var ffn = {};
       // Light edges first, so that the decisive ones lie on top of them.
       graph.edges.slice().sort(function (a, b) { return a[6] - b[6]; }).forEach(function (e) {
         var kind = KINDS[e[1]], s = nodeId(e[0], e[2], e[3]), t = nodeId(e[0], e[4], e[5]);
-        var x1 = xOf(e[2]), y1 = yOf(depth(s)), x2 = xOf(e[4]), y2 = yOf(depth(t));
+        var x1 = xNode(s), y1 = yOf(depth(s)), x2 = xOf(e[4]), y2 = yOf(depth(t));
         // A residual edge and a token's attention to itself both run straight up: keep them apart.
         var shift = kind === "residual" ? -2 : kind === "attention" && e[2] === e[4] ? 3 : 0;
         x1 += shift; x2 += shift;
@@ -244,15 +274,16 @@
         line.setAttribute("data-edge", edgeId(e));  // the web app opens the edge's details from this id
         line.setAttribute("data-weight", String(e[6]));
         line.addEventListener("click", function () {
-          show(kind + " edge, layer " + e[0] + ": " + lms.visible(tokens[e[2]]) + " (" + e[2] + ") \u2192 " +
+          show(kind + " edge, layer " + e[0] + ": " + lms.visible((kind === "cross" ? source : tokens)[e[2]]) +
+            " (" + e[2] + ") \u2192 " +
             lms.visible(tokens[e[4]]) + " (" + e[4] + "), weight " + e[6].toFixed(3), edgeId(e),
             e[7] ? headBars(e[7]) : null);
         });
         svg.appendChild(line);
       });
       Object.keys(graph.nodes).forEach(function (id) {
-        var pos = parseInt(id.split(".")[1], 10);
-        var c = lms.svg("circle", { cx: xOf(pos), cy: yOf(depth(id)), r: r, class: "lms-flow-node" });
+        var c = lms.svg("circle", { cx: xNode(id), cy: yOf(depth(id)), r: r,
+          class: "lms-flow-node" + (id[0] === "e" ? " lms-flow-encoder" : "") });
         c.setAttribute("data-node", id);
         var tip = lms.svg("title", {});
         tip.textContent = describe(id);
