@@ -167,3 +167,16 @@ def test_dense_layer_of_an_moe_family_is_one_component() -> None:
     assert top.experts is None and len(top.neurons) == 3
     with pytest.raises(LmscopeError, match="dense FFN"):
         update_vector(out.trace, lm.arch, 0, -1, expert=0)
+
+
+def test_quantized_experts_are_named_and_other_analyses_offered() -> None:
+    lm = lmscope.from_pretrained("tiny-mixtral")  # a fresh copy: its expert weights are changed below
+    out = lm.trace(TEXT)
+    experts = lm.arch.experts(0)
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(
+        LmscopeError, match=r"weights are quantized .*MixtralExperts holds Parameter.* the logit lens"
+    ) as e:
+        out.flow()
+    assert "\n" not in str(e.value)
+    assert out.layer_predictions(position=-1).tokens  # the lens does not read those weights
