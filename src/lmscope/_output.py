@@ -61,8 +61,10 @@ class Output:
 
     def __repr__(self) -> str:
         model = self.trace.model.name
+        source = f"{self.trace.encoder.n_pos} source tokens, " if self.trace.encoder is not None else ""
         return (
-            f"Output({model!r}, {self.trace.n_pos} tokens, {self.trace.n_input} input, sites={list(self.trace.sites)})"
+            f"Output({model!r}, {source}{self.trace.n_pos} tokens, {self.trace.n_input} input, "
+            f"sites={list(self.trace.sites)})"
         )
 
     @property

@@ -44,7 +44,7 @@ _HYBRID = (
 )
 _SEQ2SEQ = (
     "an encoder-decoder (or speech/music) model outside the table: lmscope knows the T5 and BART layouts "
-    "(t5, bart, mbart, marian, pegasus)"
+    "(t5, mt5, umt5, bart, mbart, marian, pegasus)"
 )
 _MOE = "a mixture of experts: the fallback needs one MLP per block; it needs a table entry with its experts"
 
