@@ -198,3 +198,14 @@ def test_probe_in_blocks_of_shards_learns_and_its_control_task_stays_low(probing
     blocks = probe_collection(col, dataset, layers=[2], seeds=1, epochs=6, block_words=60).rows[0]
     assert blocks.accuracy == pytest.approx(whole.accuracy, abs=0.08)
     assert blocks.selectivity > 0.2 and blocks.control_accuracy < blocks.accuracy
+
+
+def test_what_does_not_stream_says_so(col):
+    with pytest.raises(lmscope.LmscopeError, match="stream=True needs a collection and a measure that streams"):
+        layer_similarity(col, "cka", "resid_post", "resid_post", stream=True, debiased=True)
+    with pytest.raises(lmscope.LmscopeError, match="linear and not debiased"):
+        streaming.similarity(col, ("resid_post", 0), ("resid_post", 1), "cka", kernel="rbf")
+    with pytest.raises(lmscope.LmscopeError, match="not 'ica'"):
+        streaming.factorize(col, 2, method="ica", site="resid_post")
+    with pytest.raises(lmscope.LmscopeError, match="layer 7 was not collected"):
+        streaming.similarity(col, ("resid_post", 0), ("resid_post", 7))

@@ -195,7 +195,7 @@ def _key(collection: Any, spec: Any) -> tuple[str, int]:
     site, layer = spec
     if site not in collection.sites:
         raise LmscopeError(f"this collection has sites {', '.join(collection.sites)}, not {site!r}: collect it again")
-    layer = int(layer) % collection.model.n_layers
+    layer = int(layer) + (collection.model.n_layers if int(layer) < 0 else 0)  # as Collection.get reads it
     if layer not in collection.layers:
         raise LmscopeError(f"layer {layer} was not collected (collected layers: {list(collection.layers)})")
     return site, layer
