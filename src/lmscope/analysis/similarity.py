@@ -14,6 +14,8 @@ instead of the float64 model's 0.62280; now 0.62280).
 Comparing many pairs (every layer against every layer) decomposes each input once:
 :func:`prepare` centers an input and caches its SVD-based bases, and :func:`compare` takes two
 prepared inputs; ``cca``, ``svcca``, ``pwcca`` and ``cka`` are ``compare(prepare(a), prepare(b))``.
+Over a collection too large to load, :mod:`lmscope.analysis.streaming` computes linear CKA, CCA,
+SVCCA and PWCCA from covariances accumulated shard by shard, equal to these.
 
 - **CCA** (Hotelling 1936): canonical correlations ``ρ_i``, the singular values of ``Q_aᵀ Q_b`` where
   ``Q`` is an orthonormal basis of each centered input's column space. ``cca`` returns their mean.
