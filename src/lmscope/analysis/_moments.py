@@ -156,7 +156,7 @@ def accumulate(
     *,
     positions: Any = None,
     skip_first: bool = False,
-    memory_mb: float = 768.0,
+    memory_mb: float = 512.0,
     progress: bool = False,
     after_pass: Any = None,
 ) -> tuple[Moments, str]:

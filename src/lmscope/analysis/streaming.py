@@ -34,8 +34,12 @@ matrix and do not stream.
   approximation of the in-memory NMF, not equal to it.
 
 ``layer_similarity`` accumulates every layer's auto-product and every pair's cross-product in one
-pass over the shards when they fit in ``memory_mb`` (31 layers of 576 features: 1.2 GiB in
-float64), else in as few passes as fit.
+pass over the shards when they fit in ``memory_mb``, else in as few passes as fit: the first holds
+the auto-products and some pairs, each later one other pairs, and each pass's matrix entries are
+computed and its cross-products let go before the next. SmolLM2-135M's 30 layers of 576 features
+need 1.15 GiB for every pair at once; under the default ``memory_mb=512`` that is three passes, and
+the process grows by about 0.8 GiB (``benchmarks/bench_streaming.py``). The cost is the products,
+about ``tokens × (layers · features)² / 2`` multiply-adds (the upper triangle), whatever the passes.
 
 Every function takes ``threads=``: numpy's BLAS threads during the call (``None``: unchanged). On a
 machine busy with other work one thread can be far faster than several that spin-wait (2 cores under
@@ -210,7 +214,7 @@ def similarity(
     *,
     positions: Any = None,
     skip_first: bool = False,
-    memory_mb: float = 768.0,
+    memory_mb: float = 512.0,
     progress: bool = False,
     threads: int | None = None,
     **options: Any,
@@ -242,7 +246,7 @@ def layer_similarity(
     *,
     positions: Any = None,
     skip_first: bool = False,
-    memory_mb: float = 768.0,
+    memory_mb: float = 512.0,
     progress: bool = False,
     threads: int | None = None,
     **options: Any,
@@ -335,7 +339,7 @@ def factorize(
     batch_size: int = 1024,
     positions: Any = None,
     skip_first: bool = False,
-    memory_mb: float = 768.0,
+    memory_mb: float = 512.0,
     threads: int | None = None,
 ) -> Any:
     """:func:`lmscope.analysis.factorize` of a collection, streamed (``method`` ``"pca"`` or ``"nmf"``).
