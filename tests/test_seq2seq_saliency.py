@@ -164,3 +164,27 @@ def test_bad_input() -> None:
         out.saliency("integrated_gradients", baseline=torch.zeros(3, 3))
     with pytest.raises(LmscopeError, match="position 0"):
         out.saliency(positions=[0])
+
+
+@pytest.mark.browser
+def test_view_colours_source_and_prefix_on_one_scale(browser) -> None:
+    from browser import open_html
+
+    lm = lmscope.from_pretrained("tiny-t5")
+    out = lm.trace("<img src=x onerror=alert(1)> keys", target="Die Schlüssel")
+    result = out.saliency()
+    opened = open_html(browser, lmscope.views.page(result.to_html()))
+    root = opened.page.locator(".lmscope")
+    source = root.locator(".lms-sal-source .lms-sal-cell")
+    assert source.count() == len(result.source_tokens)
+    assert root.locator(".lms-sal-source").inner_text().replace("\n", " ").startswith("source")
+    for i, t in enumerate(result.positions):
+        root.locator(f'.lms-sal-cell[data-pos="{t}"]').hover()
+        assert root.get_attribute("data-selected") == str(t)
+        alphas = opened.page.locator(".lms-sal-source .lms-token").evaluate_all(
+            "cs => cs.map(c => c.style.background ? parseFloat(c.style.background.split(',')[3] || '1') : 0)"
+        )
+        scale = max(result.source_attributions[i].max(), result.attributions[i].max())  # one scale for both rows
+        np.testing.assert_allclose(alphas, result.source_attributions[i] / scale, atol=6e-3)  # alpha kept to ~2 digits
+    assert opened.page.locator("img").count() == 0
+    opened.assert_clean()
