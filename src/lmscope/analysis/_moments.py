@@ -3,7 +3,7 @@
 For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate` reads a
 :class:`~lmscope.analysis.collect.Collection` one shard at a time and keeps, in float64,
 
-- ``n``, and per input the sum ``Σ (x − c)`` and ``Σ ‖x − c‖²`` around a fixed shift ``c`` (the
+- ``n``, and per input the sum ``Σ (x − c)`` around a fixed shift ``c`` (the
   mean of the first shard), which removes most of the cancellation of the textbook formula
   ``Xᵀ Y − n·m_x m_yᵀ`` (the "shifted data" algorithm; Chan, Golub & LeVeque 1983);
 - per requested block ``(i, j)`` the cross-product ``Σ (x_i − c_i)ᵀ (x_j − c_j)`` ``[features_i, features_j]``,
@@ -11,9 +11,10 @@ For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate`
 - per position within a text, the sums behind :func:`lmscope.analysis._positions.dominance`
   (centered squared norm per position, and the largest row of each position).
 
-Memory is one shard plus these statistics. When the blocks together exceed ``memory_mb`` they are
-split over several passes (each reads every shard again; a caller may use and drop each pass's
-blocks before the next); one pass when they fit.
+Memory is one shard plus these statistics (the per-position sums are two vectors per input and
+position: texts of up to 64 tokens and 30 inputs of 576 features take 18 MB). When the blocks
+together exceed ``memory_mb`` they are split over several passes (each reads every shard again; a
+caller may use and drop each pass's blocks before the next); one pass when they fit.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class Moments:
         self.n = 0
         self.shift: dict[Key, np.ndarray] = {}
         self.sums: dict[Key, np.ndarray] = {}  # Σ (x − c)  [features]
-        self.squares: dict[Key, float] = {}  # Σ ‖x − c‖²
         self.blocks: dict[tuple[Key, Key], np.ndarray] = {}  # Σ (x_i − c_i)ᵀ (x_j − c_j)
         # per position within a text: count, Σ‖x − c‖², Σ (x − c) [pos, features], and the row with the
         # largest ‖x − c‖² (its energy, vector and index on the concatenated token axis)
@@ -118,11 +118,10 @@ class Moments:
         size = len(self.group_count)
         if key not in self.sums:
             d = x.shape[1]
-            self.sums[key], self.squares[key] = np.zeros(d), 0.0
+            self.sums[key] = np.zeros(d)
             self.group_energy[key], self.group_sums[key] = np.zeros(size), np.zeros((size, d))
             self.best[key] = (np.full(size, -1.0), np.zeros((size, d)), np.zeros(size, np.int64))
         self.sums[key] += x.sum(axis=0)
-        self.squares[key] += float(energy.sum())
         self.group_energy[key][present] += np.add.reduceat(energy[order], starts)
         self.group_sums[key][present] += np.add.reduceat(x[order], starts, axis=0)
         best_energy, vectors, best_rows = self.best[key]
