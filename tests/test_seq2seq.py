@@ -278,3 +278,14 @@ def test_command_line_takes_a_target(capsys: pytest.CaptureFixture[str]) -> None
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == len(ids(load("tiny-t5"), SOURCE)[0])
     assert main(["probe", "--model", "tiny-t5"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+
+
+def test_a_model_directory_loads_as_an_encoder_decoder(tmp_path: Path) -> None:
+    lm = load("tiny-bart")
+    lm.model.save_pretrained(tmp_path / "bart")
+    lm.tokenizer.save_pretrained(tmp_path / "bart")
+    again = lmscope.from_pretrained(str(tmp_path / "bart"))
+    assert again.is_seq2seq and type(again.model).__name__ == "BartForConditionalGeneration"
+    out, reference = again.trace(SOURCE, target=TARGET), lm.trace(SOURCE, target=TARGET)
+    assert torch.allclose(out.logits, reference.logits, atol=1e-5)
+    assert "source tokens" in repr(out)
