@@ -220,6 +220,9 @@ def test_bad_input_is_one_clear_error(cluster, lm, tmp_path, capsys) -> None:
     (other / "collection.partial.json").write_text(json.dumps({**partial, "plan": "another", "batches": 1}))
     with pytest.raises(LmscopeError, match="unfinished collection of other texts or settings"):
         lmscope.collect(lm, TEXTS, out_dir=other, progress=False, **OPTIONS, **RAY)
+    # more workers than the cluster holds: a clear error, not actors waiting for ever
+    with pytest.raises(LmscopeError, match="has 2 CPUs and 0 GPUs: not enough for 5 workers of 1 CPUs"):
+        lmscope.collect(lm, TEXTS, out_dir=tmp_path / "many", progress=False, **OPTIONS, engine="ray", workers=5)
     # a folder a worker cannot write (on another machine it may not exist, or be read-only)
     assert "cannot write into" in check_folder(tmp_path / "missing" / "acts")
     (tmp_path / "a_file").write_text("")

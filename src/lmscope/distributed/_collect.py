@@ -40,6 +40,7 @@ __all__ = ["collect_on_ray", "plan_shards"]
 
 RESTARTS = 3  # times Ray restarts a worker process that died
 RETRIES = 3  # times one shard is given out again after its worker died
+PROBE_S = 0.5  # seconds between probes of a worker that Ray is restarting
 
 # Called by the driver with each finished shard's number (tests stop a job half-way through it).
 _after_shard: Any = None
@@ -138,7 +139,7 @@ def collect_on_ray(
         local = max(1, workers or local_cpus() // worker_cpus)  # workers of a local cluster
         gpus = None if workers is None and worker_gpus else worker_gpus * local  # None: as many as there are
         with connect(address, local * worker_cpus, gpus) as ray:
-            count = workers or _fit(ray, worker_cpus, worker_gpus)
+            count = _fit(ray, worker_cpus, worker_gpus, workers)
             run = _Run(ray, job, root, count, worker_cpus, worker_gpus)
             try:
                 started = time.perf_counter()
@@ -171,18 +172,20 @@ def collect_on_ray(
     return Collection(meta, [root / name for name in names], root)
 
 
-def _fit(ray: Any, cpus: int, gpus: float) -> int:
-    """How many workers of ``cpus`` CPUs and ``gpus`` GPUs the cluster's resources hold (at least 1)."""
+def _fit(ray: Any, cpus: int, gpus: float, workers: int | None) -> int:
+    """How many workers of ``cpus`` CPUs and ``gpus`` GPUs to start: ``workers`` if the cluster holds them
+    (else a clear error rather than actors that wait for ever), by default as many as it holds."""
     total = ray.cluster_resources()
-    count = int(total.get("CPU", 0) // cpus)
+    fits = int(total.get("CPU", 0) // cpus)
     if gpus:
-        count = min(count, int(total.get("GPU", 0) // gpus))
-    if count < 1:
+        fits = min(fits, int(total.get("GPU", 0) // gpus))
+    if fits < 1 or (workers is not None and workers > fits):
+        asked = f"{workers or 1} worker{'s' if (workers or 1) > 1 else ''} of {cpus} CPUs and {gpus:g} GPUs"
         raise LmscopeError(
             f"the Ray cluster has {total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: not enough for "
-            f"one worker of {cpus} CPUs and {gpus:g} GPUs: ask for less (--worker-cpus, --worker-gpus)"
+            f"{asked}: ask for fewer (--workers, --worker-cpus, --worker-gpus) or add machines"
         )
-    return count
+    return workers or fits
 
 
 class _Run:
@@ -209,60 +212,87 @@ class _Run:
 
     def collect(self, todo: list[int], batches: dict[int, Any], tokens: list[int], done: set[int],
                 save: Any, progress: bool, total: int) -> tuple[dict[int, dict[str, Any]], int]:  # fmt: skip
-        """Hand out the shards in ``todo`` until all are written; returns their timings and the retries."""
+        """Hand out the shards in ``todo`` until all are written; returns their timings and the retries.
+
+        Each worker has one task in flight: a shard, or (while Ray restarts a worker that died) a
+        probe that returns once the new process is up. A restarting worker answers calls with
+        ``ActorUnavailableError`` at once, so it is probed every ``PROBE_S`` until it answers; a worker
+        past its restarts (``ActorDiedError`` to a probe) is given up.
+        """
         from tqdm.auto import tqdm
 
         ray, job = self.ray, self.job
-        pending, inflight = deque(todo), {}
-        alive, failures = set(range(len(self.actors))), [0] * len(self.actors)
+        pending: deque[int] = deque(todo)
+        inflight: dict[Any, tuple[int, int | None]] = {}  # ref -> (worker, shard or None for a probe)
+        restarting: dict[int, float] = {}  # worker -> when to probe it next
+        gone: set[int] = set()
         attempts: dict[int, int] = {}
         timings: dict[int, dict[str, Any]] = {}
         retried, collected, began = 0, 0, time.perf_counter()
         bar = tqdm(total=total, initial=total - len(todo), desc="collect", unit="shard", disable=not progress)
 
         def submit(worker: int) -> None:
-            if pending and failures[worker] <= RESTARTS:
+            if pending:
                 number = pending.popleft()
                 ref = self.actors[worker].run.remote(number, batches[number], job.sites, job.layers, job.pad)
                 inflight[ref] = (worker, number)
 
         def show() -> None:
             rate = collected / max(time.perf_counter() - began, 1e-9)
-            bar.set_postfix_str(f"{rate:,.0f} tok/s, {len(alive)}/{len(self.actors)} workers, {retried} retried")
+            alive = len(self.actors) - len(restarting) - len(gone)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s, {alive}/{len(self.actors)} workers, {retried} retried")
 
         try:
             for worker in range(len(self.actors)):
                 submit(worker)
             show()
-            while inflight:
-                [ref], _ = ray.wait(list(inflight), num_returns=1)
-                worker, number = inflight.pop(ref)
+            while inflight or (pending and restarting):
+                for worker, when in list(restarting.items()):  # probe restarting workers that are due
+                    if when <= time.monotonic() and all(w != worker for w, _ in inflight.values()):
+                        inflight[self.actors[worker].check.remote()] = (worker, None)
+                if not inflight:  # only restarting workers, none due for a probe yet
+                    time.sleep(PROBE_S)
+                    continue
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=PROBE_S)
+                if not ready:
+                    continue
+                worker, number = inflight.pop(ready[0])
                 try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as error:  # the worker process died: redo its shard
-                    failures[worker] += 1
-                    alive.discard(worker)
-                    attempts[number] = attempts.get(number, 0) + 1
-                    retried += 1
-                    if attempts[number] > RETRIES:
-                        raise LmscopeError(
-                            f"shard {number} failed {attempts[number]} times, its worker dying each time "
-                            f"({_cause(error)}): check the workers' memory and logs"
-                        ) from None
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayActorError as error:
+                    if number is None:  # a probe: still restarting, or past its restarts
+                        if isinstance(error, ray.exceptions.ActorUnavailableError):
+                            restarting[worker] = time.monotonic() + PROBE_S
+                        else:
+                            restarting.pop(worker, None)
+                            gone.add(worker)
+                            if len(gone) == len(self.actors):
+                                raise LmscopeError(
+                                    f"every Ray worker died ({_cause(error)}): check their logs"
+                                ) from None
+                        show()
+                        continue
+                    if worker not in restarting:  # the worker process died during this shard: redo it
+                        attempts[number] = attempts.get(number, 0) + 1
+                        retried += 1
+                        if attempts[number] > RETRIES:
+                            raise LmscopeError(
+                                f"shard {number} failed {attempts[number]} times, its worker dying each time "
+                                f"({_cause(error)}): check the workers' memory and logs"
+                            ) from None
                     pending.appendleft(number)
-                    busy = {w for w, _ in inflight.values()}
-                    for other in range(len(self.actors)):  # a dead one too: Ray restarts it, its task waits
-                        if other not in busy:
-                            submit(other)
-                    if not inflight:
-                        raise LmscopeError(
-                            f"every Ray worker died ({_cause(error)}): check the workers' logs"
-                        ) from None
+                    restarting[worker] = time.monotonic()
                     show()
                     continue
                 except ray.exceptions.RayTaskError as error:  # an error in the work itself: retrying would not help
                     raise _task_error(error) from None
-                alive.add(worker)
+                if number is None:  # a restarted worker answers: back to work
+                    restarting.pop(worker, None)
+                    if result["error"]:
+                        raise LmscopeError(f"{result['error']}: the output folder must be a shared folder")
+                    submit(worker)
+                    show()
+                    continue
                 done.add(number)
                 collected += result["tokens"]
                 timings[number] = {
@@ -278,6 +308,8 @@ class _Run:
                 submit(worker)
         finally:
             bar.close()
+        if pending:
+            raise LmscopeError("the Ray workers stopped before every shard was written: run the job again to resume")
         return timings, retried
 
     def stop(self) -> None:
