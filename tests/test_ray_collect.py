@@ -245,3 +245,70 @@ def test_without_ray_the_engine_names_the_extra_and_nothing_imports_ray(tmp_path
         lmscope.collect(tiny("llama"), TEXTS, out_dir=tmp_path / "acts", progress=False, engine="ray")
     assert main(["collect", "A text.", "--out", str(tmp_path / "b"), "--model", "tiny-llama", "--engine", "ray"]) == 2
     assert "pip install 'lmscope[distributed]'" in capsys.readouterr().err
+
+
+class Ref:
+    def __init__(self, value: object):
+        self.value = value
+
+
+class FakeRay:
+    """Just enough of Ray for the driver's loop: calls run at once, and a script says which ones fail."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self, script: dict[tuple[str, int], list[BaseException | None]]):
+        self.script, self.calls = script, []
+
+    def actor(self, index: int) -> object:
+        fake = self
+
+        class Method:
+            def __init__(self, name: str):
+                self.name = name
+
+            def remote(self, *args):
+                fake.calls.append((self.name, index, args[0] if args else None))
+                failures = fake.script.get((self.name, index), [])
+                error = failures.pop(0) if failures else None
+                if error is not None:
+                    return Ref(error)
+                if self.name == "check":
+                    return Ref({"error": None})
+                return Ref({"number": args[0], "tokens": 10, "seconds": 0.01, "host": "fake"})
+
+        return type("Actor", (), {"run": Method("run"), "check": Method("check")})()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        if isinstance(ref.value, BaseException):
+            raise ref.value
+        return ref.value
+
+
+def test_the_driver_redoes_a_dead_workers_shard_and_waits_for_its_restart() -> None:
+    died = ray.exceptions.ActorDiedError()
+    restarting = ray.exceptions.ActorUnavailableError("The actor is restarting", None)
+    fake = FakeRay({("run", 0): [None, died], ("check", 0): [restarting, restarting]})
+    run = object.__new__(DRIVER._Run)
+    run.ray, run.actors = fake, [fake.actor(0)]  # one worker: the job must wait for its restart
+    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0})()
+    done: set[int] = set()
+    timings, retried = run.collect([0, 1, 2, 3, 4], {n: [] for n in range(5)}, [10] * 5, done, lambda: None, False, 5)
+    assert done == set(range(5)) and retried == 1
+    assert [timings[n]["attempts"] for n in range(5)] == [1, 2, 1, 1, 1]  # its second shard was redone
+    checks = [call for call in fake.calls if call[0] == "check"]
+    assert len(checks) == 3  # probed until the restarted worker answered, then handed shards again
+    assert fake.calls[-1][0] == "run"
+
+
+def test_a_shard_whose_workers_keep_dying_is_a_clear_error() -> None:
+    died = ray.exceptions.ActorDiedError()
+    fake = FakeRay({("run", 0): [died] * 9, ("run", 1): [died] * 9})
+    run = object.__new__(DRIVER._Run)
+    run.ray, run.actors = fake, [fake.actor(0), fake.actor(1)]
+    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0})()
+    with pytest.raises(LmscopeError, match="failed 4 times, its worker dying each time"):
+        run.collect([0, 1], {n: [] for n in range(2)}, [10] * 2, set(), lambda: None, False, 2)

@@ -100,7 +100,7 @@ def collect_on_ray(
     """Collect ``job`` into ``root`` on Ray workers (``lmscope.collect(..., engine="ray")`` calls this).
 
     ``address``: a running cluster to join (else a local one starts); ``workers``: how many actors hold
-    the model (default: as many as the cluster's free CPUs, or GPUs, allow); each uses ``worker_cpus``
+    the model (default: as many as the cluster's CPUs, or GPUs, hold); each uses ``worker_cpus``
     CPUs (also its torch threads) and ``worker_gpus`` GPUs.
     """
     if worker_cpus < 1 or worker_gpus < 0 or (workers is not None and workers < 1):
@@ -205,9 +205,11 @@ class _Run:
         try:
             checks = ray.get([actor.check.remote() for actor in self.actors])
         except ray.exceptions.RayError as error:
+            self.stop()
             raise LmscopeError(f"the Ray workers could not start: {_cause(error)}") from None
         errors = [c["error"] for c in checks if c["error"]]
         if errors:
+            self.stop()
             raise LmscopeError(f"{errors[0]}: the output folder must be a shared folder every worker can write")
 
     def collect(self, todo: list[int], batches: dict[int, Any], tokens: list[int], done: set[int],
