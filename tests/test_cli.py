@@ -124,6 +124,7 @@ BAD: dict[str, list[str]] = {
     "--contrast": [""],
     "--steps": ["0", "-3", "100000", "x"],
     "--style": ["bogus"],
+    "--stack": ["bogus"],
     "--config": ["{tmp}/missing.json", "{tmp}", "{tmp}/a_file", "{tmp}/wrong_type.json", "{tmp}/unknown_key.json"],
     "--print-config": [],
     "--host": ["no such host!", "8.8.8.8", ""],

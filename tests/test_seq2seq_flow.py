@@ -177,3 +177,22 @@ def test_flow_view_draws_encoder_nodes_and_cross_edges(browser, t5: tuple[lmscop
     assert "encoder output" in page.locator(".lms-flow-details").inner_text()
     assert page.locator("img").count() == 0
     opened.assert_clean()
+
+
+def test_cli_flow_of_either_stack() -> None:
+    import contextlib
+    import io
+    import json
+
+    from lmscope.cli import main
+
+    def run(*extra: str) -> dict:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            assert main(["flow", SOURCE, "--target", TARGET, "--model", "tiny-t5", "--json", *extra]) == 0
+        return json.loads(buffer.getvalue())
+
+    decoder, encoder = run(), run("--stack", "encoder", "--position", "2")
+    assert decoder["stack"] == "decoder" and any(e["kind"] == "cross" for e in decoder["edges"])
+    assert encoder["stack"] == "encoder" and encoder["positions"] == [2]
+    assert {e["kind"] for e in encoder["edges"]} <= {"attention", "ffn", "residual"}

@@ -696,6 +696,12 @@ def _add_flow(commands: Any) -> None:
     parser.add_argument(
         "--mode", choices=("prune", "renormalize"), default="prune", help="drop light edges, or also renormalize"
     )
+    parser.add_argument(
+        "--stack",
+        choices=("encoder", "decoder"),
+        default=None,
+        help="encoder-decoder models: the decoder's graph (default, with cross-attention edges) or the encoder's",
+    )
     _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
@@ -706,7 +712,7 @@ def _cmd_flow(args: argparse.Namespace) -> None:
     lm = _load(args)
     sites = None if lm.is_seq2seq else ["resid_pre", "resid_post", "attn_out", "mlp_out", "attn_probs", "v", "mlp_act"]
     out = _traced(lm, args, sites)
-    _emit(out.flow(threshold=args.threshold, position=args.position, mode=args.mode), args)
+    _emit(out.flow(threshold=args.threshold, position=args.position, mode=args.mode, stack=args.stack), args)
 
 
 def _add_verify(commands: Any) -> None:

@@ -458,8 +458,12 @@ def seq2seq_flow_of(
 
     if trace.encoder is None:
         raise LmscopeError(f"{trace.model.name} is not an encoder-decoder model: it has one stack (leave stack out)")
-    if stack == "encoder" or position is None:
-        states = position
+    if stack == "encoder":  # source positions; "next" has no meaning there: the last one
+        states = -1 if isinstance(position, str) and position.strip().lower() == "next" else position
+        if isinstance(states, str) or (isinstance(states, Sequence) and any(isinstance(p, str) for p in states)):
+            raise LmscopeError(f"the encoder's positions are source positions (integers), not {position!r}")
+    elif position is None:
+        states = None
     elif isinstance(position, (int, str)):
         states = prediction(trace, position, True).state
     else:
