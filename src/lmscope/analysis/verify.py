@@ -177,12 +177,27 @@ def _lens_check(lm: Any, trace: Any, plain: torch.Tensor | None, tol: tuple[floa
     ]
 
 
+def _moe_total(trace: Any, arch: Any, layer: int) -> torch.Tensor:
+    """A mixture-of-experts layer's FFN output rebuilt from its experts' updates (a dense layer: its neurons')."""
+    from lmscope.analysis._experts import dense_activations, expert_parts
+
+    parts = expert_parts(trace, arch, layer)
+    if parts is not None:
+        return parts.updates.sum(1)  # [pos, d_model]: every routed and shared expert's update
+    act, down = dense_activations(arch, layer, trace.at("mlp_act", layer))  # [pos, neuron]
+    total = act @ down.weight.detach().float().T.to(act.device)
+    return (total if down.bias is None else total + down.bias.detach().float().to(act.device)) * arch.residual_scale
+
+
 def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[Check]:
     from lmscope.analysis._contributions import _output_projection, check_decomposable, head_updates
 
     arch, family = lm.arch, lm.arch.family
-    pre, mid, post = trace.get("resid_pre"), trace.get("resid_mid"), trace.get("resid_post")
-    attn, mlp = trace.get("attn_out"), trace.get("mlp_out")
+    pre, post, mlp = trace.get("resid_pre"), trace.get("resid_post"), trace.get("mlp_out")
+    if family.attn is None:  # a state-space model: each block adds its mixer's update only
+        mid, attn = pre, torch.zeros_like(pre)
+    else:
+        mid, attn = trace.get("resid_mid"), trace.get("attn_out")
     checks = []
     worst = 0.0
     with torch.no_grad():
@@ -205,6 +220,7 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
     except LmscopeError as error:
         why = "post-norm blocks" if family.post_norm else "updates are transformed (e.g. normed) before the residual"
         why = "quantized weights" if "quantized" in str(error) else why
+        why = "no attention (a state-space model)" if family.attn is None else why
         checks.append(_skip("blocks", measure, f"{why}: no per-head and per-neuron parts"))
         checks.append(_skip("blocks", "MLP updates vs Σ neuron terms + bias", "as above"))
         return checks
@@ -220,6 +236,9 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
     checks.append(_check("blocks", measure, worst, tol[2]))
     worst = 0.0
     for layer in range(arch.n_layers):
+        if family.experts is not None:  # a mixture of experts: Σ experts' updates (dense layers: Σ neuron terms)
+            worst = max(worst, _relative(_moe_total(trace, arch, layer) - mlp[layer].float(), mlp[layer]))
+            continue
         down = arch.mlp_down(layer)
         scale = getattr(arch, "residual_scale", 1.0)  # what the block multiplies the MLP output by (Granite)
         weight = arch.linear_weight(down).detach().float() * scale  # [d_model, neuron]
@@ -234,6 +253,8 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
 
 def _attention_check(lm: Any, ids: torch.Tensor, trace: Any, tol: tuple[float, float, float]) -> list[Check]:
     measure = "attention probabilities vs eager attention: max |Δ p|"
+    if lm.arch.family.attn is None:
+        return [_skip("attention", measure, "no attention (a state-space model)")]
     model = lm.model
     original = model.config._attn_implementation
     try:
