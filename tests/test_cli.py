@@ -121,6 +121,7 @@ BAD: dict[str, list[str]] = {
     "--words": [""],
     "--method": ["bogus"],
     "--target": ["bogus"],
+    "--target-text": ["", "words"],  # a decoder-only model takes no target
     "--contrast": [""],
     "--steps": ["0", "-3", "100000", "x"],
     "--style": ["bogus"],
