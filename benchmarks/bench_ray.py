@@ -1,0 +1,82 @@
+"""Collection on Ray against the single-process engine, on the same cores (issue 16).
+
+UD English EWT sentences on the embedded model (resid_post at every layer): the single-process
+batched collection with 2 torch threads, then ``engine="ray"`` with 2 local workers of 1 thread each
+(the local cluster's start, the workers' start and the model's trip to them included, as a user
+waits for them). Prints tokens/s of both and the ratio of times (goal: Ray at most 1.25x), and
+checks that both wrote the same collection.
+
+    python benchmarks/bench_ray.py                    # 2,000 sentences (~5 GB of temporary shards)
+    python benchmarks/bench_ray.py --sentences 200    # a shorter run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lmscope
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import ud_sentences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=2000, help="UD sentences (default 2000; dev then test)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the single process (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    parser.add_argument("--worker-cpus", type=int, default=1, help="CPUs and threads per Ray worker (default 1)")
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="activations per shard in MB (default 64)")
+    args = parser.parse_args()
+
+    texts = (ud_sentences("dev") + ud_sentences("test"))[: args.sentences]
+    lm = lmscope.from_pretrained()
+    options = dict(batch_size=args.batch_size, shard_mb=args.shard_mb, progress=False)
+    print(f"{len(texts)} UD sentences, resid_post at {lm.arch.n_layers} layers, {lm.name}, CPUs: {os.cpu_count()}")
+    folder = Path(tempfile.mkdtemp(prefix="lmscope-bench-ray-"))
+    try:
+        torch.set_num_threads(args.threads)
+        lmscope.collect(lm, texts[:32], **options)  # warm-up (in memory)
+        start = time.perf_counter()
+        single = lmscope.collect(lm, texts, out_dir=folder / "single", **options)
+        single_s = time.perf_counter() - start
+        tokens = single.n_tokens
+        print(f"single process, {args.threads} threads:  {single_s:7.1f} s  {tokens / single_s:7.0f} tokens/s")
+
+        start = time.perf_counter()
+        ray = lmscope.collect(
+            lm, texts, out_dir=folder / "ray", engine="ray", workers=args.workers, worker_cpus=args.worker_cpus,
+            **options,
+        )  # fmt: skip
+        ray_s = time.perf_counter() - start
+        timings = json.loads((folder / "ray" / "collection.json").read_text())["timings"]
+        startup = timings["startup_seconds"]
+        label = f"Ray, {args.workers} workers x {args.worker_cpus} thread"
+        print(f"{label}:   {ray_s:7.1f} s  {tokens / ray_s:7.0f} tokens/s  (of which start-up {startup:.1f} s)")
+        print(f"Ray / single time: {ray_s / single_s:.2f}x (goal <= 1.25x); without start-up "
+              f"{(ray_s - startup) / single_s:.2f}x")  # fmt: skip
+
+        for layer in (0, lm.arch.n_layers // 2, lm.arch.n_layers - 1):
+            np.testing.assert_array_equal(single.get("resid_post", layer), ray.get("resid_post", layer))
+        same = all(
+            (folder / "single" / name).read_bytes() == (folder / "ray" / name).read_bytes()
+            for name in json.loads((folder / "single" / "collection.json").read_text())["shards"]
+        )
+        print(f"same collection: values equal, shard files {'identical' if same else 'DIFFERENT'}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
