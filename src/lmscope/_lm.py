@@ -276,6 +276,9 @@ def from_pretrained(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: Any = None,
+    max_memory: dict[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    capture_device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     max_tokens: int | None = None,
     **kwargs: Any,
@@ -286,12 +289,21 @@ def from_pretrained(
     ``"tiny-<family>"`` (seeded random models), a local model directory, a ``.gguf`` file, or a
     Hugging Face id. ``dtype``, ``device`` and ``device_map`` pass through to transformers;
     ``trust_remote_code`` stays off unless asked for here.
+
+    Big models: ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict from module
+    names to devices, ``"cpu"`` and ``"disk"`` included) places layers with accelerate, bounded by
+    ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}``), with disk-offloaded weights in
+    ``offload_folder``. Every analysis works on such a model; captured tensors are gathered on
+    ``capture_device`` (default: the CPU for a placed model).
     """
     loaded = load_model(
         name,
         dtype=dtype,
         device=device,
         device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        capture_device=capture_device,
         trust_remote_code=trust_remote_code,
         **kwargs,
     )
@@ -312,10 +324,12 @@ def _checked(lm: LM) -> LM:
 def wrap(model: Any, tokenizer: Any, name: str | None = None, max_tokens: int | None = None) -> LM:
     """An ``LM`` around a model object the caller already has (the model is not modified)."""
     from lmscope.models._fallback import bind_architecture
+    from lmscope.models._placement import capture_device
 
     label = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
     model.eval()
-    return _checked(LM(LoadedModel(label, model, tokenizer, bind_architecture(model)), max_tokens=max_tokens))
+    loaded = LoadedModel(label, model, tokenizer, bind_architecture(model), capture_device=capture_device(model))
+    return _checked(LM(loaded, max_tokens=max_tokens))
 
 
 def load_trace(path: str | os.PathLike[str]) -> Output:

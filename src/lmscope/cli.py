@@ -171,6 +171,25 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="weights' dtype (default: float32)"
     )
+    parser.add_argument("--device-map", default=None, choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                        help="spread the layers over devices with accelerate (CPU, disk offload too)")  # fmt: skip
+    parser.add_argument("--device-memory", default=None, metavar="DEV=SIZE,...",
+                        help="with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB")  # fmt: skip
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="with --device-map: where layers offloaded to disk are kept")  # fmt: skip
+
+
+def _device_memory(spec: str | None) -> dict[Any, str] | None:
+    """``0=20GiB,cpu=60GiB`` as accelerate's ``max_memory`` (GPU indices as integers)."""
+    if spec is None:
+        return None
+    memory: dict[Any, str] = {}
+    for item in spec.split(","):
+        device, _, size = item.strip().partition("=")
+        if not device or not size:
+            raise LmscopeError(f"--device-memory {spec}: write DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=60GiB")
+        memory[int(device) if device.isdigit() else device] = size
+    return memory
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -210,7 +229,13 @@ def _one_stack(lm: Any, what: str) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from lmscope import from_pretrained
 
-    return from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    placement = {}
+    if getattr(args, "device_map", None) is not None:
+        placement = {"device_map": args.device_map, "max_memory": _device_memory(args.device_memory),
+                     "offload_folder": args.offload_folder}  # fmt: skip
+    elif getattr(args, "device_memory", None) or getattr(args, "offload_folder", None):
+        raise LmscopeError("--device-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+    return from_pretrained(args.model, device=args.device, dtype=args.dtype, **placement)
 
 
 def _emit(result: Any, args: argparse.Namespace) -> None:

@@ -49,6 +49,7 @@ from lmscope.errors import LmscopeError
 from lmscope.models import Architecture
 from lmscope.models._architectures import NO_ATTENTION
 from lmscope.models._fallback import check_weights_readable
+from lmscope.models._placement import tensor_of
 
 __all__ = [
     "BlockContributions",
@@ -105,7 +106,7 @@ def _output_projection(arch: Architecture, layer: int) -> tuple[torch.Tensor, to
     module = arch.o_proj(layer)
     scale = arch.residual_scale  # what the block multiplies the attention output by (Granite)
     weight = arch.linear_weight(module).detach().float() * scale  # [d_model, head·d_head]
-    bias = getattr(module, "bias", None)
+    bias = tensor_of(module, "bias")  # where accelerate offloaded it, too
     return weight, None if bias is None else bias.detach().float() * scale  # [d_model]
 
 

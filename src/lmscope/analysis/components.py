@@ -27,6 +27,7 @@ from lmscope.analysis._result import Result
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import Architecture, Unembed
+from lmscope.models._placement import tensor_of
 
 if TYPE_CHECKING:
     from lmscope.analysis.flow import Details, Edge, Node
@@ -186,7 +187,7 @@ def expert_neuron_contributions(
     weight = arch.linear_weight(module).detach().float().to(act.device) * arch.residual_scale  # [d_model, neuron]
     parts = act[:, None] * weight.T  # [neuron, d_model]
     rest = whole - trace.at("mlp_out", layer)[q].float()
-    bias = getattr(module, "bias", None)
+    bias = tensor_of(module, "bias")  # where accelerate offloaded it, too
     extra = [rest] if bias is None else [bias.detach().float().to(act.device) * arch.residual_scale, rest]
     c = proximity(torch.cat([parts, torch.stack(extra)]), whole)
     return c[: len(act)], act, torch.arange(len(act), device=act.device), None

@@ -34,6 +34,7 @@ import torch
 
 from lmscope.analysis._result import Result
 from lmscope.errors import LmscopeError
+from lmscope.models._placement import tensor_of
 
 __all__ = ["TOLERANCES", "Check", "VerifyReport", "accept_guessed", "verify"]
 
@@ -244,8 +245,9 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
         weight = arch.linear_weight(down).detach().float() * scale  # [d_model, neuron]
         act = trace.at("mlp_act", layer).float()  # [pos, neuron]
         total = act @ weight.T.to(act.device)
-        if getattr(down, "bias", None) is not None:
-            total = total + down.bias.detach().float().to(total.device) * scale
+        bias = tensor_of(down, "bias")  # where accelerate offloaded it, too
+        if bias is not None:
+            total = total + bias.detach().float().to(total.device) * scale
         worst = max(worst, _relative(total - mlp[layer].float(), mlp[layer]))
     checks.append(_check("blocks", "MLP updates vs Σ neuron terms + bias: max relative error", worst, tol[2]))
     return checks

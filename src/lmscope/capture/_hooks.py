@@ -84,7 +84,12 @@ class Recorder:
         if tensor.ndim == 2 and self.batch_pos is not None:
             # Some families (OPT) flatten [batch, pos] before their MLP.
             tensor = tensor.reshape(*self.batch_pos, -1)
-        self._data.setdefault(site, {})[layer] = tensor.detach()
+        self._data.setdefault(site, {})[layer] = self._kept(tensor)
+
+    def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Detached, on the capture device (a model placed over devices makes each layer's tensors on its own)."""
+        device = self.lm.capture_device
+        return tensor.detach() if device is None else tensor.detach().to(device)
 
     def on_attention(self, module, query, key, value, mask, kwargs) -> None:
         if self.encoder is not None:
@@ -118,7 +123,7 @@ class Recorder:
             self.put("cross_attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos, enc_pos]
         for site, tensor in (("cross_q", query), ("cross_k", key), ("cross_v", value)):
             if site in self.sites:
-                self._data.setdefault(site, {})[layer] = tensor.transpose(1, 2).detach()  # [batch, pos, head, d_head]
+                self._data.setdefault(site, {})[layer] = self._kept(tensor.transpose(1, 2))  # [batch, pos, head, d_hd]
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """``site -> [batch, layer, ...]``; ``resid_mid`` (and ``resid_cross``) derived where blocks are pre-norm."""

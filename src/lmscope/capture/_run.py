@@ -224,7 +224,7 @@ def trace_ids(
     logits = getattr(output, "logits", None)  # None for models without an LM head
     tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
     if logits is not None:
-        tensors["logits"] = logits[0]  # [pos, vocab]
+        tensors["logits"] = logits[0].to(lm.capture_device or logits.device)  # [pos, vocab]
     check_finite(lm, tensors, chosen_layers)
     attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
     return Trace(
@@ -268,7 +268,7 @@ def _trace_seq2seq(
             input_ids=source, attention_mask=torch.ones_like(source), decoder_input_ids=batch, use_cache=False
         )
     tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
-    tensors["logits"] = output.logits[0]  # [pos, vocab]
+    tensors["logits"] = output.logits[0].to(lm.capture_device or output.logits.device)  # [pos, vocab]
     assert recorder.encoder is not None
     encoder_tensors = {site: t[0] for site, t in recorder.encoder.stacked().items()}
     check_finite(lm, encoder_tensors, chosen_encoder_layers)

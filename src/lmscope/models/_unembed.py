@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmscope.errors import LmscopeError
 from lmscope.models._loading import LoadedModel
+from lmscope.models._placement import execution_device, tensor_of
 
 __all__ = ["Unembed"]
 
@@ -59,7 +60,7 @@ class Unembed:
     @property
     def weight(self) -> torch.Tensor:
         """``W_U`` as ``[vocab, d_model]`` when the head is one linear map."""
-        weight = getattr(self.lm_head, "weight", None)
+        weight = tensor_of(self.lm_head)  # where accelerate offloaded it, too
         if weight is None:
             raise LmscopeError("this model's LM head is not a single linear map")
         return weight
@@ -67,8 +68,8 @@ class Unembed:
     @torch.no_grad()
     def __call__(self, h: torch.Tensor, norm: bool = True) -> torch.Tensor:
         """Logits ``[..., vocab]`` in float32 for residual states ``h [..., d_model]``."""
-        param = next(self.lm_head.parameters())
-        h = h.to(device=param.device, dtype=param.dtype)
+        param = next(self.lm_head.parameters())  # a meta placeholder where accelerate offloaded the head
+        h = h.to(device=execution_device(self.lm_head), dtype=param.dtype)
         if norm and self.final_norm is not None:
             h = self.final_norm(h)
         if self.rescale != 1.0:
