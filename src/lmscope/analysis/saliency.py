@@ -236,7 +236,8 @@ def primary_attributions(
         from lmscope.analysis._seq2seq_saliency import seq2seq_attributions
 
         return seq2seq_attributions(trace, lm, method, style=style, positions=positions, target=target,
-                                    contrast=contrast, steps=steps, baseline=baseline, batch_size=batch_size)  # fmt: skip
+                                    contrast=contrast, steps=steps, baseline=baseline,
+                                    batch_size=batch_size)  # fmt: skip
     out_pos = _output_positions(trace, positions)
     ids = trace.token_ids
     next_id = trace.logits[-1].argmax().reshape(1).to(ids)  # [1] the top prediction after the last token
