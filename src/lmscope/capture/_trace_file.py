@@ -316,8 +316,10 @@ def _model(model: Any, version: int) -> ModelInfo:
         _string(f"model '{key}'", model[key])
     if model.get("stack", "") not in ("", "encoder", "decoder"):
         raise _Invalid(f"model 'stack' must be '', 'encoder' or 'decoder', not {_kind(model['stack'])}")
+    heads = ("n_heads", "n_kv_heads", "d_head")
+    attention_free = all(model.get(key) == 0 for key in heads)  # a state-space model: all three are 0
     for key in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head", "vocab_size"):
-        _integer(f"model '{key}'", model[key], 1, _LIMIT - 1)
+        _integer(f"model '{key}'", model[key], 0 if key in heads and attention_free else 1, _LIMIT - 1)
     if model.get("n_neurons") is not None:
         _integer("model 'n_neurons'", model["n_neurons"], 1, _LIMIT - 1)
     for key in ("parallel", "post_norm"):
@@ -325,7 +327,7 @@ def _model(model: Any, version: int) -> ModelInfo:
             raise _Invalid(f"model '{key}' must be true or false, not {_kind(model[key])}")
     if model["dtype"] not in _FLOATS:
         raise _Invalid(f"model 'dtype' must be one of {', '.join(_FLOATS)}, not {model['dtype']!r}")
-    if model["n_heads"] % model["n_kv_heads"]:
+    if model["n_heads"] and model["n_heads"] % max(model["n_kv_heads"], 1):
         raise _Invalid(f"model 'n_kv_heads' {model['n_kv_heads']} does not divide 'n_heads' {model['n_heads']}")
     return ModelInfo(**model)
 
