@@ -105,6 +105,10 @@ def collect_on_ray(
     """
     if worker_cpus < 1 or worker_gpus < 0 or (workers is not None and workers < 1):
         raise LmscopeError("workers and worker_cpus must be at least 1, and worker_gpus at least 0")
+    if getattr(job.loaded.model, "hf_device_map", None):
+        raise LmscopeError(
+            "the Ray engine sends the whole model to each worker: load it without device_map (--device-map)"
+        )
     began = time.perf_counter()
     features = _features(job)
     shards = plan_shards(job, features)
