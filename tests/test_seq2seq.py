@@ -176,13 +176,17 @@ def test_last_layer_lens_is_the_models_distribution(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-bart", "tiny-marian"])
-def test_greedy_generate_equals_hugging_face_and_sampling_is_seeded(name: str) -> None:
+def test_greedy_generate_equals_hugging_face(name: str) -> None:
     lm = load(name)
     out = lm.generate(SOURCE, generate=5)
     with torch.no_grad():
         reference = lm.model.generate(ids(lm, SOURCE), max_new_tokens=5, do_sample=False, num_beams=1)[0]
     assert out.token_ids.tolist() == reference.tolist() and out.n_input == 1
     assert out.trace.encoder is not None and out.logits.shape[0] == len(reference)
+
+
+def test_sampling_is_seeded_and_a_target_prefix_is_continued() -> None:
+    lm = load("tiny-t5")
     first = lm.generate(SOURCE, generate=4, do_sample=True, seed=3, top_k=50)
     again = lm.generate(SOURCE, generate=4, do_sample=True, seed=3, top_k=50)
     assert first.token_ids.tolist() == again.token_ids.tolist()
@@ -257,7 +261,7 @@ def test_tiny_seq2seq_models_are_listed() -> None:
         assert "encoder-decoder" in names[name]
 
 
-@pytest.mark.parametrize("name", ["tiny-t5", "tiny-marian", "mbart"])
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-marian"])  # pre-norm, post-norm
 def test_lmscope_verify_passes_on_encoder_decoder_models(name: str) -> None:
     from lmscope.analysis.verify import verify
 
