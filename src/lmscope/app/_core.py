@@ -133,10 +133,16 @@ class App:
             )
         return run
 
-    def check_run(self, text: str, generate: int) -> None:
-        """Refuse a text or a generation length out of bounds (before any model work)."""
+    def check_run(self, text: str, generate: int, target: str | None = None) -> None:
+        """Refuse a text, target or generation length out of bounds (before any model work)."""
         limit = self.config.max_input_tokens
         check_text(text, "text")
+        if target is not None:
+            check_text(target, "target")
+            if len(target) > 32 * limit:
+                raise LmscopeError(
+                    f"the target is {len(target)} characters, far beyond the limit of {limit} tokens: shorten it"
+                )
         if not isinstance(text, str) or not text.strip():
             raise LmscopeError("the text is empty: type or pick a prompt to run")
         if len(text) > 32 * limit:  # refuse before tokenizing megabytes
@@ -146,12 +152,31 @@ class App:
         if not 0 <= generate <= self.config.max_generate:
             raise LmscopeError(f"generate must be between 0 and {self.config.max_generate}, not {generate}")
 
-    def new_run(self, key: ModelKey, text: str, generate: int, cancel: threading.Event | None = None) -> Run:
-        """Trace (or generate, then trace) ``text`` on the model under ``key``; cache and describe the run."""
-        self.check_run(text, generate)
+    def new_run(
+        self,
+        key: ModelKey,
+        text: str,
+        generate: int,
+        cancel: threading.Event | None = None,
+        target: str | None = None,
+    ) -> Run:
+        """Trace (or generate, then trace) ``text`` on the model under ``key``; cache and describe the run.
+
+        Encoder-decoder models: ``text`` is the source; a ``target`` is teacher-forced (and continued by
+        ``generate`` tokens); without one the decoder generates ``generate`` tokens (at least one)."""
+        self.check_run(text, generate, target)
+        target = target if target and target.strip() else None  # the page's empty target field: generate
         sites = self.config.sites or ALL_SITES
         with self.models.using(key) as lm, cancellable(lm, cancel):
-            out = lm.generate(text, generate, sites=sites) if generate else lm.trace(text, sites=sites)
+            if lm.is_seq2seq:
+                if target is not None and not generate:
+                    out = lm.trace(text, target=target, sites=sites)
+                else:
+                    out = lm.generate(text, max(generate, 1), target=target, sites=sites)
+            elif target is not None:
+                raise LmscopeError(f"{key.model} is not an encoder-decoder model, so it takes no target")
+            else:
+                out = lm.generate(text, generate, sites=sites) if generate else lm.trace(text, sites=sites)
             info = describe(out, lm)
         return self.runs.add(out.trace, key, info)
 
@@ -205,6 +230,7 @@ class App:
 def describe(out: Output, lm: LM | None) -> dict[str, Any]:
     """What the front end needs to know about a run: tokens, model, and which analyses it supports."""
     trace = out.trace
+    encoder = getattr(trace, "encoder", None)
     head = lm is not None and lm.arch.lm_head is not None
     info: dict[str, Any] = {
         "model": trace.model.name,
@@ -223,15 +249,32 @@ def describe(out: Output, lm: LM | None) -> dict[str, Any]:
         "post_norm": trace.model.post_norm,
         # A causal LM explains the token after a state (the page names predictions by it); the input text.
         "causal": None if lm is None else bool(lm.model.can_generate()),
-        "text": lm.tokenizer.decode(trace.token_ids[: trace.n_input].tolist(), skip_special_tokens=True)
-        if lm is not None
-        else "".join(trace.tokens[: trace.n_input]),
+        "text": _text(trace, lm),
+        "seq2seq": encoder is not None,
+        # encoder-decoder models: the target given (teacher-forced), without the decoder's start token
+        "target": None if encoder is None else _decoded(trace.token_ids[1 : trace.n_input].tolist(), trace, lm),
     }
     if head and "logits" in trace.tensors:
         probs = trace.logits.float().softmax(-1).max(-1)  # best next token per position
         strings = lm.unembed.token_strings(probs.indices.tolist())
         info["predictions"] = [{"token": t, "prob": float(p)} for t, p in zip(strings, probs.values, strict=True)]
     return info
+
+
+def _decoded(ids: list[int], trace: Trace, lm: LM | None) -> str:
+    """Token ids as text: decoded by the model's tokenizer, else the trace's token strings joined."""
+    if lm is not None:
+        return lm.tokenizer.decode(ids, skip_special_tokens=True)
+    strings = dict(zip(trace.token_ids.tolist(), trace.tokens, strict=True))
+    return "".join(strings.get(i, "") for i in ids)
+
+
+def _text(trace: Trace, lm: LM | None) -> str:
+    """The run's input text: the source of an encoder-decoder model, else the tokens given."""
+    encoder = getattr(trace, "encoder", None)
+    if encoder is not None:
+        return _decoded(encoder.token_ids.tolist(), encoder, lm)
+    return _decoded(trace.token_ids[: trace.n_input].tolist(), trace, lm)
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

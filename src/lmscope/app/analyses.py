@@ -44,7 +44,10 @@ def capabilities(info: dict[str, Any]) -> dict[str, bool]:
     sites = set(info["sites"])
     model = bool(info["has_model"])
     have = {"": True, "sum": model and not info.get("post_norm"), "head": model and bool(info["lm_head"])}
-    return {name: have[need] and set(sites_needed) <= sites for name, (need, sites_needed) in ANALYSES.items()}
+    found = {name: have[need] and set(sites_needed) <= sites for name, (need, sites_needed) in ANALYSES.items()}
+    if info.get("seq2seq"):  # interventions are not supported on encoder-decoder models yet
+        found["intervene"] = False
+    return found
 
 
 def _payload(result: Any, html: bool = True, data: bool = True) -> dict[str, Any]:

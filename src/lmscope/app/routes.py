@@ -30,6 +30,9 @@ class RunRequest(BaseModel):
     device: str | None = None
     dtype: str | None = None
     generate: int = Field(0, description="tokens to generate before tracing (0: trace only)")
+    target: str | None = Field(
+        None, description="encoder-decoder models: the target to teacher-force (none or empty: generate)"
+    )
 
 
 class OpenRequest(BaseModel):
@@ -59,8 +62,8 @@ async def get_status(app: Service) -> Response:
 async def create_run(body: RunRequest, request: Request, app: Service) -> Response:
     """Run a text on a model (trace, or generate then trace); the reply describes the cached run."""
     key = app.key(body.model, body.device, body.dtype)
-    app.check_run(body.text, body.generate)
-    run = await app.work(request, key, lambda cancel: app.new_run(key, body.text, body.generate, cancel))
+    app.check_run(body.text, body.generate, body.target)
+    run = await app.work(request, key, lambda cancel: app.new_run(key, body.text, body.generate, cancel, body.target))
     return _reply(dict(run.info))
 
 
