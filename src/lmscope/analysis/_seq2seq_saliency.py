@@ -77,8 +77,10 @@ class Seq2SeqSaliency(Saliency):
 
 
 def _baselines(
-    model: Any, tokenizer: Any, baseline: str | int | torch.Tensor, src: torch.Tensor, dec: torch.Tensor
+    lm: Any, baseline: str | int | torch.Tensor, src: torch.Tensor, dec: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(source [src_pos, d_model], decoder [dec_pos, d_model])`` baselines: zeros, a token's embedding
+    (each stack's), or a ``[d_model]`` tensor at every position."""
     if isinstance(baseline, torch.Tensor):
         if baseline.shape[-1:] != src.shape[-1:] or baseline.dim() != 1:
             raise LmscopeError(
@@ -88,17 +90,10 @@ def _baselines(
         return baseline.to(src).expand_as(src), baseline.to(dec).expand_as(dec)
     if baseline in ("zero", "zeros"):
         return torch.zeros_like(src), torch.zeros_like(dec)
-    lm = _Named(model, tokenizer)
     token = torch.tensor([_token_id(lm, baseline, "the baseline token")])
-    enc_embed, dec_embed = embedding_modules(model)
+    enc_embed, dec_embed = embedding_modules(lm.model)
     with torch.no_grad():
         return enc_embed(token.to(src.device)).expand_as(src), dec_embed(token.to(dec.device)).expand_as(dec)
-
-
-@dataclass(frozen=True)
-class _Named:
-    model: Any
-    tokenizer: Any
 
 
 def seq2seq_attributions(
@@ -138,12 +133,12 @@ def seq2seq_attributions(
     rows = default_rows(lm) if batch_size is None else batch_size
     with frozen_parameters(model):
         if method == "occlusion":
-            bases = _baselines(model, lm.tokenizer, baseline, src, dec)
+            bases = _baselines(lm, baseline, src, dec)
             drop_s, drop_d, vals = seq2seq_occlusion(model, src, dec, bases, targets, rows)
             src_rows[:], dec_rows[:, : drop_d.shape[0]] = drop_s.t().cpu(), drop_d.t().cpu()
             values[:] = vals.cpu().numpy()
         elif method == "integrated_gradients":
-            bases = _baselines(model, lm.tokenizer, baseline, src, dec)
+            bases = _baselines(lm, baseline, src, dec)
             base_values, errors = np.zeros_like(values), np.zeros_like(values)
             for sl, path_s, path_d in seq2seq_integrated_gradients(model, src, dec, bases, targets, steps, rows):
                 length = path_d.shape[1]
