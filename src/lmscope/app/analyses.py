@@ -316,6 +316,14 @@ async def intervene(
 
 _NODE = re.compile(r"([xmf])(\d+)\.(\d+)")
 _EDGE = re.compile(r"([afr])(\d+)\.(\d+)\.(\d+)\.(pre|mid|post)")
+# The decoder graph of an encoder-decoder model: encoder outputs (e.<pos>), the state after cross-attention
+# (c<layer>.<pos>), cross-attention edges (c<layer>.<source>.<target>.cross) and edges into that state.
+_CROSS_NODE = re.compile(r"e\.\d+|c\d+\.\d+")
+_CROSS_EDGE = re.compile(r"[cafr]\d+\.\d+\.\d+\.(cross|source)|c\d+\.\d+\.\d+\.(pre|mid|post)")
+_CROSS_DETAILS = (
+    "{} of an encoder-decoder graph has no details here yet: the Attention tab's Cross view shows "
+    "each head's cross-attention; click a decoder node for its logit lens"
+)
 
 
 def residual_site(kind: str, layer: int, n_layers: int) -> tuple[str, int]:
@@ -340,6 +348,8 @@ async def node(
 ) -> Response:
     """Details of a flow-graph node: the logit lens of a residual state, or an FFN block's top neurons
     and the tokens it promotes and suppresses."""
+    if _CROSS_NODE.fullmatch(node_id):
+        raise LmscopeError(_CROSS_DETAILS.format(f"the {'encoder output' if node_id[0] == 'e' else 'cross'} node"))
     match = _NODE.fullmatch(node_id)
     if match is None:
         raise LmscopeError(f"unknown node id {node_id!r}: use x<layer>.<pos>, m<layer>.<pos> or f<layer>.<pos>")
@@ -373,6 +383,8 @@ async def edge(
 ) -> Response:
     """Details of a flow-graph edge: for attention, each head's share, the layer's attention and
     contribution maps, and the tokens the edge promotes; for FFN, top neurons and promoted tokens."""
+    if _CROSS_EDGE.fullmatch(edge_id):
+        raise LmscopeError(_CROSS_DETAILS.format("a cross-attention edge"))
     match = _EDGE.fullmatch(edge_id)
     if match is None:
         raise LmscopeError(f"unknown edge id {edge_id!r}: use <a|f|r><layer>.<source>.<target>.<state>")

@@ -114,7 +114,23 @@ class AppConfig:
             "devices": list(self.devices),
             "dtypes": list(self.dtypes),
             "allow_paths": self.allow_paths,
+            # models known to be encoder-decoders before loading (the page offers them a target field)
+            "seq2seq_models": [n for n, m in self.models.items() if _seq2seq_source(m.source)],
         }
+
+
+def _seq2seq_source(source: str) -> bool:
+    """Whether a model source is an encoder-decoder, as far as is known without loading it: a seeded
+    tiny model, or a local directory whose ``config.json`` says so (others show it after their first run)."""
+    from lmscope.models._tiny import TINY_SEQ2SEQ
+
+    if source.startswith("tiny-"):
+        return source[5:] in TINY_SEQ2SEQ
+    try:
+        config = Path(source) / "config.json"
+        return config.is_file() and bool(json.loads(config.read_text()).get("is_encoder_decoder"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 MAX_PATH = 1024

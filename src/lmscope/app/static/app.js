@@ -542,12 +542,21 @@
     $("empty").hidden = true;
     $("run-info").hidden = false;
     $("export-trace").disabled = false;
-    var title = run.model + " \u00b7 " + run.tokens.length + " tokens (" + run.n_input + " input) \u00b7 " +
+    var title = run.model + " \u00b7 " + (run.source_tokens ? run.source_tokens.length + " source tokens \u00b7 target " : "") +
+      run.tokens.length + " tokens (" + run.n_input + " input) \u00b7 " +
       run.n_layers + " layers" + (run.has_model ? "" : " \u00b7 opened without its model");
     $("run-title").textContent = title;
     drawTokens();
     buildTabs();
+    showTarget();
     refreshStatus();
+  }
+
+  /** The target field: shown for an encoder-decoder model (known from the config, or from a run of it). */
+  function showTarget() {
+    var model = $("model").value;
+    var known = (S.config && S.config.seq2seq_models) || [];
+    $("target-field").hidden = !(known.indexOf(model) >= 0 || (S.run && S.run.seq2seq && S.run.model === model));
   }
 
   /** The token chips (the selected one outlined) and the sentence naming the explained prediction. */
@@ -555,6 +564,12 @@
     var box = $("tokens");
     box.replaceChildren();
     var run = S.run;
+    if (run.source_tokens) {  // encoder-decoder: the source (encoder) above the target (decoder) tokens
+      var source = lms.el("div", { className: "source-tokens", "data-side": "source" }, "Source: ");
+      run.source_tokens.forEach(function (token) { source.appendChild(lms.token(token, "")); });
+      box.appendChild(source);
+      box.appendChild(lms.el("span", { className: "muted" }, "Target: "));
+    }
     run.tokens.forEach(function (token, i) {
       var chip = lms.token(token, i >= run.n_input ? "generated" : "");
       chip.setAttribute("data-pos", String(i));
@@ -605,6 +620,7 @@
   function fillPrompt(run) {
     if (typeof run.text === "string") { $("text").value = run.text; }
     $("generate").value = String(run.tokens.length - run.n_input);
+    $("target").value = run.target || "";
     var model = $("model");
     if (Array.prototype.some.call(model.options, function (o) { return o.value === run.model; })) { model.value = run.model; }
   }
@@ -619,6 +635,7 @@
       dtype: $("dtype").value || null,
       generate: parseInt($("generate").value || "0", 10) || 0
     };
+    if (!$("target-field").hidden) { body.target = $("target").value; }  // encoder-decoder: empty generates
     return api("/api/runs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })
       .then(function (run) { clearError(); showRun(run); }, function () { return null; });
   }
@@ -670,10 +687,12 @@
       config.sample_prompts.forEach(function (p) { $("samples").appendChild(lms.el("option", { value: p }, p)); });
       $("generate").max = String(config.max_generate);
       if (config.sample_prompts.length) { $("text").value = config.sample_prompts[0]; }
+      showTarget();
       refreshStatus();
     }, function () { return null; });
     $("run-form").addEventListener("submit", runText);
     $("samples").addEventListener("change", function () { if (this.value) { $("text").value = this.value; } });
+    $("model").addEventListener("change", showTarget);
     $("error-close").addEventListener("click", clearError);
     $("export-trace").addEventListener("click", exportTrace);
     $("open-trace").addEventListener("change", openTrace);
