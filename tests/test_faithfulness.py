@@ -105,6 +105,7 @@ def test_bad_requests_are_clear_errors() -> None:
         ({"method": "occlusion", "baseline": ""}, "deletion baseline"),
         ({"method": "occlusion", "baseline": "two words"}, "is 2 tokens"),
         ({"method": "flow", "draws": 0}, "draws must be at least 1"),
+        ({"method": "flow", "baseline": "mean"}, "baseline applies to saliency methods"),
     ]:
         with pytest.raises(LmscopeError, match=message):
             lm.faithfulness(TEXT, **options)

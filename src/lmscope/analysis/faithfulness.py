@@ -118,6 +118,9 @@ def faithfulness(lm: Any, text: str, method: str = "flow", **options: Any) -> Fa
     (options ``ks``, ``draws``, ``seed``, ``baseline``, ``steps``).
     """
     if method == "flow":
+        extra = sorted(set(options) & {"baseline", "steps"})
+        if extra:
+            raise LmscopeError(f"{', '.join(extra)} applies to saliency methods, not to the flow graph")
         return flow_faithfulness(lm, text, **options)
     if method not in METHODS and method not in _ALIASES:
         raise LmscopeError(f"unknown faithfulness method {method!r}: use one of {', '.join(FAITHFULNESS_METHODS)}")
