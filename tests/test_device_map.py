@@ -8,14 +8,14 @@ placement really offloaded them, and that the analyses read the real values (the
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 
 import numpy as np
 import pytest
 import torch
 
 import lmscope
+from lmscope.cli import main
 from lmscope.errors import LmscopeError
 
 TEXT = "The keys to the cabinet"
@@ -87,7 +87,7 @@ def test_embedded_model_half_the_layers_on_disk(tmp_path):
     reference = lmscope.from_pretrained()
     placed = lmscope.from_pretrained(device_map=half_on_disk(reference), offload_folder=tmp_path)
     assert len(_offloaded(placed)) > 100  # 15 of 30 blocks and the final norm
-    _same(reference, placed, atol=2e-5)
+    _same(reference, placed, atol=2e-5, saliency=False)  # saliency across devices: the tiny families
 
 
 def test_verify_passes_on_a_placed_model(tmp_path):
@@ -135,13 +135,11 @@ def test_other_bad_placements_are_one_clear_line(tmp_path):
     assert "does not have" in _one_line(error)
 
 
-def test_command_line_places_a_model_and_verifies_it(tmp_path):
-    small = [sys.executable, "-m", "lmscope", "verify", "tiny-llama", "--device-map", "auto",
-             "--device-memory", "cpu=1KB", "--offload-folder", str(tmp_path)]  # fmt: skip
-    run = subprocess.run(small, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "too small to hold one layer" in run.stderr
-    good = [*small[:-3], "cpu=1MB", "--offload-folder", str(tmp_path), "--json"]
-    run = subprocess.run(good, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert '"passed": true' in run.stdout
+def test_command_line_places_a_model_and_verifies_it(tmp_path, capsys):
+    small = ["verify", "tiny-llama", "--device-map", "auto", "--device-memory", "cpu=1KB", "--offload-folder",
+             str(tmp_path)]  # fmt: skip
+    assert main(small) != 0
+    error = capsys.readouterr().err
+    assert "too small to hold one layer" in error and "Traceback" not in error
+    assert main([*small[:5], "cpu=1MB", *small[6:], "--json", "--generate", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True
