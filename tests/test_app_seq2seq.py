@@ -121,3 +121,57 @@ def test_bad_targets(client: TestClient) -> None:
     assert answer.status_code == 400 and "target is 5000 characters" in answer.json()["detail"]
     answer = client.post("/api/runs", json={"text": SOURCE, "model": "tiny-t5", "target": "Katze " * 40})
     assert answer.status_code == 400 and "\n" not in answer.json()["detail"]
+
+
+@pytest.mark.browser
+def test_page_runs_t5_with_a_target(browser: Any) -> None:
+    """Headless Chromium: pick tiny-t5, type a source and a target, run; the source and target tokens
+    show, the graph draws the library's cross-attention edges, the attention tab's Cross kind draws."""
+    from app_server import serving
+    from browser import watch
+    from lmscope.views import visible
+
+    wait = 90_000
+    lm = tiny("t5")
+    out = lm.trace(SOURCE, target=TARGET)
+    app = create_app(load_config(default_model="tiny-llama", max_input_tokens=32, max_generate=4))
+    with serving(app) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 950})
+        opened = watch(page)
+        page.goto(url)
+        page.wait_for_selector("#model option", state="attached")
+        assert page.locator("#target-field").is_hidden()  # a decoder-only model takes no target
+        page.select_option("#model", "tiny-t5")
+        assert page.locator("#target-field").is_visible()
+        page.fill("#text", SOURCE)
+        page.fill("#target", TARGET)
+        page.click("#run")
+        page.wait_for_function(
+            "() => document.querySelector('#panel-flow svg.lms-flow-svg') && "
+            "!document.body.classList.contains('is-busy')",
+            timeout=wait,
+        )
+        source = page.locator("#tokens [data-side=source] .lms-token").all_text_contents()
+        assert source == [visible(t) for t in out.trace.encoder.tokens]
+        assert page.locator("#tokens .lms-token[data-pos]").all_text_contents() == [visible(t) for t in out.tokens]
+        cross = page.locator("#panel-flow [data-edge^='c']")
+        assert cross.count() == sum(e.kind == "cross" for e in out.flow(0.04, len(out.tokens)).edges) > 0
+
+        cross.first.click(force=True)  # no details yet: a note naming the Cross view
+        page.wait_for_selector("#panel-flow .details[data-details^='c']", timeout=wait)
+        assert "Cross view" in page.locator("#panel-flow .details").inner_text()
+
+        for tab, box in (("saliency", "saliency"), ("lens", "lens"), ("rankings", "rankings")):
+            page.click(f"[data-tab={tab}]")
+            page.wait_for_selector(f"[data-view-box={box}] .lmscope[data-mounted]", timeout=wait)
+        page.click("[data-tab=attention]")
+        page.wait_for_selector("[data-view-box=attention] .lmscope[data-mounted]", timeout=wait)
+        page.select_option("#panel-attention select[data-control=part]", "cross")
+        page.wait_for_function(
+            "() => document.querySelector('[data-view-box=attention] .view-body').getAttribute('data-kind') === "
+            "'Attention' && !document.body.classList.contains('is-busy')",
+            timeout=wait,
+        )
+        assert page.locator("[data-view-box=attention] .lmscope[data-mounted]").count() == 1
+        opened.assert_clean(allowed_prefixes=(url,))
+        page.close()

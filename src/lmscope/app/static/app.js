@@ -390,7 +390,14 @@
         var target = event.target;
         var node = target.closest && target.closest("[data-node]");
         var edge = target.closest && target.closest("[data-edge]");
-        if (node) { clearError(); showDetails(details, node.getAttribute("data-node")); }
+        var picked = (node && node.getAttribute("data-node")) || (edge && edge.getAttribute("data-edge")) || "";
+        if (/^(e\.|c\d)/.test(picked)) {  // encoder-decoder: an encoder output, a cross state or edge
+          clearError();
+          placeholder(details, picked + ": cross-attention has no details here yet; the Attention tab's Cross view " +
+            "shows each head's cross-attention from the source tokens.");
+          details.setAttribute("data-details", picked);
+        }
+        else if (node) { clearError(); showDetails(details, node.getAttribute("data-node")); }
         else if (edge && edge.getAttribute("data-edge")[0] !== "r") { clearError(); showDetails(details, edge.getAttribute("data-edge")); }
         else if (edge && S.run.capabilities && S.run.capabilities.intervene) { clearError(); showResidualEdge(details, edge.getAttribute("data-edge")); }
       });
