@@ -17,6 +17,8 @@ from lmscope import LmscopeError
 from lmscope.analysis._contributions import block_contributions
 from lmscope.analysis._experts import SHARED, expert_neurons, expert_parts
 from lmscope.analysis.components import top_neurons, update_vector
+from lmscope.models import family_of
+from lmscope.models._tiny import TINY_FAMILIES
 
 TEXT = "The keys to the cabinet are on the table, said Mrs. O'Neill."
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_probs", "v", "mlp_act")
@@ -180,3 +182,20 @@ def test_quantized_experts_are_named_and_other_analyses_offered() -> None:
         out.flow()
     assert "\n" not in str(e.value)
     assert out.layer_predictions(position=-1).tokens  # the lens does not read those weights
+
+
+MOE = tuple(name for name, (model_type, _, _) in TINY_FAMILIES.items() if family_of(model_type).experts is not None)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_every_moe_family_splits_its_ffn_into_experts(name: str) -> None:
+    """Every mixture-of-experts type in the table: experts' updates sum to the FFN output, shares to 1."""
+    lm, trace = tiny(name), traced(name).trace
+    layers = _moe_layers(lm)
+    assert layers and lm.arch.top_k >= 1
+    for layer in layers:
+        parts = expert_parts(trace, lm.arch, layer)
+        assert parts.n_routed == lm.arch.top_k and bool((parts.ids[:, : parts.n_routed] < lm.arch.n_experts).all())
+        torch.testing.assert_close(parts.updates.sum(1), trace.at("mlp_out", layer), atol=1e-5, rtol=0)
+        c = block_contributions(trace, lm.arch, layer)
+        torch.testing.assert_close(c.experts.sum(-1) + c.mlp_residual, torch.ones(trace.n_pos))

@@ -428,6 +428,28 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     _moe(
+        "glm4_moe",
+        Experts(
+            n_experts="n_routed_experts",
+            scoring="sigmoid",
+            normalize="norm_topk_prob",
+            scaling="routed_scaling_factor",
+            shared="mlp.shared_experts",
+        ),
+    ),
+    _moe("ernie4_5_moe", Experts(n_experts="moe_num_experts", shared="mlp.shared_experts")),
+    _moe(
+        "exaone_moe",
+        Experts(
+            n_experts="num_experts",
+            scoring="sigmoid",
+            normalize="norm_topk_prob",
+            scaling="routed_scaling_factor",
+            shared="mlp.shared_experts",
+        ),
+    ),
+    _moe("hunyuan_v1_moe", Experts(n_experts="num_experts", shared="mlp.shared_mlp")),
+    _moe(
         "deepseek_v3",
         Experts(
             n_experts="n_routed_experts",

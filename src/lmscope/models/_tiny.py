@@ -155,6 +155,34 @@ TINY_FAMILIES.update(
             False,
             {**_DEEPSEEK, "n_routed_experts": 8, "q_lora_rank": 24, "n_group": 2, "topk_group": 1},
         ),
+        "glm4_moe": (
+            "glm4_moe",
+            False,
+            {
+                **_MOE,
+                **_GQA,
+                "n_routed_experts": 4,
+                "moe_intermediate_size": 32,
+                "n_shared_experts": 1,
+                "first_k_dense_replace": 1,
+                "n_group": 1,
+                "topk_group": 1,
+            },
+        ),  # fmt: skip
+        "ernie4_5_moe": (
+            "ernie4_5_moe",
+            False,
+            {
+                **_MOE,
+                **_GQA,
+                "moe_num_experts": 4,
+                "moe_intermediate_size": 32,
+                "moe_num_shared_experts": 1,
+                "moe_layer_start_index": 1,
+            },
+        ),  # fmt: skip
+        "exaone_moe": ("exaone_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
+        "hunyuan_v1_moe": ("hunyuan_v1_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
         # state-space models without attention (tests/test_mamba.py)
         "mamba": ("mamba", False, {"state_size": 8, "expand": 2}),
         "falcon_mamba": ("falcon_mamba", False, {"state_size": 8, "expand": 2}),
