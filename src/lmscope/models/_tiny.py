@@ -168,7 +168,7 @@ TINY_FAMILIES.update(
                 "n_group": 1,
                 "topk_group": 1,
             },
-        ),  # fmt: skip
+        ),
         "ernie4_5_moe": (
             "ernie4_5_moe",
             False,
@@ -180,7 +180,7 @@ TINY_FAMILIES.update(
                 "moe_num_shared_experts": 1,
                 "moe_layer_start_index": 1,
             },
-        ),  # fmt: skip
+        ),
         "exaone_moe": ("exaone_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
         "hunyuan_v1_moe": ("hunyuan_v1_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
         # state-space models without attention (tests/test_mamba.py)
