@@ -127,7 +127,7 @@ def test_bad_targets(client: TestClient) -> None:
 def test_page_runs_t5_with_a_target(browser: Any) -> None:
     """Headless Chromium: pick tiny-t5, type a source and a target, run; the source and target tokens
     show, the graph draws the library's cross-attention edges, the attention tab's Cross kind draws."""
-    from app_server import serving
+    from app_server import ARTIFACTS, serving
     from browser import watch
     from lmscope.views import visible
 
@@ -160,6 +160,8 @@ def test_page_runs_t5_with_a_target(browser: Any) -> None:
         cross.first.click(force=True)  # no details yet: a note naming the Cross view
         page.wait_for_selector("#panel-flow .details[data-details^='c']", timeout=wait)
         assert "Cross view" in page.locator("#panel-flow .details").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app-seq2seq-graph.png"), full_page=True)
 
         for tab, box in (("saliency", "saliency"), ("lens", "lens"), ("rankings", "rankings")):
             page.click(f"[data-tab={tab}]")
@@ -173,5 +175,6 @@ def test_page_runs_t5_with_a_target(browser: Any) -> None:
             timeout=wait,
         )
         assert page.locator("[data-view-box=attention] .lmscope[data-mounted]").count() == 1
+        page.screenshot(path=str(ARTIFACTS / "app-seq2seq-cross.png"), full_page=True)
         opened.assert_clean(allowed_prefixes=(url,))
         page.close()
