@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
     parser.add_argument("--worker-cpus", type=int, default=1, help="CPUs and threads per Ray worker (default 1)")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="activations per shard in MB (default 64)")
+    parser.add_argument("--address", default=None, help="a running Ray cluster to use (default: start a local one)")
     args = parser.parse_args()
 
     texts = (ud_sentences("dev") + ud_sentences("test"))[: args.sentences]
@@ -57,7 +58,7 @@ def main() -> None:
         start = time.perf_counter()
         ray = lmscope.collect(
             lm, texts, out_dir=folder / "ray", engine="ray", workers=args.workers, worker_cpus=args.worker_cpus,
-            **options,
+            address=args.address, **options,
         )  # fmt: skip
         ray_s = time.perf_counter() - start
         timings = json.loads((folder / "ray" / "collection.json").read_text())["timings"]

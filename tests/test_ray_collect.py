@@ -7,16 +7,17 @@ process of it may outlive the tests. The model is a tiny random Llama, the corpu
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ import lmscope
 import lmscope.distributed._collect  # the module (the package re-exports names from it)
 from conftest import tiny
 from lmscope.cli import main
-from lmscope.distributed._cluster import cluster_processes, end_processes
+from lmscope.distributed._cluster import end_processes
 from lmscope.distributed._worker import EXIT_HOOK, check_folder
 from lmscope.errors import LmscopeError
 
@@ -43,33 +44,56 @@ def env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for probe in sockets:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    """A local Ray cluster of 2 CPUs (so 2 workers of 1 CPU), its session files in a temporary folder."""
+    """A Ray cluster on this machine (``ray start --head``, 2 CPUs, so 2 workers of 1 CPU) that the tests join.
+
+    Its session files go to a temporary folder, and every process of it is ended at the end. Its ports
+    are fixed in advance, so its start does not wait on the agents' port files (on a busy machine that
+    wait can time out). Token authentication is off: the cluster listens on this machine only for a few
+    seconds of tests.
+    """
     folder = tempfile.mkdtemp(prefix="lmscope-ray-test-")
-    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
-    for attempt in range(2):  # a machine busy with other work can make Ray's start time out once
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=folder, **quiet)
-            break
-        except Exception:
-            end_processes(folder)  # what the failed start left running
-            with warnings.catch_warnings():  # Ray's handles of those processes, never waited for
-                warnings.simplefilter("ignore", ResourceWarning)
-                gc.collect()
-            if attempt:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        yield ray.get_runtime_context().gcs_address
+        for attempt in range(3):  # a machine busy with other work can make Ray's start time out
+            gcs, agent_grpc, agent_listen, runtime_env = free_ports(4)
+            command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus", "2"]
+            command += ["--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
+            command += ["--temp-dir", folder, "--port", str(gcs), "--runtime-env-agent-port", str(runtime_env)]
+            command += [
+                "--dashboard-agent-grpc-port",
+                str(agent_grpc),
+                "--dashboard-agent-listen-port",
+                str(agent_listen),
+            ]
+            started = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env())
+            found = re.search(r"--address='([^']+)'", started.stdout + started.stderr)
+            if started.returncode == 0 and found:
+                break
+            end_processes(folder)
+            assert attempt < 2, (started.stdout + started.stderr)[-2000:]
+        ray.init(address=found.group(1), log_to_driver=False, logging_level=logging.ERROR)
+        yield found.group(1)
     finally:
         ray.shutdown()
-        deadline = time.monotonic() + 60
-        while cluster_processes(folder) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = cluster_processes(folder)
-        end_processes(folder)
+        left = end_processes(folder)
         shutil.rmtree(folder, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
         assert not left, f"Ray processes outlived the tests: {left}"
 
 

@@ -118,19 +118,22 @@ def local_cpus() -> int:
 
 
 def cluster_processes(folder: str) -> list[int]:
-    """Ids of the running processes of the local cluster whose session files are in ``folder`` (Linux)."""
+    """Ids of the running processes of the local cluster whose session files are in ``folder`` (Linux): those
+    named with it, and those writing their logs there (Ray renames its agents and workers, ``ray::...``)."""
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) == os.getpid():
+            continue
         try:
             line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            if folder in line or any(os.readlink(fd).startswith(folder) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to look at
             continue
-        if folder in line and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
     return found
 
 
-def end_processes(folder: str, wait_s: float = 30.0) -> list[int]:
+def end_processes(folder: str, wait_s: float = 10.0) -> list[int]:
     """End the processes of the local cluster in ``folder`` (a start that failed half-way leaves some that
     ``ray.shutdown`` does not know); returns those still running after ``wait_s``."""
     for pid in cluster_processes(folder):
