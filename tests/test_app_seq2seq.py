@@ -178,3 +178,27 @@ def test_page_runs_t5_with_a_target(browser: Any) -> None:
         page.screenshot(path=str(ARTIFACTS / "app-seq2seq-cross.png"), full_page=True)
         opened.assert_clean(allowed_prefixes=(url,))
         page.close()
+
+
+def test_trace_file_round_trip(client: TestClient) -> None:
+    """An encoder-decoder run exported as a Trace file opens again with its source and target; without
+    its model only the attention (all three kinds) works."""
+    run = post_run(client, model="tiny-t5", target=TARGET)
+    data = get(client, run, "trace").content
+    headers = {"content-type": "application/octet-stream"}
+    for attach in (True, False):
+        opened = client.post("/api/traces", params={"attach": attach}, content=data, headers=headers).json()
+        for key in ("tokens", "source_tokens", "n_input", "text", "target", "seq2seq"):
+            assert opened[key] == run[key], key
+        assert opened["capabilities"]["lens"] is attach and opened["capabilities"]["attention"]
+        cross = get(client, opened, "attention", part="cross", data=True).json()
+        assert cross["data"] == get(client, run, "attention", part="cross", data=True).json()["data"]
+
+
+def test_costs_count_the_source() -> None:
+    from lmscope.app.analyses import flow_cost, saliency_cost
+
+    trace = tiny("t5").trace(SOURCE, target=TARGET).trace
+    tokens = trace.n_pos + trace.encoder.n_pos
+    assert saliency_cost(trace, "gradient", [1], 1)[0] == tokens * trace.model.n_layers
+    assert flow_cost(trace, 1)[0] == 4 * tokens * trace.model.n_layers

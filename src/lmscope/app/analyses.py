@@ -85,9 +85,15 @@ def _outputs(trace: Trace, positions: list[int] | None) -> int:
     return trace.n_pos - trace.n_input if trace.n_pos > trace.n_input else trace.n_pos - 1
 
 
+def _all_tokens(trace: Trace) -> int:
+    """Tokens through the model: an encoder-decoder's source tokens count as well as its target's."""
+    encoder = getattr(trace, "encoder", None)
+    return trace.n_pos + (0 if encoder is None else encoder.n_pos)
+
+
 def saliency_cost(trace: Trace, method: str, positions: list[int] | None, steps: int) -> tuple[int, str]:
     """Cost of saliency: outputs × tokens × layers (integrated gradients: 2 × steps × that)."""
-    outputs, tokens, layers = _outputs(trace, positions), trace.n_pos, trace.model.n_layers
+    outputs, tokens, layers = _outputs(trace, positions), _all_tokens(trace), trace.model.n_layers
     if method in ("integrated_gradients", "ig"):
         how = f"integrated gradients: 2 × {steps} steps × {outputs} outputs × {tokens} tokens × {layers} layers"
         return 2 * steps * outputs * tokens * layers, how
@@ -96,7 +102,7 @@ def saliency_cost(trace: Trace, method: str, positions: list[int] | None, steps:
 
 def flow_cost(trace: Trace, position: int | None) -> tuple[int, str]:
     """Cost of the flow graph: 4 × target positions × tokens × layers."""
-    targets, tokens, layers = trace.n_pos if position is None else 1, trace.n_pos, trace.model.n_layers
+    targets, tokens, layers = trace.n_pos if position is None else 1, _all_tokens(trace), trace.model.n_layers
     how = f"flow graph: 4 × {targets} target positions × {tokens} tokens × {layers} layers"
     return 4 * targets * tokens * layers, how
 
