@@ -176,6 +176,24 @@ def test_page_runs_t5_with_a_target(browser: Any) -> None:
         )
         assert page.locator("[data-view-box=attention] .lmscope[data-mounted]").count() == 1
         page.screenshot(path=str(ARTIFACTS / "app-seq2seq-cross.png"), full_page=True)
+
+        # BART with an empty target: the decoder generates; post-norm, so no graph tab, the others draw.
+        old = page.evaluate("window.lmscopeApp.state.run.id")
+        page.select_option("#model", "tiny-bart")
+        page.fill("#target", "")
+        page.fill("#generate", "2")
+        page.click("#run")
+        page.wait_for_function(
+            "old => window.lmscopeApp.state.run.id !== old && document.querySelector('.panel:not([hidden]) "
+            ".lmscope[data-mounted]') && !document.body.classList.contains('is-busy')",
+            arg=old,
+            timeout=wait,
+        )
+        generated = tiny("bart").generate(SOURCE, 2)
+        assert page.locator("#tokens .lms-token[data-pos]").all_text_contents() == [
+            visible(t) for t in generated.tokens
+        ]
+        assert page.locator("[data-tab=flow]").count() == 0 and page.locator("[data-tab=attention]").count() == 1
         opened.assert_clean(allowed_prefixes=(url,))
         page.close()
 
