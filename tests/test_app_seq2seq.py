@@ -119,6 +119,9 @@ def test_bad_targets(client: TestClient) -> None:
     assert answer.status_code == 400 and "not an encoder-decoder" in answer.json()["detail"]
     answer = client.post("/api/runs", json={"text": SOURCE, "model": "tiny-t5", "target": "x" * 5000})
     assert answer.status_code == 400 and "target is 5000 characters" in answer.json()["detail"]
+    body = b'{"text": "The cat", "model": "tiny-t5", "target": "Die \\ud800"}'
+    answer = client.post("/api/runs", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "target holds a lone surrogate" in answer.json()["detail"]
     answer = client.post("/api/runs", json={"text": SOURCE, "model": "tiny-t5", "target": "Katze " * 40})
     assert answer.status_code == 400 and "\n" not in answer.json()["detail"]
 
