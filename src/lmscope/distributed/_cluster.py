@@ -135,14 +135,13 @@ def cluster_processes(folder: str) -> list[int]:
 
 def end_processes(folder: str, wait_s: float = 10.0) -> list[int]:
     """End the processes of the local cluster in ``folder`` (a start that failed half-way leaves some that
-    ``ray.shutdown`` does not know); returns those still running after ``wait_s``."""
-    for pid in cluster_processes(folder):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait_s
-    while cluster_processes(folder) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in cluster_processes(folder):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    ``ray.shutdown`` does not know): SIGTERM, then SIGKILL to those still there after ``wait_s``; returns
+    any still running a few seconds after that."""
+    for signal_, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 5.0)):
+        for pid in cluster_processes(folder):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal_)
+        deadline = time.monotonic() + wait
+        while cluster_processes(folder) and time.monotonic() < deadline:
+            time.sleep(0.2)
     return cluster_processes(folder)
