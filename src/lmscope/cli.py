@@ -233,7 +233,7 @@ def _load(args: argparse.Namespace) -> Any:
     if getattr(args, "device_map", None) is not None:
         placement = {"device_map": args.device_map, "max_memory": _device_memory(args.device_memory),
                      "offload_folder": args.offload_folder}  # fmt: skip
-    elif getattr(args, "device_memory", None) or getattr(args, "offload_folder", None):
+    elif getattr(args, "device_memory", None) is not None or getattr(args, "offload_folder", None) is not None:
         raise LmscopeError("--device-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, **placement)
 
