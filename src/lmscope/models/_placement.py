@@ -215,9 +215,11 @@ def place(
         folder = tempfile.mkdtemp(dir=Path(offload_folder).expanduser(), prefix="lmscope-offload-")
     try:
         model = dispatch_model(model, device_map=device_map, offload_dir=folder)
-    except OSError as error:
-        raise LmscopeError(f"could not offload {name} to {offload_folder}: {error.strerror or error}") from error
-    except ValueError as error:  # accelerate's checks of the map
+    except (OSError, ValueError) as error:  # a full disk; accelerate's checks of the map
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # no partial offload left behind
+        if isinstance(error, OSError):
+            raise LmscopeError(f"could not offload {name} to {offload_folder}: {error.strerror or error}") from error
         raise LmscopeError(f"{name} could not be placed: {str(error).splitlines()[0]}") from error
     model.hf_device_map = dict(device_map)
     if folder is not None:
