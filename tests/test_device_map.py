@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lmscope
+from conftest import tiny
 from lmscope.cli import main
 from lmscope.errors import LmscopeError
 
@@ -64,7 +65,7 @@ def _same(reference: lmscope.LM, placed: lmscope.LM, atol: float = 1e-5, salienc
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt-neox"])  # GQA; tied Conv1D head; parallel blocks
 def test_tiny_families_offloaded_to_cpu_and_disk_equal_in_memory(family, tmp_path):
-    reference = lmscope.from_pretrained(f"tiny-{family}")
+    reference = tiny(family)
     device_map = half_on_disk(reference)
     placed = lmscope.from_pretrained(f"tiny-{family}", device_map=device_map, offload_folder=tmp_path)
     assert "disk" in placed.model.hf_device_map.values() and "cpu" in placed.model.hf_device_map.values()
@@ -83,8 +84,9 @@ def test_auto_placement_bounded_by_max_memory(tmp_path):
     _same(reference, placed, saliency=False)
 
 
-def test_embedded_model_half_the_layers_on_disk(tmp_path):
-    reference = lmscope.from_pretrained()
+@pytest.mark.embedded
+def test_embedded_model_half_the_layers_on_disk(embedded, tmp_path):
+    reference = embedded
     placed = lmscope.from_pretrained(device_map=half_on_disk(reference), offload_folder=tmp_path)
     assert len(_offloaded(placed)) > 100  # 15 of 30 blocks and the final norm
     _same(reference, placed, atol=2e-5, saliency=False)  # saliency across devices: the tiny families
