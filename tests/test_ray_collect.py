@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import lmscope
 import lmscope.distributed._collect  # the module (the package re-exports names from it)
@@ -99,7 +100,16 @@ def cluster() -> str:
 
 @pytest.fixture(scope="module")
 def lm() -> lmscope.LM:
-    return tiny("llama")
+    lm = tiny("llama")
+    # A model that has recorded its outputs once carries transformers' capture hooks (closures,
+    # which do not pickle), as a model shared with earlier work does.
+    with torch.no_grad():
+        lm.model(torch.tensor([[1, 2, 3]]), output_attentions=True)
+    return lm
+
+
+def hook_count(lm: lmscope.LM) -> int:
+    return sum(len(m._forward_hooks) for m in lm.model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +135,10 @@ def manifest(col: lmscope.Collection) -> dict:
 
 
 def test_ray_collection_equals_the_single_process_one(cluster, lm, reference, tmp_path, capsys) -> None:
+    hooks = hook_count(lm)
+    assert hooks > 0
     col = lmscope.collect(lm, TEXTS, out_dir=tmp_path / "acts", progress=True, **OPTIONS, **RAY)
+    assert hook_count(lm) == hooks  # the model's own hooks are back after it was sent to the workers
     assert_same(reference, col)
     assert_same(reference, lmscope.load_collection(tmp_path / "acts"))
     meta = manifest(col)

@@ -200,7 +200,8 @@ class _Run:
 
         self.ray, self.job = ray, job
         buffer = io.BytesIO()
-        torch.save(job.loaded, buffer)
+        with _without_local_hooks(job.loaded.model):
+            torch.save(job.loaded, buffer)
         self.model = ray.put(buffer.getvalue())  # kept while the job runs: restarted workers fetch it again
         del buffer
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=0)(Worker)
@@ -323,6 +324,33 @@ class _Run:
         for actor in self.actors:
             with contextlib.suppress(Exception):  # an actor already gone
                 self.ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def _without_local_hooks(model: Any) -> Any:
+    """Set aside, while the model is pickled, the forward hooks that cannot be pickled.
+
+    transformers installs closures as forward hooks the first time a model records its outputs
+    (``output_attentions``, ``output_hidden_states``), which makes a model that has run once
+    unpicklable. They are removed while the model is saved and put back afterwards; the module's
+    "installed" mark is lifted with them, so a worker's copy installs its own on first use.
+    """
+    saved = {module: dict(module._forward_hooks) for module in model.modules() if module._forward_hooks}
+    marked = [m for m in model.modules() if getattr(m, "_output_capturing_hooks_installed", False)]
+    for module, hooks in saved.items():
+        for hook_id, hook in hooks.items():
+            if "<locals>" in getattr(hook, "__qualname__", ""):
+                del module._forward_hooks[hook_id]
+    for module in marked:
+        module._output_capturing_hooks_installed = False
+    try:
+        yield
+    finally:
+        for module, hooks in saved.items():  # back in their order
+            module._forward_hooks.clear()
+            module._forward_hooks.update(hooks)
+        for module in marked:
+            module._output_capturing_hooks_installed = True
 
 
 def _cause(error: Exception) -> str:
