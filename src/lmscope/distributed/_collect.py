@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = ["collect_on_ray", "plan_shards"]
 RESTARTS = 3  # times Ray restarts a worker process that died
 RETRIES = 3  # times one shard is given out again after its worker died
 PROBE_S = 0.5  # seconds between probes of a worker that Ray is restarting
+STOP_S = 20.0  # the longest a stopped job waits for its worker processes to end
 
 # Called by the driver with each finished shard's number (tests stop a job half-way through it).
 _after_shard: Any = None
@@ -212,6 +214,9 @@ class _Run:
         except ray.exceptions.RayError as error:
             self.stop()
             raise LmscopeError(f"the Ray workers could not start: {_cause(error)}") from None
+        self.pids: set[int] = set()  # this machine's worker processes, which stop() waits for
+        for answer in checks:
+            self._note(answer)
         errors = [c["error"] for c in checks if c["error"]]
         if errors:
             self.stop()
@@ -293,6 +298,7 @@ class _Run:
                     continue
                 except ray.exceptions.RayTaskError as error:  # an error in the work itself: retrying would not help
                     raise _task_error(error) from None
+                self._note(result)
                 if number is None:  # a restarted worker answers: back to work
                     restarting.pop(worker, None)
                     if result["error"]:
@@ -319,11 +325,32 @@ class _Run:
             raise LmscopeError("the Ray workers stopped before every shard was written: run the job again to resume")
         return timings, retried
 
+    def _note(self, answer: dict[str, Any]) -> None:
+        """Remember the process of a worker that answered, if it runs on this machine."""
+        if answer.get("host") == socket.gethostname() and answer.get("pid"):
+            self.pids.add(int(answer["pid"]))
+
     def stop(self) -> None:
-        """End every actor (a stopped job leaves no worker writing)."""
+        """End every actor, and wait for this machine's worker processes to be gone, so a stopped
+        job leaves no worker writing (a rerun that starts at once finds no file still changing)."""
         for actor in self.actors:
             with contextlib.suppress(Exception):  # an actor already gone
                 self.ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + STOP_S
+        while self.pids and time.monotonic() < deadline:
+            self.pids = {pid for pid in self.pids if _alive(pid)}
+            if self.pids:
+                time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -62,7 +62,8 @@ class Worker:
                 self._maybe_exit(number)
         write_shard(parts, self.root, number)
         rows = sum(len(part["dest"]) for part in parts)
-        return {"number": number, "tokens": rows, "seconds": time.perf_counter() - began, "host": socket.gethostname()}
+        seconds = time.perf_counter() - began
+        return {"number": number, "tokens": rows, "seconds": seconds, "host": socket.gethostname(), "pid": os.getpid()}
 
     def _maybe_exit(self, number: int) -> None:
         if not self.exit_hook:
