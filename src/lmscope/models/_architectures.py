@@ -234,7 +234,7 @@ def _sandwich(name: str, *model_types: str, **changes: Any) -> Family:
 
 def _moe(name: str, experts: Experts, **changes: Any) -> Family:
     """Llama's layout with a mixture-of-experts FFN (``mlp_act`` is the FFN's input; see :class:`Experts`)."""
-    return _llama_like(name, mlp_down="mlp", experts=experts, **changes)
+    return _llama_like(name, experts=experts, **{"mlp_down": "mlp", **changes})
 
 
 def _state_space(name: str, *model_types: str) -> Family:
@@ -449,6 +449,14 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     _moe("hunyuan_v1_moe", Experts(n_experts="num_experts", shared="mlp.shared_mlp")),
+    _moe(
+        "granitemoe",
+        Experts(experts="block_sparse_moe.experts", router="block_sparse_moe.router", normalize=None),
+        mlp_out="block_sparse_moe",
+        mlp_down="block_sparse_moe",
+        logit_divisor="logits_scaling",
+        residual_scale="residual_multiplier",
+    ),
     _moe(
         "deepseek_v3",
         Experts(

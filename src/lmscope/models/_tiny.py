@@ -183,6 +183,20 @@ TINY_FAMILIES.update(
         ),
         "exaone_moe": ("exaone_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
         "hunyuan_v1_moe": ("hunyuan_v1_moe", False, {**_MOE, **_GQA, "num_experts": 4, "moe_intermediate_size": 32}),
+        "granitemoe": (
+            "granitemoe",
+            False,
+            {
+                **_MOE,
+                **_GQA,
+                "num_local_experts": 4,
+                "intermediate_size": 32,
+                "logits_scaling": 4.0,
+                "residual_multiplier": 0.5,
+                "embedding_multiplier": 2.0,
+                "attention_multiplier": 0.2,
+            },
+        ),
         # state-space models without attention (tests/test_mamba.py)
         "mamba": ("mamba", False, {"state_size": 8, "expand": 2}),
         "falcon_mamba": ("falcon_mamba", False, {"state_size": 8, "expand": 2}),
