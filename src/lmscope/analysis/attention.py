@@ -36,7 +36,7 @@ from lmscope.analysis._result import Result
 from lmscope.analysis.query_key import SITES, NeuronData, NeuronScores, neuron_data, neuron_scores, unfold
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
-from lmscope.models import Architecture
+from lmscope.models import FAMILIES, Architecture
 
 __all__ = [
     "KINDS",
@@ -286,6 +286,9 @@ def seq2seq_sites(view: str, kind: str, part: str | None = None) -> tuple[tuple[
     return tuple(needed), (("position_bias",) if view == "neuron" else ())
 
 
+_ALIBI = frozenset(family.name for family in FAMILIES if family.alibi)
+
+
 def recapture_sites(trace: Trace, view: str, kind: str, part: str | None = None) -> tuple[str, ...]:
     """The sites to capture again for a view of ``trace``, or ``()`` when the trace holds them all.
 
@@ -294,6 +297,8 @@ def recapture_sites(trace: Trace, view: str, kind: str, part: str | None = None)
     """
     if getattr(trace, "encoder", None) is None:
         sites = needed_sites(view, kind)
+        if view == "neuron" and trace.model.family in _ALIBI:  # its ALiBi bias is a term of the scores
+            sites = (*sites, "position_bias")
         return () if set(sites) <= set(trace.sites) else sites
     needed, optional = seq2seq_sites(view, kind, part)
     on_decoder = set() if part == "encoder" else set(needed)

@@ -233,21 +233,36 @@ def _attach(recorder: Recorder, handles: list[torch.utils.hooks.RemovableHandle]
 
 
 def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Attention sites of a family whose attention module computes its own eager attention (GPT-Neo).
+    """Attention sites of a family whose attention module computes its own eager attention (GPT-Neo, BLOOM, MPT).
 
     The module's second output is its attention probabilities ``[batch, head, pos_q, pos_k]``; the
-    q, k, v projections' outputs are the queries, keys and values, split into heads.
+    q, k, v projections' outputs (or the parts of one fused projection) are the queries, keys and
+    values, split into heads. An ALiBi bias passed to the module (``family.alibi``) is recorded as
+    ``position_bias [batch, head, pos_q, pos_k]``, the term added to the scaled scores.
     """
     arch, family = recorder.arch, recorder.arch.family
     handles = []
 
     def keep_probs(layer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             scaling = family.attn_scaling
             recorder.attn_scaling[layer] = float(arch.d_head**-0.5 if scaling is None else scaling)
             recorder.attn_softcap[layer] = None
             if "attn_probs" in recorder.sites:
                 recorder.put("attn_probs", layer, output[1])
+            bias = kwargs.get(family.alibi) if family.alibi else None
+            if "position_bias" in recorder.sites and bias is not None:
+                batch, heads, n_q, n_k = output[1].shape
+                bias = bias.reshape(-1, heads, *bias.shape[-2:])[..., -n_k:]  # [batch or 1, head, 1, pos_k]
+                recorder.put("position_bias", layer, bias.expand(batch, heads, n_q, n_k))
+
+        return hook
+
+    def keep_fused(layer: int, path: str):
+        def hook(module, args, output):
+            for site, part in arch.split_output(path, output).items():
+                if site in recorder.sites:
+                    recorder.put(site, layer, part.view(*part.shape[:2], -1, arch.d_head))  # [batch, pos, head, d_hd]
 
         return hook
 
@@ -258,7 +273,11 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
         return hook
 
     for layer in layers:
-        handles.append(arch.attn(layer).register_forward_hook(keep_probs(layer)))
+        handles.append(arch.attn(layer).register_forward_hook(keep_probs(layer), with_kwargs=True))
+        if len(family.qkv) == 1:  # one fused projection
+            fused = arch.block_part(layer, family.qkv[0])
+            handles.append(fused.register_forward_hook(keep_fused(layer, family.qkv[0])))
+            continue
         for site, path in zip(("q", "k", "v"), family.qkv, strict=True):
             if site in recorder.sites:
                 handles.append(arch.block_part(layer, path).register_forward_hook(keep_heads(site, layer)))

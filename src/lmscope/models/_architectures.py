@@ -158,8 +158,15 @@ class Family:
             ``mlp_out`` are recorded scaled, as added.
         qkv: for a family whose attention module computes its own eager attention instead of
             calling transformers' attention interface (GPT-Neo), the q, k, v projections (block
-            relative) whose outputs are the queries, keys and values (no rotary embedding); the
-            module's second output is then its attention probabilities.
+            relative) whose outputs are the queries, keys and values (no rotary embedding), or
+            one fused projection listed in ``fused`` (BLOOM, MPT); the module's second output is
+            then its attention probabilities.
+        alibi: for such a module, the keyword argument that carries its ALiBi bias (Press et al.
+            2022, "Train Short, Test Long": ``scores = q·kᵀ·scaling + m_h·j`` with one slope
+            ``m_h`` per head and ``j`` the key position), any shape that reshapes to ``[batch or
+            1, head, 1 or pos_q, pos_k]`` once its trailing keys are kept; recorded as the
+            ``position_bias`` site, so ``softmax(q·kᵀ·scaling + position_bias + mask)`` is the
+            module's attention.
         attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``;
             ``None``: ``1/√d_head``, applied by XGLM to the query projection's output).
         attn, attn_out, o_proj: ``None`` for a state-space model without attention (Mamba): its
@@ -202,8 +209,9 @@ class Family:
     logit_scale: str | None = None
     logit_divisor: str | None = None
     residual_scale: str | None = None
-    qkv: tuple[str, str, str] | None = None
+    qkv: tuple[str, ...] | None = None
     attn_scaling: float | None = None
+    alibi: str | None = None
     experts: Experts | None = None
 
 
@@ -563,6 +571,40 @@ FAMILIES: tuple[Family, ...] = (
         attn_scaling=1.0,
     ),
     Family(
+        name="bloom",
+        model_types=("bloom",),
+        blocks="h",
+        embed="word_embeddings",
+        final_norm="ln_f",
+        attn="self_attention",
+        attn_out="self_attention.dense",  # the attention module returns its update plus the residual
+        o_proj="self_attention.dense",
+        mlp_out="mlp.dense_4h_to_h",  # so does the MLP
+        mlp_down="mlp.dense_4h_to_h",
+        ln_attn="input_layernorm",
+        ln_mlp="post_attention_layernorm",
+        fused=(Fused("self_attention.query_key_value", _QKV, groups="heads"),),
+        qkv=("self_attention.query_key_value",),
+        alibi="alibi",
+    ),
+    Family(
+        name="mpt",
+        model_types=("mpt",),
+        blocks="blocks",
+        embed="wte",
+        final_norm="norm_f",
+        attn="attn",
+        attn_out="attn",
+        o_proj="attn.out_proj",
+        mlp_out="ffn.down_proj",  # the MLP module returns its update plus the residual
+        mlp_down="ffn.down_proj",
+        ln_attn="norm_1",
+        ln_mlp="norm_2",
+        fused=(Fused("attn.Wqkv", _QKV),),
+        qkv=("attn.Wqkv",),
+        alibi="position_bias",
+    ),
+    Family(
         name="xglm",
         model_types=("xglm",),
         blocks="layers",
@@ -712,9 +754,7 @@ _NO_INTERFACE = (
 )
 
 UNSUPPORTED: dict[str, str] = {
-    "bloom": _NO_INTERFACE + " (ALiBi attention computed inside BloomAttention)",
     "falcon": _NO_INTERFACE + " (FalconAttention computes its own scores)",
-    "mpt": _NO_INTERFACE + " (MptAttention computes its own scores)",
     "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
     "granite_swa": "its learnable per-head attention sinks rescale each head's output after the softmax, which "
@@ -851,20 +891,31 @@ class Architecture:
     def mlp_down(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.family.mlp_down)
 
-    def split(self, layer: int, path: str) -> dict[str, torch.Tensor]:
-        """The separate ``[out, in]`` weights (and ``<part>.bias``) of the fused projection at ``path``."""
+    def _layout(self, path: str) -> tuple[Fused, int, list[int]]:
+        """The fused projection at ``path``, its group count and each part's size within a group."""
         fused = next((f for f in self.family.fused if f.path == path), None)
         if fused is None:
             raise LmscopeError(f"the {self.family.name!r} family has no fused projection {path!r}")
-        module = self.blocks[layer].get_submodule(path)
         size = {"q": self.n_heads * self.d_head, "k": self.n_kv_heads * self.d_head, "v": self.n_kv_heads * self.d_head}
-        groups = {"heads": self.n_heads, "kv_heads": self.n_kv_heads}.get(fused.groups, fused.groups)
-        sizes = [size.get(part, self.n_neurons) // int(groups) for part in fused.parts]
+        groups = int({"heads": self.n_heads, "kv_heads": self.n_kv_heads}.get(fused.groups, fused.groups))
+        return fused, groups, [size.get(part, self.n_neurons) // groups for part in fused.parts]
+
+    def split_output(self, path: str, output: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fused projection's ``output [..., out]`` cut into its parts (``q [..., head·d_head]`` …)."""
+        fused, groups, sizes = self._layout(path)
+        blocks = output.reshape(*output.shape[:-1], groups, sum(sizes))  # [..., group, part·size]
+        pieces = blocks.split(sizes, dim=-1)
+        return {part: piece.reshape(*output.shape[:-1], -1) for part, piece in zip(fused.parts, pieces, strict=True)}
+
+    def split(self, layer: int, path: str) -> dict[str, torch.Tensor]:
+        """The separate ``[out, in]`` weights (and ``<part>.bias``) of the fused projection at ``path``."""
+        fused, groups, sizes = self._layout(path)
+        module = self.blocks[layer].get_submodule(path)
         out: dict[str, torch.Tensor] = {}
         for name, tensor in (("", self.linear_weight(module)), (".bias", getattr(module, "bias", None))):
             if tensor is None:
                 continue
-            blocks = tensor.reshape(int(groups), sum(sizes), *tensor.shape[1:])  # [group, part·size, ...]
+            blocks = tensor.reshape(groups, sum(sizes), *tensor.shape[1:])  # [group, part·size, ...]
             for part, piece in zip(fused.parts, blocks.split(sizes, dim=1), strict=True):
                 out[part + name] = piece.reshape(-1, *tensor.shape[1:])
         return out

@@ -115,6 +115,8 @@ TINY_FAMILIES.update(
             {"num_layers": 3, "attention_types": [[["global", "local", "global"], 1]], "window_size": 8},
         ),
         "xglm": ("xglm", False, {"ffn_dim": 128}),
+        "bloom": ("bloom", False, {"n_layer": 3, "n_head": 4}),
+        "mpt": ("mpt", False, {"n_layers": 3, "n_heads": 4, "d_model": 64, "expansion_ratio": 2, "max_seq_len": 1024}),
         "biogpt": ("biogpt", False, {}),
         "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
         "electra": ("electra", True, {"embedding_size": 64}),
