@@ -93,6 +93,7 @@ VALID: dict[str, list[str]] = {
     "serve": ["--port", "{port}"],
     "nmf": ["The keys to the cabinet are on the table", "--components", "2", *MODEL],
     "collect": ["The keys to the cabinet", "--out", "{tmp}/acts", *MODEL],
+    "similarity": ["{tmp}/corpus"],
     "attention": ["The keys to the cabinet", *MODEL],
     "probe": ["--model", "tiny-bert", "--tokens", "40", "--seeds", "1", "--epochs", "1", "--sites", "resid_post"],
     "flow": ["The keys to the cabinet", *MODEL],
@@ -172,6 +173,13 @@ BAD: dict[str, list[str]] = {
     "--worker-cpus": ["0", "x"],
     "--worker-gpus": ["-1", "x", "nan"],
     "--shard-mb": ["0", "-1", "x", "nan"],
+    "DIR": ["{tmp}/missing", "{tmp}/a_file", "{tmp}/empty_dir", "{tmp}"],
+    "--site-b": ["bogus", "attn_probs"],
+    "--skip-first": [],
+    "--dims": ["0", "-1", "x", "100000"],
+    "--epsilon": ["-1", "x", "nan"],
+    "--memory-mb": ["0", "-1", "x", "nan"],
+    "--threads": ["0", "-1", "x"],
 }
 
 
@@ -199,6 +207,8 @@ def playground(tmp_path_factory) -> Path:
 
     torch.save({"weight": Payload()}, tmp / "pickle_model" / "pytorch_model.bin")
     lmscope.collect(lm, ["a finished collection"], out_dir=tmp / "finished", progress=False)
+    texts = [f"Text number {i} of a corpus large enough for every layer pair's similarity." for i in range(12)]
+    lmscope.collect(lm, texts, out_dir=tmp / "corpus", progress=False)
     return tmp
 
 

@@ -618,6 +618,60 @@ def _cmd_collect(args: argparse.Namespace) -> None:
     print(json.dumps(summary) if args.json else repr(col))
 
 
+def _add_similarity(commands: Any) -> None:
+    parser = commands.add_parser(
+        "similarity", help="similarity of every pair of layers over a collection, streamed shard by shard"
+    )
+    parser.add_argument("collection", metavar="DIR", help="a collection folder written by lmscope collect")
+    parser.add_argument("--method", choices=("cka", "cca", "svcca", "pwcca"), default="cka", help="measure (default cka)")
+    parser.add_argument("--site", default="resid_post", help="site of the rows (default resid_post)")
+    parser.add_argument("--site-b", default=None, help="site of the columns (default: the same as --site)")
+    parser.add_argument("--layers", default=None, help=LAYERS_HELP.replace("all", "all collected"))
+    parser.add_argument("--skip-first", action="store_true", help="leave out each text's first token (attention sink)")
+    parser.add_argument("--dims", type=_int(1), default=None, help="svcca: directions kept (default: 99%% variance)")
+    parser.add_argument("--epsilon", type=_float(0, 1e6), default=0.0, help="cca, svcca, pwcca: ridge (default 0)")
+    parser.add_argument(
+        "--memory-mb", type=_float(0.001, 1e9), default=512.0, help="bound on the statistics held (default 512)"
+    )
+    parser.add_argument("--threads", type=_int(1, 1024), default=None, help="BLAS threads (default: numpy's)")
+    _output_args(parser)
+    parser.set_defaults(run=_cmd_similarity)
+
+
+def _cmd_similarity(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmscope.analysis import load_collection, streaming
+    from lmscope.capture import resolve_layers
+
+    folder = Path(args.collection)
+    if not folder.exists():
+        raise LmscopeError(f"collection folder not found: {folder}: give a folder written by lmscope collect --out")
+    if not folder.is_dir():
+        raise LmscopeError(f"{folder} is a file, not a collection folder: give a folder written by lmscope collect")
+    if args.dims is not None and args.method != "svcca":
+        raise LmscopeError("--dims applies to --method svcca only")
+    if args.epsilon and args.method == "cka":
+        raise LmscopeError("--epsilon applies to --method cca, svcca and pwcca, not cka")
+    layer_range = _layer_range(args.layers)
+    col = load_collection(folder)
+    layers = None
+    if args.layers is not None:
+        layers = resolve_layers(layer_range, col.model.n_layers)
+        if not layers:
+            raise LmscopeError(
+                f"--layers {args.layers} selects no layer: the model has layers 0..{col.model.n_layers - 1}"
+            )
+    options: dict[str, Any] = {"dims": args.dims} if args.dims is not None else {}
+    if args.epsilon:
+        options["epsilon"] = args.epsilon
+    result = streaming.layer_similarity(
+        col, args.method, args.site, args.site_b or args.site, layers, skip_first=args.skip_first,
+        memory_mb=args.memory_mb, progress=sys.stderr.isatty(), threads=args.threads, **options,
+    )  # fmt: skip
+    _emit(result, args)
+
+
 def _add_attention(commands: Any) -> None:
     parser = commands.add_parser("attention", help="attention head view, model view or neuron view (BertViz)")
     _text_arg(parser)
@@ -823,6 +877,7 @@ _COMMANDS: tuple[Callable[[Any], None], ...] = (
     _add_serve,
     _add_nmf,
     _add_collect,
+    _add_similarity,
     _add_attention,
     _add_probe,
     _add_flow,
