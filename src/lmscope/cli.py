@@ -623,7 +623,7 @@ def _add_similarity(commands: Any) -> None:
         "similarity", help="similarity of every pair of layers over a collection, streamed shard by shard"
     )
     parser.add_argument("collection", metavar="DIR", help="a collection folder written by lmscope collect")
-    parser.add_argument("--method", choices=("cka", "cca", "svcca", "pwcca"), default="cka", help="measure (default cka)")
+    parser.add_argument("--method", choices=("cka", "cca", "svcca", "pwcca"), default="cka", help="default cka")
     parser.add_argument("--site", default="resid_post", help="site of the rows (default resid_post)")
     parser.add_argument("--site-b", default=None, help="site of the columns (default: the same as --site)")
     parser.add_argument("--layers", default=None, help=LAYERS_HELP.replace("all", "all collected"))
