@@ -11,6 +11,7 @@ records the encoder stack in the same forward pass; one attention listener serve
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -187,7 +188,10 @@ def _attach(recorder: Recorder, handles: list[torch.utils.hooks.RemovableHandle]
 
     def keep(site: str, layer: int, scale: float = 1.0):
         def hook(module, args, output):
-            recorder.put(site, layer, _first(output) if scale == 1.0 else _first(output) * scale)
+            # Falcon's parallel block adds attention into the MLP's output in place: sublayer outputs are copied
+            copy = site in ("attn_out", "mlp_out") and scale == 1.0
+            recorder.put(site, layer, _first(output).clone() if copy else _first(output) * scale)
+
 
         return hook
 
@@ -243,26 +247,40 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
     arch, family = recorder.arch, recorder.arch.family
     handles = []
 
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # a fused projection's parts, until its module returns
+
     def keep_probs(layer: int):
         def hook(module, args, kwargs, output):
-            scaling = family.attn_scaling
-            recorder.attn_scaling[layer] = float(arch.d_head**-0.5 if scaling is None else scaling)
+            scaling = float(arch.d_head**-0.5 if family.attn_scaling is None else family.attn_scaling)
+            recorder.attn_scaling[layer] = scaling
             recorder.attn_softcap[layer] = None
-            if "attn_probs" in recorder.sites:
-                recorder.put("attn_probs", layer, output[1])
             bias = kwargs.get(family.alibi) if family.alibi else None
+            probs = output[1]  # [batch, head, pos_q, pos_k], or None (SDPA)
+            parts = pending.pop(layer, None)
+            if parts is not None:
+                q, k, v = (parts[s].view(*parts[s].shape[:2], -1, arch.d_head).transpose(1, 2) for s in "qkv")
+                if family.rotary and bias is None:  # [batch, (kv_)head, pos, d_head]
+                    cos, sin = kwargs["position_embeddings"]
+                    q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+                if probs is None and "attn_probs" in recorder.sites:
+                    probs = attention_probs(module, q, k, kwargs.get("attention_mask"), {"scaling": scaling})
+                    probs = probs.to(q.dtype)
+                for site, tensor in (("q", q), ("k", k), ("v", v)):
+                    if site in recorder.sites:
+                        recorder.put(site, layer, tensor.transpose(1, 2))  # [batch, pos, (kv_)head, d_head]
+            if "attn_probs" in recorder.sites:
+                recorder.put("attn_probs", layer, probs)
             if "position_bias" in recorder.sites and bias is not None:
-                batch, heads, n_q, n_k = output[1].shape
-                bias = bias.reshape(-1, heads, *bias.shape[-2:])[..., -n_k:]  # [batch or 1, head, 1, pos_k]
-                recorder.put("position_bias", layer, bias.expand(batch, heads, n_q, n_k))
+                bias = kwargs["attention_mask"] if family.alibi_in_mask else bias
+                batch, n_q = (args[0] if args else kwargs["hidden_states"]).shape[:2]
+                bias = bias.reshape(-1, arch.n_heads, *bias.shape[-2:])[..., -n_q:]  # [batch or 1, head, 1, pos_k]
+                recorder.put("position_bias", layer, bias.expand(batch, arch.n_heads, n_q, n_q))
 
         return hook
 
     def keep_fused(layer: int, path: str):
         def hook(module, args, output):
-            for site, part in arch.split_output(path, output).items():
-                if site in recorder.sites:
-                    recorder.put(site, layer, part.view(*part.shape[:2], -1, arch.d_head))  # [batch, pos, head, d_hd]
+            pending[layer] = arch.split_output(path, output)  # q [batch, pos, head·d_head], k, v
 
         return hook
 

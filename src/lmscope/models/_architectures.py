@@ -167,6 +167,13 @@ class Family:
             1, head, 1 or pos_q, pos_k]`` once its trailing keys are kept; recorded as the
             ``position_bias`` site, so ``softmax(q·kᵀ·scaling + position_bias + mask)`` is the
             module's attention.
+        alibi_in_mask: the model folds the (scaled) ALiBi bias into the attention mask it gives
+            the module (Falcon), so that mask, with the float minimum on masked keys, is the
+            recorded ``position_bias``.
+        rotary: the module rotates the fused projection's queries and keys with its model file's
+            ``apply_rotary_pos_emb`` and the ``position_embeddings`` it is given, when no ALiBi
+            bias is passed (Falcon). Where such a module returns no probabilities (SDPA), they are
+            ``softmax(q·kᵀ·scaling + mask)`` from the queries, keys and mask it used.
         attn_scaling: the factor such a module multiplies ``q·kᵀ`` by (GPT-Neo: 1, no ``1/√d``;
             ``None``: ``1/√d_head``, applied by XGLM to the query projection's output).
         attn, attn_out, o_proj: ``None`` for a state-space model without attention (Mamba): its
@@ -212,6 +219,8 @@ class Family:
     qkv: tuple[str, ...] | None = None
     attn_scaling: float | None = None
     alibi: str | None = None
+    alibi_in_mask: bool = False
+    rotary: bool = False
     experts: Experts | None = None
 
 
@@ -605,6 +614,28 @@ FAMILIES: tuple[Family, ...] = (
         alibi="position_bias",
     ),
     Family(
+        name="falcon",
+        model_types=("falcon",),
+        blocks="h",
+        embed="word_embeddings",
+        final_norm="ln_f",
+        attn="self_attention",
+        attn_out="self_attention",
+        o_proj="self_attention.dense",
+        mlp_out="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        ln_attn="input_layernorm",  # the new (40B) architecture: ln_attn and ln_mlp
+        ln_mlp="post_attention_layernorm",  # none where attention and MLP share one norm
+        parallel="parallel_attn",
+        multi_query="multi_query",
+        # [kv_head, q·(head / kv_head) + k + v]: one key-value head (multi-query), one per head, or groups (40B)
+        fused=(Fused("self_attention.query_key_value", _QKV, groups="kv_heads"),),
+        qkv=("self_attention.query_key_value",),
+        alibi="alibi",
+        alibi_in_mask=True,
+        rotary=True,
+    ),
+    Family(
         name="xglm",
         model_types=("xglm",),
         blocks="layers",
@@ -754,7 +785,6 @@ _NO_INTERFACE = (
 )
 
 UNSUPPORTED: dict[str, str] = {
-    "falcon": _NO_INTERFACE + " (FalconAttention computes its own scores)",
     "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
     "granite_swa": "its learnable per-head attention sinks rescale each head's output after the softmax, which "
@@ -978,8 +1008,10 @@ def architecture_of(model: nn.Module) -> Architecture:
     n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
     n_heads = 0 if family.attn is None else n_heads  # a state-space model: no heads
     n_kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    if family.multi_query and getattr(config, family.multi_query, False):
-        n_kv_heads = 1
+    if family.multi_query:  # Falcon's count is num_kv_heads; its new (40B) decoder architecture ignores multi_query
+        n_kv_heads = int(getattr(config, "num_kv_heads", None) or n_kv_heads)
+        if getattr(config, family.multi_query, False) and not getattr(config, "new_decoder_architecture", False):
+            n_kv_heads = 1
     logit_scale = float(getattr(config, family.logit_scale, None) or 1.0) if family.logit_scale else 1.0
     if family.logit_divisor:
         logit_scale /= float(getattr(config, family.logit_divisor, None) or 1.0)

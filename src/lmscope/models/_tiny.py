@@ -116,6 +116,20 @@ TINY_FAMILIES.update(
         ),
         "xglm": ("xglm", False, {"ffn_dim": 128}),
         "bloom": ("bloom", False, {"n_layer": 3, "n_head": 4}),
+        # Falcon's layouts: multi-query with attention and MLP in parallel (7B), sequential multi-head with
+        # biases, ALiBi instead of rotary embeddings, and the new decoder architecture (40B: grouped key-value heads)
+        "falcon": ("falcon", False, {"ffn_hidden_size": 128}),
+        "falcon-sequential": (
+            "falcon",
+            False,
+            {"ffn_hidden_size": 128, "multi_query": False, "parallel_attn": False, "bias": True},
+        ),
+        "falcon-alibi": ("falcon", False, {"ffn_hidden_size": 128, "alibi": True, "parallel_attn": False}),
+        "falcon-40b": (
+            "falcon",
+            False,
+            {"ffn_hidden_size": 128, "new_decoder_architecture": True, "num_kv_heads": 2},
+        ),
         "mpt": ("mpt", False, {"n_layers": 3, "n_heads": 4, "d_model": 64, "expansion_ratio": 2, "max_seq_len": 1024}),
         "biogpt": ("biogpt", False, {}),
         "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
