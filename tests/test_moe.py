@@ -138,7 +138,7 @@ def test_renormalize_mode_keeps_expert_shares_summing_to_one() -> None:
         assert sum(x.share for x in edge.experts) == pytest.approx(1, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "deepseek_v2"))
+@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "deepseek_v2", "granitemoe", "llama4"))
 def test_top_neurons_per_expert_and_expert_updates(name: str) -> None:
     lm, out = tiny(name), traced(name)
     trace, arch = out.trace, lm.arch
@@ -159,6 +159,30 @@ def test_top_neurons_per_expert_and_expert_updates(name: str) -> None:
         update_vector(trace, arch, layer, q, expert=idle)
     label = out.promoted_tokens(layer, q, expert=int(parts.ids[q, 0])).component
     assert label == f"ffn expert {int(parts.ids[q, 0])}"
+
+
+def test_llama4_experts_scale_their_input_and_sum_with_the_shared_expert() -> None:
+    """Llama 4: slot ``j`` writes ``E_{i_j}(w_j · x)``, ``w = sigmoid(top-k router logits)``, plus a shared expert."""
+    lm, trace = tiny("llama4"), traced("llama4").trace
+    arch = lm.arch
+    assert _moe_layers(lm) == [0, 2]
+    for layer in _moe_layers(lm):
+        parts = expert_parts(trace, arch, layer)
+        x = trace.at("mlp_act", layer)  # [pos, d_model]
+        moe = arch.blocks[layer].feed_forward
+        with torch.no_grad():
+            top = (x @ moe.router.weight.T).topk(2, dim=-1)
+            ids, weights = top.indices, torch.sigmoid(top.values)
+            experts = moe.experts
+            for q in range(trace.n_pos):
+                assert parts.ids[q, :2].tolist() == ids[q].tolist() and parts.ids[q, 2] == SHARED
+                torch.testing.assert_close(parts.weights[q, :2], weights[q])
+                for j, e in enumerate(ids[q].tolist()):
+                    gate, up = (weights[q, j] * x[q] @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+                    hand = (F.silu(gate) * up) @ experts.down_proj[e]
+                    torch.testing.assert_close(parts.updates[q, j], hand, atol=1e-5, rtol=0)
+                torch.testing.assert_close(parts.updates[q, 2], moe.shared_expert(x[q][None])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.updates.sum(1), trace.at("mlp_out", layer), atol=1e-5, rtol=0)
 
 
 def test_dense_layer_of_an_moe_family_is_one_component() -> None:

@@ -14,6 +14,8 @@ router's scoring, top-k choice, renormalization and scaling are exactly the mode
 Each routed expert is ``E(x) = W_down[e] · (act(W_gate[e] x) * W_up[e] x)`` over fused 3-D weights
 ``gate_up_proj [expert, 2·neuron, d_model]`` and ``down_proj [expert, d_model, neuron]``, so its
 neuron ``n`` writes ``w · a[n] · W_down[e][:, n]``; the shared expert is an ordinary gated MLP.
+Llama 4 scales the expert's input instead (``w · E(x)`` becomes ``E(w · x)``, Meta 2025, "The Llama 4
+herd"): its slot's update is that, and its neuron ``n`` writes ``a[n](w · x) · W_down[e][:, n]``.
 
 Axis vocabulary: ``pos, d_model, neuron``; ``slot`` is one of a position's ``k`` routed choices.
 """
@@ -77,11 +79,20 @@ def _routing(arch: Architecture, layer: int, x: torch.Tensor) -> dict[str, torch
 
     def keep(name: str):
         def hook(module, args, output):
-            seen[name] = output[0] if isinstance(output, tuple) else output
+            # copied: Llama 4 adds the routed experts' sum into its shared expert's output in place
+            seen[name] = (output[0] if isinstance(output, tuple) else output).clone()
 
         return hook
 
-    handles = [block.get_submodule(moe.experts).register_forward_pre_hook(routed, with_kwargs=True)]
+    def scored(module, args, output):  # Llama 4's router: (scores [pos, expert], zero off the top-k; logits)
+        scores, logits = output
+        index = logits.topk(int(getattr(module, "top_k", arch.top_k)), dim=1).indices  # the router's own choice
+        seen.update(hidden=args[0], index=index, weights=scores.gather(1, index))
+
+    if moe.input_scaled:
+        handles = [block.get_submodule(moe.router).register_forward_hook(scored)]
+    else:
+        handles = [block.get_submodule(moe.experts).register_forward_pre_hook(routed, with_kwargs=True)]
     if moe.shared:
         shared = block.get_submodule(moe.shared)
         handles.append(shared.register_forward_hook(keep("shared")))
@@ -110,9 +121,12 @@ def expert_parts(trace: Trace, arch: Architecture, layer: int) -> ExpertParts | 
     seen = _routing(arch, layer, x)
     hidden, index, weights = seen["hidden"], seen["index"], seen["weights"]
     n_pos, k = index.shape
-    with torch.no_grad():  # every slot in one call: slot j of position q is row j·pos + q
-        slots = experts(hidden.repeat(k, 1), index.T.reshape(-1, 1), weights.T.reshape(-1, 1).to(hidden.dtype))
-    updates = slots.view(k, n_pos, -1).transpose(0, 1).float()  # [pos, slot, d_model]
+    if arch.family.experts.input_scaled:
+        updates = _input_scaled_slots(experts, arch.n_experts, hidden, index, weights)
+    else:
+        with torch.no_grad():  # every slot in one call: slot j of position q is row j·pos + q
+            slots = experts(hidden.repeat(k, 1), index.T.reshape(-1, 1), weights.T.reshape(-1, 1).to(hidden.dtype))
+        updates = slots.view(k, n_pos, -1).transpose(0, 1).float()  # [pos, slot, d_model]
     ids, gates = index.long(), weights.float()
     if seen["shared"] is not None:
         shared = seen["shared"].reshape(n_pos, -1).float()
@@ -125,6 +139,21 @@ def expert_parts(trace: Trace, arch: Architecture, layer: int) -> ExpertParts | 
     updates = updates.to(x.device) * arch.residual_scale
     rest = trace.at("mlp_out", layer).float() - updates.sum(1)
     return ExpertParts(trace.layers[trace.layer_index(layer)], ids.to(x.device), gates.to(x.device), updates, rest, k)
+
+
+def _input_scaled_slots(
+    experts: nn.Module, n_experts: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:  # [pos, slot, d_model]
+    """Each slot's ``E_{i_j}(w_j · x)``, by the experts module as the model calls it (one scaled copy per expert)."""
+    n_pos, k = index.shape
+    rows = torch.arange(n_pos, device=hidden.device)
+    slots = []
+    with torch.no_grad():
+        for j in range(k):
+            routed = hidden.new_zeros(n_experts, n_pos, hidden.shape[-1])  # [expert, pos, d_model]
+            routed[index[:, j], rows] = hidden * weights[:, j, None].to(hidden.dtype)
+            slots.append(experts(routed.view(-1, hidden.shape[-1])).view(n_experts, n_pos, -1).sum(0))
+    return torch.stack(slots, dim=1).float()
 
 
 def expert_neurons(
@@ -145,7 +174,11 @@ def expert_neurons(
     index, weights = parts.ids[q, :k], parts.weights[q, :k]  # [slot]
     gate_up = experts.gate_up_proj.detach()[index.to(experts.gate_up_proj.device)].float()  # [slot, 2·neuron, d]
     down = experts.down_proj.detach()[index.to(experts.down_proj.device)].float()  # [slot, d_model, neuron]
-    gate, up = (gate_up @ x.to(gate_up.device)).chunk(2, dim=-1)  # [slot, neuron]
+    inputs = x.to(gate_up.device).expand(k, -1)  # [slot, d_model]
+    if arch.family.experts.input_scaled:  # Llama 4: [slot, d_model, 2·neuron], [slot, neuron, d_model]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        inputs, weights = inputs * weights[:, None].to(inputs.device), torch.ones_like(weights)
+    gate, up = (gate_up @ inputs[..., None])[..., 0].chunk(2, dim=-1)  # [slot, neuron]
     act = (experts.act_fn(gate) * up).to(x.device)  # [slot, neuron]
     scale = arch.residual_scale
     updates = weights[:, None, None] * act[:, :, None] * down.to(x.device).transpose(1, 2) * scale  # [slot, n, d]

@@ -94,6 +94,11 @@ class Experts:
         normalize: the config attribute that says whether the top-k weights are renormalized to
             sum 1 (``True``: always; ``None``: never).
         scaling: the config attribute the top-k weights are multiplied by, or ``None``.
+        input_scaled: the router weight scales each chosen expert's input, not its output
+            (Llama 4: ``Σ_j E_{i_j}(w_j · x)``, the experts module called once on every expert's
+            scaled copy of the tokens, zero for experts not chosen); its fused weights are then
+            stored ``[expert, d_model, 2·neuron]`` and ``[expert, neuron, d_model]``, and the
+            router returns ``(scores [pos, expert], router_logits)``.
     """
 
     experts: str = "mlp.experts"
@@ -105,6 +110,7 @@ class Experts:
     scoring: str = "softmax"
     normalize: str | bool | None = True
     scaling: str | None = None
+    input_scaled: bool = False
 
 
 @dataclass(frozen=True)
@@ -483,6 +489,23 @@ FAMILIES: tuple[Family, ...] = (
             scaling="routed_scaling_factor",
             shared="mlp.shared_experts",
         ),
+    ),
+    _moe(
+        "llama4",
+        Experts(
+            experts="feed_forward.experts",
+            router="feed_forward.router",
+            shared="feed_forward.shared_expert",
+            scoring="sigmoid",
+            normalize=None,
+            input_scaled=True,
+        ),
+        model_types=("llama4_text",),
+        blocks="model.layers",  # its base_model_prefix names no attribute: paths from the top model
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        mlp_out="feed_forward",
+        mlp_down="feed_forward",
     ),
     _state_space("mamba", "mamba", "falcon_mamba"),
     _state_space("mamba2"),

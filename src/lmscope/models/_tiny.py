@@ -213,6 +213,23 @@ TINY_FAMILIES.update(
                 "attention_multiplier": 0.2,
             },
         ),
+        # Llama 4 (text): layers 0 and 2 route (top-2 of 4, sigmoid, the weight scaling each expert's input) beside
+        # a shared expert, layer 1 is dense; layer 1 has no rotary embedding (temperature-tuned queries, full
+        # attention) and the others chunked attention over 8 tokens with QK norm
+        "llama4": (
+            "llama4_text",
+            False,
+            {
+                **_MOE,
+                **_GQA,
+                "num_local_experts": 4,
+                "intermediate_size": 32,
+                "intermediate_size_mlp": 128,
+                "moe_layers": [0, 2],
+                "no_rope_layers": [1, 0, 1],
+                "attention_chunk_size": 8,
+            },
+        ),
         # state-space models without attention (tests/test_mamba.py)
         "mamba": ("mamba", False, {"state_size": 8, "expand": 2}),
         "falcon_mamba": ("falcon_mamba", False, {"state_size": 8, "expand": 2}),
