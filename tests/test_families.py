@@ -225,3 +225,16 @@ def test_neuron_view_of_a_module_with_its_own_attention(name: str) -> None:
 def test_unsupported_model_types_say_why(model_type: str) -> None:
     with pytest.raises(LmscopeError, match=rf"unsupported architecture '{model_type}': .+"):
         family_of(model_type)
+
+
+def test_neuron_view_of_disentangled_attention() -> None:
+    """DeBERTa-v2: its relative-position (c2p, p2c) term, recorded as ``position_bias``, and scaling ``1/√(3d)``."""
+    lm = tiny("deberta-v2")
+    result = lm.trace(TEXT).attention(view="neuron")
+    eager = eager_attentions(lm, TEXT).numpy()
+    assert result.layers == (0, 1, 2) or list(result.layers) == [0, 1, 2]
+    for layer in result.layers:
+        for head in range(lm.arch.n_heads):
+            for query in range(len(result.tokens)):
+                scores = neuron_scores_of(result, layer, head, query)
+                np.testing.assert_allclose(scores.probs, eager[layer, head, query], atol=2e-6, rtol=0)

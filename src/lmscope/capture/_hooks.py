@@ -11,6 +11,7 @@ records the encoder stack in the same forward pass; one attention listener serve
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -236,6 +237,30 @@ def _attach(recorder: Recorder, handles: list[torch.utils.hooks.RemovableHandle]
     return bool(wanted & _ATTENTION_SITES)
 
 
+def _disentangled(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[float, torch.Tensor | None]:
+    """DeBERTa-v2's score scaling and relative-position term ``[batch, head, pos_q, pos_k]``.
+
+    Disentangled attention (He et al. 2021, "DeBERTa", eq. 4) scores ``(q·kᵀ + c2p + p2c) / √(d·s)``,
+    ``s`` counting the content term and each relative term used; the relative terms are computed
+    again with the module's own ``disentangled_attention_bias``, so ``softmax(q·kᵀ·scaling +
+    position_bias)`` is its attention.
+    """
+    arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    hidden = arguments["hidden_states"]
+    queries = arguments.get("query_states")
+    heads = module.num_attention_heads
+    factor = 1 + sum(term in module.pos_att_type for term in ("c2p", "p2c"))
+    with torch.no_grad():
+        q = module.transpose_for_scores(module.query_proj(hidden if queries is None else queries), heads)
+        k = module.transpose_for_scores(module.key_proj(hidden), heads)  # [batch·head, pos, d_head]
+        scaling = float((q.shape[-1] * factor) ** -0.5)
+        if not module.relative_attention:
+            return scaling, None
+        embeddings = module.pos_dropout(arguments["rel_embeddings"])
+        bias = module.disentangled_attention_bias(q, k, arguments.get("relative_pos"), embeddings, factor)
+    return scaling, bias.view(-1, heads, *bias.shape[-2:])
+
+
 def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[torch.utils.hooks.RemovableHandle]:
     """Attention sites of a family whose attention module computes its own eager attention (GPT-Neo, BLOOM, MPT).
 
@@ -270,6 +295,8 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
                         recorder.put(site, layer, tensor.transpose(1, 2))  # [batch, pos, (kv_)head, d_head]
             if "attn_probs" in recorder.sites:
                 recorder.put("attn_probs", layer, probs)
+            if family.output_attentions:  # DeBERTa-v2: its scaling and relative-position term
+                recorder.attn_scaling[layer], bias = _disentangled(module, args, kwargs)
             if "position_bias" in recorder.sites and bias is not None:
                 bias = kwargs["attention_mask"] if family.alibi_in_mask else bias
                 batch, n_q = (args[0] if args else kwargs["hidden_states"]).shape[:2]
@@ -284,13 +311,30 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
 
         return hook
 
+    expected: set[tuple[str, int]] = set()  # a projection's first call per attention call holds the tokens' q, k, v
+
     def keep_heads(site: str, layer: int):
         def hook(module, args, output):
+            if (site, layer) not in expected:
+                return  # DeBERTa-v2 also projects its relative-position embeddings with its key and query projections
+            expected.discard((site, layer))
             recorder.put(site, layer, output.view(*output.shape[:2], -1, arch.d_head))  # [batch, pos, head, d_head]
 
         return hook
 
+    def starting(layer: int):
+        def hook(module, args, kwargs):
+            expected.update((site, layer) for site in ("q", "k", "v"))
+            if family.output_attentions:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs)
+                bound.arguments["output_attentions"] = True
+                return bound.args, bound.kwargs
+            return None
+
+        return hook
+
     for layer in layers:
+        handles.append(arch.attn(layer).register_forward_pre_hook(starting(layer), with_kwargs=True))
         handles.append(arch.attn(layer).register_forward_hook(keep_probs(layer), with_kwargs=True))
         if len(family.qkv) == 1:  # one fused projection
             fused = arch.block_part(layer, family.qkv[0])

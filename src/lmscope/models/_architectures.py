@@ -176,6 +176,9 @@ class Family:
         alibi_in_mask: the model folds the (scaled) ALiBi bias into the attention mask it gives
             the module (Falcon), so that mask, with the float minimum on masked keys, is the
             recorded ``position_bias``.
+        output_attentions: such a module returns its probabilities only when called with
+            ``output_attentions=True`` (DeBERTa-v2), which the recorder then passes it (its output
+            is otherwise the same).
         rotary: the module rotates the fused projection's queries and keys with its model file's
             ``apply_rotary_pos_emb`` and the ``position_embeddings`` it is given, when no ALiBi
             bias is passed (Falcon). Where such a module returns no probabilities (SDPA), they are
@@ -227,6 +230,7 @@ class Family:
     alibi: str | None = None
     alibi_in_mask: bool = False
     rotary: bool = False
+    output_attentions: bool = False
     experts: Experts | None = None
 
 
@@ -707,6 +711,11 @@ FAMILIES: tuple[Family, ...] = (
     _bert_like("roberta", "lm_head", "roberta", "xlm-roberta", "camembert", "data2vec-text"),
     _bert_like("ernie", "cls", "ernie", "layoutlm", "roc_bert"),
     _bert_like("electra", ("generator_predictions", "generator_lm_head")),
+    replace(  # disentangled attention (He et al. 2021): content and relative-position terms, its own softmax
+        _bert_like("deberta-v2", "cls"),
+        qkv=("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"),
+        output_attentions=True,
+    ),
     replace(
         _bert_like("roberta-prelayernorm", "lm_head"),
         final_norm="LayerNorm",
@@ -802,13 +811,7 @@ NO_ATTENTION = (
 )
 """Why an attention-less family (``attn=None``) refuses the analyses that need attention."""
 
-_NO_INTERFACE = (
-    "its attention does not go through transformers' attention interface, so lmscope cannot capture "
-    "attention probabilities (or values) without changing the model's code"
-)
-
 UNSUPPORTED: dict[str, str] = {
-    "deberta-v2": _NO_INTERFACE + " (disentangled relative-position attention)",
     "ctrl": "it scales its input embeddings in place, so gradients with respect to them (saliency) cannot be taken",
     "granite_swa": "its learnable per-head attention sinks rescale each head's output after the softmax, which "
     "lmscope's attention probabilities and per-head contributions do not include yet",

@@ -134,6 +134,20 @@ TINY_FAMILIES.update(
         "biogpt": ("biogpt", False, {}),
         "xlm-roberta": ("xlm-roberta", True, {"max_position_embeddings": 1026}),
         "electra": ("electra", True, {"embedding_size": 64}),
+        # DeBERTa-v3's settings: relative positions in 16 log buckets, c2p and p2c terms sharing the key projection
+        "deberta-v2": (
+            "deberta-v2",
+            True,
+            {
+                "relative_attention": True,
+                "pos_att_type": ["p2c", "c2p"],
+                "position_buckets": 16,
+                "max_relative_positions": 64,
+                "share_att_key": True,
+                "norm_rel_ebd": "layer_norm",
+                "position_biased_input": False,
+            },
+        ),
         "roberta-prelayernorm": ("roberta-prelayernorm", True, {"max_position_embeddings": 1026}),
         "modernbert": ("modernbert", True, {"global_attn_every_n_layers": 2, "local_attention": 8}),
     }
