@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmscope.analysis._onednn import routed
+from lmscope.analysis._onednn import ZeroRows, routed
 from lmscope.models import LoadedModel
 
 __all__ = [
@@ -141,19 +141,34 @@ def _vjps(lm: LoadedModel, x: torch.Tensor, chunk: Targets) -> tuple[torch.Tenso
     ``n`` times.
     """
     n = len(chunk)
-    with _head_input(lm) as head:
-        values = scores(lm, x, chunk)  # [batch, n]
-    h = head.value  # [batch, n, d_model] (or [batch, pos, d_model] without logits_to_keep)
-    (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)  # [batch, n or pos, d_model]
-    rows = torch.arange(n, device=h.device)
-    index = rows if h.shape[1] == n else (chunk.positions - 1).to(h.device)
-    cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, n or pos, d_model]
-    cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
 
-    def pull_back() -> torch.Tensor:  # [n, *x.shape]; the graph is kept, as a routing trial runs this thrice
-        return torch.autograd.grad(h, x, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)[0]
+    def run() -> tuple[torch.Tensor, torch.Tensor]:  # the whole pass, as a routing trial runs it thrice
+        with _head_input(lm) as head:
+            values = scores(lm, x, chunk)  # [batch, n]
+        h = head.value  # [batch, n, d_model] (or [batch, pos, d_model] without logits_to_keep)
+        (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)  # [batch, n or pos, d_model]
+        rows = torch.arange(n, device=h.device)
+        index = rows if h.shape[1] == n else (chunk.positions - 1).to(h.device)
+        cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, n or pos, d_model]
+        cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
+        (grads,) = torch.autograd.grad(h, x, grad_outputs=cotangents, is_grads_batched=True)  # [n, *x.shape]
+        return grads, values.detach()
 
-    return routed(pull_back, _workload(lm, n * x.shape[0] * x.shape[1]), lm.device, lm.dtype), values.detach()
+    rows = _zero_rows(chunk.positions, x.shape[0], x.shape[1])
+    return routed(run, _workload(lm, n * x.shape[0] * x.shape[1]), lm.device, lm.dtype, rows)
+
+
+def _zero_rows(positions: torch.Tensor, batch: int, length: int) -> ZeroRows | None:
+    """The rows of a batched backward's products that are zero under the causal mask.
+
+    The products of the pass behind :func:`_vjps` have ``n × batch × length`` rows (target,
+    sequence, position, in that order); target ``i``'s rows at positions ``s ≥ t_i`` are exactly
+    zero, as nothing at or after ``t_i`` influences the logits that predict ``t_i``. ``None`` where
+    no row is zero (every target at the end of the sequence).
+    """
+    s = torch.arange(length)
+    keep = s[None, None, :] < positions.cpu()[:, None, None]  # [n, 1, length]
+    return ZeroRows.of(keep.expand(len(positions), batch, length).reshape(-1))
 
 
 def _workload(lm: LoadedModel, rows: int) -> tuple[object, ...]:

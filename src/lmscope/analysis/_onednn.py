@@ -3,36 +3,46 @@
 PyTorch's CPU builds multiply float32 matrices with MKL. On AMD processors MKL runs kernels
 narrower than the CPU's vector units, while oneDNN, which PyTorch bundles as well, uses the full
 width: on a 2-core AMD EPYC with AVX-512, a ``[240, 1536] @ [1536, 576]`` product runs at about
-450 GFLOPS through oneDNN against about 200 through MKL. Saliency's batched backward pass is made
-of such products (one row per target and token position).
+450 GFLOPS through oneDNN against about 200 through MKL. Saliency's passes are made of such
+products: the forward over the sequence (one row per position) and the batched backward (one row
+per target and position). :func:`onednn_matmuls` is a context
+in which the 2-D float32 CPU ``mm`` and ``addmm`` calls that PyTorch actually runs go to oneDNN's
+inner-product primitive. It registers kernels of its own over PyTorch's CPU kernels of
+``aten::mm`` and ``aten::addmm`` for the length of the scope (:func:`_routing`), so it sees the
+products below autograd and below vmap (a batched backward arrives with every target's rows
+already folded into one product) and costs a Python call per product only. A ``TorchDispatchMode``
+would see the same products, but it costs a Python call for every operation (about 10 µs; a batched
+backward through a 30-layer model runs about 5,500 of them, against about 400 products in the whole
+pass): measured on SmolLM2-135M, 10 targets, one thread, the batched backward took 441 ms under
+such a mode and 383 ms under these kernels, with equal results. The kernels route only the
+products of the threads that opened a scope; every other thread's products go to PyTorch's own
+kernels (their ``out=`` forms). The results are float32 products summed in another order (they
+differ from MKL's at the ~1e-6 relative level, as any two BLAS libraries do), so capture never
+uses them, since its logits must equal the model's bit for bit.
 
-:func:`onednn_matmuls` is a context in which the 2-D float32 CPU ``mm`` and ``addmm`` calls that
-PyTorch actually runs go to oneDNN's inner-product primitive. It is a ``TorchDispatchMode``: it
-sees the products below autograd and below vmap (a batched backward arrives with every target's
-rows already folded into one product) and, like any dispatch mode, it is local to the thread that
-enters it. It also costs a Python call for every operation it sees (about 10 µs; a batched
-backward pass through a 30-layer model runs about 5,500), so it is entered around the batched
-backward only, never around a whole analysis; its handler is kept out of the ``torch.compile``
-guard that PyTorch puts around every dispatch mode's handler by default (it is never compiled,
-and the guard adds about 1 µs to each of those calls). The results are float32 products summed
-in another order (they differ from MKL's at the ~1e-6 relative level, as any two BLAS libraries
-do), so capture never uses them, since its logits must equal the model's bit for bit.
+Products of a batched backward have rows that are zero by construction: a target's gradient is
+zero at every position after the one that predicts it. Given those rows (:class:`ZeroRows`), a
+product multiplies only the others, after checking that the dropped rows are indeed zero (a zero
+row gives a zero row of the product, so the result is exactly the full product's; where the check
+fails the product is done in full). For 10 targets after a 15-token prompt that is 195 of 240 rows.
 
 Whether oneDNN pays is decided from the workload itself, not from a product measured apart
-(:func:`routed`): a faster product does not make a faster pass once the mode's own cost is paid.
+(:func:`routed`): a faster product does not make a faster pass once the routing's own cost is paid.
 The first time a class of workload is seen in a process (the caller names it: the model's shape,
 the rows of the pass, the thread count), the caller's pass runs three times: through oneDNN
 untimed (oneDNN builds its kernels for new shapes on first use), then timed through PyTorch's
 products, then timed through oneDNN. oneDNN is kept for that class only if its result agrees with
-PyTorch's to float32 precision and its pass, the mode's cost included, took at most 95 % of
+PyTorch's to float32 precision and its pass, the kernels' cost included, took at most 95 % of
 PyTorch's; every later pass of the class runs once, the chosen way. :func:`choices` lists what
 was decided, with both timings.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,22 +50,32 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Choice", "available", "choices", "forget_choices", "matmul_backend", "onednn_matmuls", "routed"]
+__all__ = [
+    "Choice",
+    "ZeroRows",
+    "available",
+    "choices",
+    "forget_choices",
+    "matmul_backend",
+    "onednn_matmuls",
+    "routed",
+]
 
 T = TypeVar("T")
 
-_MM = torch.ops.aten.mm.default
-_ADDMM = torch.ops.aten.addmm.default
 _BACKENDS = ("auto", "onednn", "torch")
 _MARGIN = 0.95  # oneDNN's trial pass must take at most this share of PyTorch's
 _backend: ContextVar[str] = ContextVar("lmscope_matmul_backend", default="auto")
 
 
 def available() -> bool:
-    """Whether this PyTorch build has oneDNN's inner product."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this PyTorch build has oneDNN's inner product (and can take a kernel back, see :func:`_routing`)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.library.Library, "_destroy")
+    )
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -81,40 +101,129 @@ def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-class _OneDnnMatmuls(TorchDispatchMode):
-    """Routes eligible ``mm`` and ``addmm`` (``beta = alpha = 1``, a bias per column) to oneDNN.
+@dataclass(frozen=True)
+class ZeroRows:
+    """Rows of a pass's products that are known to be zero: of every ``mm`` whose left operand has
+    ``total`` rows, only the rows ``keep`` can be nonzero (the others are ``drop``).
 
-    Every other operation goes straight back to PyTorch (the first test below is the only work it
-    costs). A product oneDNN refuses (it raises) is left to PyTorch, which computes the same thing.
+    In a batched backward the rows of a product are the targets' gradients at every position,
+    target by target, and under the causal mask a target's gradient is exactly zero at the
+    positions after the one that predicts it (see :mod:`lmscope.analysis._gradients`).
     """
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:  # no torch.compile guard around the handler (see the module docstring)
-        return False
+    total: int
+    keep: torch.Tensor  # [kept] row indices, ascending
+    drop: torch.Tensor  # [total - kept] the other rows
+    runs: tuple[int, ...]  # lengths of the runs of kept and dropped rows, alternating, a kept run first
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _MM:
-            if not kwargs:
-                a, b = args
-                if _eligible(a, b):
-                    try:
-                        return _linear(a, b.t(), None)
-                    except RuntimeError:
-                        pass
-        elif func is _ADDMM and not kwargs:
-            bias, a, b = args
-            if (
-                _eligible(a, b)
-                and bias.dim() == 1
-                and bias.dtype is torch.float32
-                and bias.shape[0] == b.shape[1]
-                and bias.is_contiguous()
-            ):
-                try:
-                    return _linear(a, b.t(), bias)
-                except RuntimeError:
-                    pass
-        return func(*args, **kwargs) if kwargs else func(*args)
+    @classmethod
+    def of(cls, keep: torch.Tensor) -> ZeroRows | None:
+        """From a mask ``[total]`` of the rows that can be nonzero; ``None`` if that is every row."""
+        keep = keep.cpu()
+        if bool(keep.all()):
+            return None
+        edges = (keep[1:] != keep[:-1]).nonzero()[:, 0] + 1
+        bounds = [0, *edges.tolist(), keep.numel()]
+        runs = [b - a for a, b in itertools.pairwise(bounds)]
+        if not bool(keep[0]):
+            runs.insert(0, 0)
+        return cls(keep.numel(), keep.nonzero()[:, 0], (~keep).nonzero()[:, 0], tuple(runs))
+
+
+def _pruned(a: torch.Tensor, b: torch.Tensor, rows: ZeroRows) -> torch.Tensor | None:
+    """``a @ b`` from ``a``'s kept rows only, or ``None`` where a row of ``rows.drop`` is not zero
+    after all (then the product is done in full). A zero row of ``a`` gives a zero row of the
+    product (``b`` is finite), so the result is the full product's."""
+    if bool(a.index_select(0, rows.drop).any()):
+        return None
+    kept = _linear(a.index_select(0, rows.keep), b.t(), None)  # [kept, n]
+    blocks = kept.split(rows.runs[0::2])
+    zeros = kept.new_zeros(max(rows.runs[1::2]), kept.shape[1])
+    gaps = [zeros[:gap] for gap in rows.runs[1::2]]
+    return torch.cat([part for pair in itertools.zip_longest(blocks, gaps) for part in pair if part is not None])
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aten::mm`` on CPU while a routing scope is open: oneDNN in the threads that opened one."""
+    scopes = getattr(_local, "scopes", None)
+    if scopes and _eligible(a, b):
+        _local.scopes = []  # any product inside is PyTorch's
+        try:
+            rows = scopes[-1]
+            if rows is not None and a.shape[0] == rows.total:
+                product = _pruned(a, b, rows)
+                if product is not None:
+                    return product
+            return _linear(a, b.t(), None)
+        except RuntimeError:
+            pass
+        finally:
+            _local.scopes = scopes
+    return torch.ops.aten.mm.out(a, b, out=a.new_empty((a.shape[0], b.shape[1])))
+
+
+def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float = 1, alpha: float = 1) -> torch.Tensor:
+    """``aten::addmm`` on CPU while a routing scope is open: oneDNN in the threads that opened one,
+    for ``beta = alpha = 1`` and a bias per column."""
+    scopes = getattr(_local, "scopes", None)
+    if (
+        scopes
+        and beta == 1
+        and alpha == 1
+        and _eligible(a, b)
+        and bias.dim() == 1
+        and bias.dtype is torch.float32
+        and bias.shape[0] == b.shape[1]
+        and bias.is_contiguous()
+    ):
+        _local.scopes = []  # any product inside is PyTorch's
+        try:
+            return _linear(a, b.t(), bias)
+        except RuntimeError:
+            pass
+        finally:
+            _local.scopes = scopes
+    out = a.new_empty((a.shape[0], b.shape[1]))
+    return torch.ops.aten.addmm.out(bias, a, b, beta=beta, alpha=alpha, out=out)
+
+
+_local = threading.local()  # .scopes: this thread's open routing scopes, innermost last (their ZeroRows or None)
+_kernels_lock = threading.Lock()
+_kernels: list[object] = []  # [the torch.library.Library that holds _mm and _addmm] while any scope is open
+_open_scopes = 0
+
+
+@contextmanager
+def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
+    """Route this thread's eligible float32 CPU ``mm`` and ``addmm`` to oneDNN in this scope.
+
+    The first scope opened in the process registers :func:`_mm` and :func:`_addmm` over PyTorch's
+    CPU kernels of ``aten::mm`` and ``aten::addmm``; the last one closed removes them. Other
+    threads' products, and products that are not eligible, go to PyTorch's own kernels (their
+    ``out=`` forms, which compute the same thing), so only this thread's products change.
+    """
+    global _open_scopes
+    with _kernels_lock:
+        if _open_scopes == 0:
+            library = torch.library.Library("aten", "IMPL")
+            with warnings.catch_warnings():  # PyTorch warns that a kernel is overridden: that is the point
+                warnings.simplefilter("ignore")
+                library.impl("mm", _mm, "CPU")
+                library.impl("addmm", _addmm, "CPU")
+            _kernels.append(library)
+        _open_scopes += 1
+    scopes = getattr(_local, "scopes", None)
+    if scopes is None:
+        scopes = _local.scopes = []
+    scopes.append(rows)
+    try:
+        yield
+    finally:
+        scopes.pop()
+        with _kernels_lock:
+            _open_scopes -= 1
+            if _open_scopes == 0:
+                _kernels.pop()._destroy()
 
 
 @dataclass(frozen=True)
@@ -166,37 +275,44 @@ def _agree(fast: object, plain: object) -> bool:
     return fast == plain
 
 
-def _timed(run: Callable[[], T], onednn: bool) -> tuple[T, float]:
+def _timed(run: Callable[[], T], onednn: bool, rows: ZeroRows | None = None) -> tuple[T, float]:
     start = time.perf_counter()
     if onednn:
-        with _OneDnnMatmuls():
+        with _routing(rows):
             result = run()
     else:
         result = run()
     return result, time.perf_counter() - start
 
 
-def routed(run: Callable[[], T], workload: Hashable, device: torch.device, dtype: torch.dtype = torch.float32) -> T:
+def routed(
+    run: Callable[[], T],
+    workload: Hashable,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    rows: ZeroRows | None = None,
+) -> T:
     """``run()``, with its float32 CPU products routed as the backend in force says.
 
     ``run`` must give the same result when called twice (a backward pass keeps its graph for
     this), since under ``"auto"`` the first pass of each ``workload`` class is a trial (see
     the module docstring). ``device`` and ``dtype`` are the model's: for a model in another
-    precision or on another device ``run`` runs once, untouched.
+    precision or on another device ``run`` runs once, untouched. ``rows`` (where oneDNN runs) are
+    the rows of ``run``'s products known to be zero (:class:`ZeroRows`).
     """
     backend = _backend.get()
     if backend == "torch" or device.type != "cpu" or dtype is not torch.float32 or not available():
         return run()
     if backend == "onednn":
-        with _OneDnnMatmuls():
+        with _routing(rows):
             return run()
     with _lock:
         choice = _choices.get(workload)
     if choice is not None:
-        return _timed(run, choice.onednn)[0]
-    fast = _timed(run, True)[0]  # oneDNN builds its kernels for these shapes: not timed
+        return _timed(run, choice.onednn, rows)[0]
+    fast = _timed(run, True, rows)[0]  # oneDNN builds its kernels for these shapes: not timed
     plain, plain_s = _timed(run, False)
-    fast_s = _timed(run, True)[1]
+    fast_s = _timed(run, True, rows)[1]
     agree = _agree(fast, plain)
     choice = Choice(workload, agree and fast_s <= _MARGIN * plain_s, fast_s, plain_s, agree)
     with _lock:
@@ -221,7 +337,8 @@ def matmul_backend(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def onednn_matmuls() -> Iterator[None]:
-    """Run this scope's eligible float32 CPU products through oneDNN, unconditionally."""
-    with _OneDnnMatmuls():
+def onednn_matmuls(rows: ZeroRows | None = None) -> Iterator[None]:
+    """Run this scope's eligible float32 CPU products through oneDNN, unconditionally (``rows``: see
+    :class:`ZeroRows`)."""
+    with _routing(rows):
         yield
