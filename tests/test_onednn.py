@@ -86,6 +86,59 @@ def test_the_mode_is_local_to_its_thread(to_onednn) -> None:
     assert len(to_onednn) == 1
 
 
+def mm_kernel() -> str:
+    """Where the CPU kernel of ``aten::mm`` now in force was registered."""
+    return next(line for line in torch._C._dispatch_dump_table("aten::mm").splitlines() if line.startswith("CPU:"))
+
+
+@needs_onednn
+def test_kernels_are_registered_only_while_a_scope_is_open() -> None:
+    pytorch_kernel = mm_kernel()
+    assert "_onednn.py" not in pytorch_kernel
+    with onednn_matmuls():
+        assert "_onednn.py" in mm_kernel()
+        with onednn_matmuls():
+            pass
+        assert "_onednn.py" in mm_kernel()  # the outer scope is still open
+    assert mm_kernel() == pytorch_kernel
+    with pytest.raises(ValueError, match="inside"), onednn_matmuls():
+        raise ValueError("inside")
+    assert mm_kernel() == pytorch_kernel
+
+
+@needs_onednn
+def test_products_multiply_only_the_rows_that_can_be_nonzero(to_onednn) -> None:
+    keep = torch.tensor([True, True, False, True, False, False, True, True])
+    rows = _onednn.ZeroRows.of(keep)
+    assert rows.runs == (2, 1, 1, 2, 2) and rows.total == 8
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(8, 16, generator=g) * keep[:, None], torch.randn(16, 5, generator=g)
+    with onednn_matmuls(rows):
+        pruned = a @ b
+        other = a[:6] @ b  # another number of rows: in full
+    torch.testing.assert_close(other, a[:6] @ b, rtol=1e-6, atol=1e-6)
+    assert to_onednn == [(5, 16, 5), (6, 16, 5)]
+    torch.testing.assert_close(pruned, a @ b, rtol=1e-6, atol=1e-6)
+    assert not pruned[~keep].any()
+    a[2, 0] = 1.0  # a row said to be zero is not: the product is done in full
+    with onednn_matmuls(rows):
+        full = a @ b
+    assert to_onednn[-1] == (8, 16, 5)
+    torch.testing.assert_close(full, a @ b, rtol=1e-6, atol=1e-6)
+    assert _onednn.ZeroRows.of(torch.ones(4, dtype=torch.bool)) is None
+
+
+def test_zero_rows_of_a_batched_backward_are_the_positions_after_each_target() -> None:
+    from lmscope.analysis._gradients import _zero_rows
+
+    rows = _zero_rows(torch.tensor([2, 4]), batch=2, length=4)  # rows: target, sequence, position
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[rows.keep] = True
+    expected = [s < t for t in (2, 4) for _ in range(2) for s in range(4)]
+    assert keep.tolist() == expected and sorted([*rows.keep.tolist(), *rows.drop.tolist()]) == list(range(16))
+    assert _zero_rows(torch.tensor([3, 3]), batch=1, length=3) is None
+
+
 def test_a_product_onednn_refuses_is_left_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     def refusing(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError("could not create a primitive")

@@ -14,7 +14,14 @@ through the same graph, done at once as one batched backward pass
 cotangents; see :func:`_vjps` for how the vocabulary-sized head is kept out of the batch). Targets
 are chunked so that a batched backward carries at most ``rows`` token positions, which bounds
 memory. Cost: one forward pass over the sequence plus backward work for ``N × pos`` positions,
-against ``Σ_t 2t`` positions in small, inefficient passes for the per-prefix loop.
+against ``Σ_t 2t`` positions in small, inefficient passes for the per-prefix loop. Of those
+``N × pos`` rows, target ``t``'s rows at ``s ≥ t`` are exactly zero, and where the pass's products
+run through oneDNN (:mod:`lmscope.analysis._onednn`: the forward and the batched backward, routed
+together as one pass) they multiply only the ``Σ_t t`` others (:func:`_zero_rows`): 195 of 240 rows
+for 10 tokens generated after a 15-token prompt. Cutting those rows from the whole pass instead (a
+forward in segments, each target's backward over its own prefix only) would read every weight once
+more per segment, and a pass this short is bound by reading the weights: the forward of 24
+positions costs about twice the batched backward's products for those 45 rows.
 
 How many positions a batched backward carries (:func:`default_rows`) is set from the machine. On
 a CPU the products' efficiency grows with the rows, and each pass has a fixed cost (every weight

@@ -22,9 +22,9 @@ Explanations"). With ``g_s = ∂f_t/∂e_s``, the methods are:
 Every output token's attributions come from one forward pass and one batched backward pass
 (see :mod:`lmscope.analysis._gradients`), not a forward and backward pass per output token;
 occlusion needs no backward pass: one batched forward pass of one variant per input token.
-Where it is faster on the workload, the batched backward runs its float32 CPU products through
-oneDNN (:mod:`lmscope.analysis._onednn`, decided per class of workload from a trial pass each
-way); the attributions agree with PyTorch's own products to float32 rounding.
+Where it is faster on the workload, the forward and batched backward run their float32 CPU
+products through oneDNN (:mod:`lmscope.analysis._onednn`, decided per class of workload from a
+trial pass each way); the attributions agree with PyTorch's own products to float32 rounding.
 Teacher forcing is implicit: the attributed tokens are whatever the trace holds, generated or not.
 Positions name the explained token, as in Ecco: output ``t`` is predicted from the state at
 ``t − 1``. ``"next"`` (or ``len(tokens)``) explains the prediction after the last token, whose
