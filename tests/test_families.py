@@ -33,9 +33,6 @@ CAUSAL = tuple(name for name, (_, masked, _) in TINY_FAMILIES.items() if not mas
 # state-space models (Mamba) have no attention: tests/test_mamba.py checks their capture
 ATTENTION = tuple(name for name in ALL if family_of(TINY_FAMILIES[name][0]).attn is not None)
 ATOL = 1e-5
-# transformers' eager output_attentions path is not the attention these models run (tests/test_falcon.py checks
-# theirs against its definition)
-EAGER_DIFFERS = {"falcon": "adds the boolean SDPA mask to its scores, and with ALiBi adds the bias twice"}
 
 
 @functools.cache
@@ -100,8 +97,8 @@ def test_capture_is_faithful(name: str) -> None:
 def test_attention_probabilities_equal_eager_attention(name: str) -> None:
     out, _ = traced(name)
     lm = tiny(name)
-    if lm.model.config.model_type in EAGER_DIFFERS:
-        pytest.skip(f"transformers' eager {name} {EAGER_DIFFERS[lm.model.config.model_type]}")
+    if lm.arch.family.eager_differs:  # tests/test_falcon.py checks Falcon against its definition
+        pytest.skip(f"transformers' eager {name} {lm.arch.family.eager_differs}")
     probs = out.trace.get("attn_probs")  # [layer, head, pos_q, pos_k]
     assert probs.shape[1] == lm.arch.n_heads
     original = lm.model.config._attn_implementation
@@ -204,7 +201,9 @@ def test_fused_projections_split_into_what_the_model_computes(name: str, path: s
 
 
 OWN_ATTENTION = tuple(
-    name for name in CAUSAL if family_of(TINY_FAMILIES[name][0]).qkv and TINY_FAMILIES[name][0] not in EAGER_DIFFERS
+    name
+    for name in CAUSAL
+    if family_of(TINY_FAMILIES[name][0]).qkv and not family_of(TINY_FAMILIES[name][0]).eager_differs
 )
 
 

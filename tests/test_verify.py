@@ -22,7 +22,8 @@ def test_passes_on_every_tiny_family(family: str) -> None:
     assert report.passed, str(report)
     assert report.layout == "architecture table"
     statuses = {(c.name, c.status) for c in report.checks}
-    attention = "n/a" if any_family.arch.family.attn is None else "pass"  # state-space models have none
+    # state-space models have no attention; Falcon's eager attention is not what it runs (the blocks check covers it)
+    attention = "n/a" if any_family.arch.family.attn is None or any_family.arch.family.eager_differs else "pass"
     assert ("logits", "pass") in statuses and ("attention", attention) in statuses and ("lens", "pass") in statuses
     assert ("blocks", "pass") in statuses
     if any_family.model.can_generate() and not any_family.arch.family.post_norm:

@@ -176,6 +176,9 @@ class Family:
         alibi_in_mask: the model folds the (scaled) ALiBi bias into the attention mask it gives
             the module (Falcon), so that mask, with the float minimum on masked keys, is the
             recorded ``position_bias``.
+        eager_differs: why transformers' eager ``output_attentions`` path is not the attention this
+            family runs (Falcon), so ``lmscope verify`` compares its probabilities with the attention
+            output they make (the blocks check) instead of with eager attention.
         output_attentions: such a module returns its probabilities only when called with
             ``output_attentions=True`` (DeBERTa-v2), which the recorder then passes it (its output
             is otherwise the same).
@@ -231,6 +234,7 @@ class Family:
     alibi_in_mask: bool = False
     rotary: bool = False
     output_attentions: bool = False
+    eager_differs: str | None = None
     experts: Experts | None = None
 
 
@@ -661,6 +665,7 @@ FAMILIES: tuple[Family, ...] = (
         alibi="alibi",
         alibi_in_mask=True,
         rotary=True,
+        eager_differs="adds the boolean SDPA mask to its scores, and with ALiBi adds the bias a second time",
     ),
     Family(
         name="xglm",
