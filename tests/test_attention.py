@@ -242,7 +242,8 @@ def test_bad_requests_are_clear_errors() -> None:
         out.attention(head=7)
     with pytest.raises(LmscopeError, match="top_k must be at least 1"):
         out.attention(top_k=0)
-    saved = lmscope.Output(out.trace)  # no model attached
+    # no model attached, and no queries and keys (a default trace keeps them: attention is computed from them)
+    saved = lmscope.Output(lm.trace(TEXT, sites=["attn_probs_stored", "v"]).trace)
     with pytest.raises(LmscopeError, match="did not capture 'q'"):
         saved.attention(view="neuron")
     with pytest.raises(LmscopeError, match="needs the model's weights"):

@@ -119,7 +119,8 @@ def test_hooks_removed_after_an_exception_inside_capture() -> None:
 def test_selected_sites_and_layers_only() -> None:
     lm = tiny("qwen2")
     trace = lm.trace(TEXT, sites=["resid_post", "attn_probs"], layers=[0, 2]).trace
-    assert set(trace.sites) == {"resid_post", "attn_probs"}
+    # attention probabilities are computed on demand from the queries and keys the trace keeps
+    assert set(trace.sites) == {"resid_post", "attn_probs", "q", "k"}
     assert trace.layers == (0, 2)
     assert trace.get("resid_post").shape[0] == 2
     full = lm.trace(TEXT).trace

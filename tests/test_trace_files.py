@@ -272,8 +272,9 @@ def forgeries(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Fo
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated trace (prompt and continuation) of a grouped-query model with every site."""
-    out = tiny("llama").generate("Saved traces", generate=2, sites=lmscope.capture.ALL_SITES)
+    """A generated trace (prompt and continuation) of a grouped-query model with every site (probabilities stored,
+    as every file before format 4 holds them; tests/test_lazy_attention.py checks files of q/k and recipes)."""
+    out = tiny("llama").generate("Saved traces", generate=2, sites=[*lmscope.capture.ALL_SITES, "attn_probs_stored"])
     return out.save(tmp_path_factory.mktemp("traces") / "original.safetensors")
 
 

@@ -86,9 +86,11 @@ def test_fails_naming_the_check_when_capture_changes_the_model(capsys) -> None:
 
 def test_wrong_attention_probabilities_fail_the_attention_check(monkeypatch) -> None:
     import lmscope.capture._hooks as hooks
+    import lmscope.capture._lazy_attention as lazy
 
     original = hooks.attention_probs
-    monkeypatch.setattr(hooks, "attention_probs", lambda *a: original(*a).flip(-2))
+    monkeypatch.setattr(hooks, "attention_probs", lambda *a: original(*a).flip(-2))  # stored probabilities
+    monkeypatch.setattr(lazy, "attention_probs", lambda *a: original(*a).flip(-2))  # computed from q and k
     report = verify(tiny("qwen2"), generate=2)
     failed = " ".join(report.failed)
     assert "attention: attention probabilities vs eager attention" in failed

@@ -112,8 +112,14 @@ class LM:
         layers: Layers = None,
         encoder_layers: Layers = None,
         interventions: Sequence[Intervention] | None = None,
+        store: str | os.PathLike[str] | None = None,
     ) -> Output:
         """One forward pass over ``text`` with capture; no generation.
+
+        ``store``: a ``.safetensors`` file (or an existing folder, for a new file in it) that the
+        captured tensors are written to, layer by layer, while the model runs; the Trace then reads
+        them memory-mapped, so a trace larger than RAM works with every analysis. The file is a
+        trace file (:func:`lmscope.load_trace` reads it); it stays when the Output is gone.
 
         ``text_pair``: a second text (sentence pairs, BERT's segment B); the Trace records where it
         begins (``segment_b``) and models with segment embeddings get the matching token types.
@@ -126,6 +132,8 @@ class LM:
         Trace is the decoder's and ``out.trace.encoder`` the encoder's.
         """
         if self.is_seq2seq:
+            if store is not None:
+                raise LmscopeError(f"{self.name} is an encoder-decoder model: store= does not support those yet")
             if text_pair is not None:
                 encode_pair(self.loaded, text, text_pair)  # raises: the second text is the target
             source = self.encode(text)
@@ -145,7 +153,7 @@ class LM:
         else:
             ids = self.encode(text)
         plan = prepare(self.loaded, interventions, len(ids))
-        trace = trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b, plan=plan)
+        trace = trace_ids(self.loaded, ids, sites=sites, layers=layers, segment_b=segment_b, plan=plan, store=store)
         return Output(trace, self, plan)
 
     def generate(
@@ -163,8 +171,12 @@ class LM:
         interventions: Sequence[Intervention] | None = None,
         target: str | Sequence[int] | None = None,
         encoder_layers: Layers = None,
+        store: str | os.PathLike[str] | None = None,
     ) -> Output:
         """Generate ``generate`` tokens after ``text`` (Ecco's signature), then trace the whole sequence.
+
+        ``store``: as in :meth:`trace`. Generation itself (KV-cached, nothing captured) runs in
+        memory; the one traced pass over the whole sequence afterwards writes to the store.
 
         ``interventions`` apply while generating and to the traced pass; positions name input tokens.
 
@@ -175,6 +187,8 @@ class LM:
         if self.is_seq2seq:
             if interventions:
                 raise LmscopeError("interventions on encoder-decoder models are not supported yet")
+            if store is not None:
+                raise LmscopeError(f"{self.name} is an encoder-decoder model: store= does not support those yet")
             return self._generate_seq2seq(text, target, generate, sites, layers, encoder_layers,
                                           do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                           seed=seed)  # fmt: skip
@@ -197,7 +211,7 @@ class LM:
             seed=seed,
             plan=plan,
         )
-        trace = trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan)
+        trace = trace_ids(self.loaded, full, n_input=len(ids), sites=sites, layers=layers, plan=plan, store=store)
         return Output(trace, self, plan)
 
     def _decoder_ids(self, target: str | Sequence[int] | None) -> torch.Tensor:

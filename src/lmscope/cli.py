@@ -148,7 +148,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from lmscope._files import check_writable
+    from lmscope.capture._store import parse_size, store_path
 
+    if getattr(args, "max_memory", None) is not None:
+        parse_size(args.max_memory)
+    if getattr(args, "store", None) is not None:
+        store_path(args.store)
     for name in ("html", "plot"):
         if getattr(args, name, None):
             check_writable(getattr(args, name))
@@ -206,12 +211,48 @@ def _target_arg(parser: argparse.ArgumentParser, *names: str) -> None:
         metavar="TEXT",
         help="encoder-decoder models (T5, BART, ...): the target the decoder reads (teacher forcing); TEXT: the source",
     )
+    _memory_args(parser)  # every command that traces one text takes --target, and these
+
+
+def _memory_args(parser: argparse.ArgumentParser) -> None:
+    """``--max-memory SIZE`` and ``--store PATH``: a disk-backed trace when memory would not do."""
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="keep the trace on disk (memory-mapped) if it would be over SIZE (e.g. 4GiB)")  # fmt: skip
+    parser.add_argument("--store", default=None, metavar="PATH",
+                        help="write the trace to this .safetensors file or folder (with --max-memory: only when "
+                        "over the limit; without, a temporary folder removed at exit)")  # fmt: skip
+
+
+def _store_for(lm: Any, args: argparse.Namespace, sites: Any, generate: int, options: dict[str, Any]) -> Any:
+    """Where the trace goes under ``--max-memory`` / ``--store``: None (memory) or a path (says why on stderr)."""
+    from lmscope.capture._store import memory_or_disk, parse_size
+
+    limit = getattr(args, "max_memory", None)
+    store = getattr(args, "store", None)
+    if limit is None and store is None:
+        return None
+    limit = None if limit is None else parse_size(limit)
+    n_pos = len(lm.encode(args.text, options.get("text_pair"))) + generate
+    folder, line = memory_or_disk(lm, n_pos, sites, options.get("layers"), limit, store)
+    if folder is not None and lm.is_seq2seq:
+        raise LmscopeError(f"{lm.name} is an encoder-decoder model: --max-memory and --store do not support those yet")
+    if folder is not None and store is None:
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, folder, True)
+    if line:
+        print(f"lmscope: {line}", file=sys.stderr)
+    return folder
 
 
 def _traced(lm: Any, args: argparse.Namespace, sites: Any, generate: int = 0, **options: Any) -> Any:
     """``lm.trace`` (or ``lm.generate``) of TEXT, with ``--target`` for an encoder-decoder model."""
     if getattr(args, "target_text", None) is not None:
         options["target"] = args.target_text
+    store = _store_for(lm, args, sites, generate, options)
+    if store is not None:
+        options["store"] = store
     if generate:
         return lm.generate(args.text, generate=generate, sites=sites, **options)
     return lm.trace(args.text, sites=sites, **options)

@@ -39,7 +39,8 @@ Norms and sums are accumulated in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,7 +136,7 @@ def attention_parts(trace: Trace, arch: Architecture, layer: int, position: int)
     """The (source, head) terms, bias and residual that sum to the attention block output at ``position``."""
     q = trace.position(position)
     updates = head_updates(trace, arch, layer)  # [pos, head, d_model]
-    probs = trace.at("attn_probs", layer)[:, q].float()  # [head, pos_k]
+    probs = trace.attention(layer, rows=[q])[:, 0]  # [head, pos_k]
     _, bias = _output_projection(arch, layer)
     residual = trace.at("resid_pre", layer)[q].float()
     whole = residual + trace.at("attn_out", layer)[q].float()
@@ -282,18 +283,26 @@ class BlockContributions:
     expert_weights: torch.Tensor | None = None  # [pos_q, part]
 
 
-def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance: float = 0.0) -> BlockContributions:
-    """Contributions of the attention terms, bias, residual and MLP to layer ``layer``'s outputs."""
+def block_contributions(
+    trace: Trace, arch: Architecture, layer: int, tolerance: float = 0.0, rows: Sequence[int] | None = None
+) -> BlockContributions:
+    """Contributions of the attention terms, bias, residual and MLP to layer ``layer``'s outputs.
+
+    ``rows``: only the outputs at these positions (the results' query axis runs over them), with
+    only those rows of the attention probabilities computed.
+    """
     check_decomposable(arch)
-    pre = trace.at("resid_pre", layer).float()  # [pos, d_model]
-    attn = trace.at("attn_out", layer).float()
-    mlp = trace.at("mlp_out", layer).float()
+    index = slice(None) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+    pre = trace.at("resid_pre", layer)[index].float()  # [pos, d_model]
+    attn = trace.at("attn_out", layer)[index].float()
+    mlp = trace.at("mlp_out", layer)[index].float()
     mid = pre + attn
     whole = mid + mlp if arch.parallel else mid  # the sum the attention terms belong to
     size = whole.abs().sum(-1)  # [pos]
     _, bias_vector = _output_projection(arch, layer)
     updates = head_updates(trace, arch, layer)
-    prox, slack = attention_proximity(trace.at("attn_probs", layer), updates, whole, tolerance)
+    probs = trace.attention(layer, rows=rows)  # [head, pos_q, pos_k]: one layer at a time
+    prox, slack = attention_proximity(probs, updates, whole, tolerance)
     resid = _direct(pre, whole, size)
     bias = torch.zeros_like(resid) if bias_vector is None else _direct(bias_vector.to(whole.device), whole, size)
     mlp_prox = _direct(mlp, whole, size) if arch.parallel else torch.zeros_like(resid)
@@ -302,7 +311,7 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
     if degenerate.any():
         prox, resid, bias, mlp_prox, total = _split_evenly(
             degenerate,
-            trace.at("attn_probs", layer),
+            probs,
             updates,
             (prox, resid, bias, mlp_prox),
             (pre, bias_vector, mlp if arch.parallel else None),
@@ -311,6 +320,10 @@ def block_contributions(trace: Trace, arch: Architecture, layer: int, tolerance:
     error = torch.where(total > slack, 2 * slack / (total - slack).clamp_min(1e-30), torch.ones_like(slack))
     error = error.masked_fill(slack == 0, 0.0)
     moe = None if arch.parallel else expert_parts(trace, arch, layer)
+    if moe is not None and rows is not None:
+        moe = replace(
+            moe, ids=moe.ids[index], weights=moe.weights[index], updates=moe.updates[index], rest=moe.rest[index]
+        )
     experts = None
     if arch.parallel:
         mlp_share, mlp_resid = mlp_prox * scale, torch.zeros_like(resid)

@@ -127,10 +127,10 @@ def decoder_parts(trace: Trace, arch: Architecture, layer: int, position: int) -
     q = trace.position(position)
     weight, bias = _projection(arch.o_proj(layer), arch)
     c_weight, c_bias = _projection(arch.cross_o_proj(layer), arch)
-    self_terms = trace.at("attn_probs", layer)[:, q].float().T[:, :, None] * _updates(
+    self_terms = trace.attention(layer, rows=[q])[:, 0].T[:, :, None] * _updates(
         trace.at("v", layer), weight, arch.n_heads
     )
-    cross_terms = trace.at("cross_attn_probs", layer)[:, q].float().T[:, :, None] * _updates(
+    cross_terms = trace.attention(layer, rows=[q], cross=True)[:, 0].T[:, :, None] * _updates(
         trace.at("cross_v", layer), c_weight, arch.n_heads
     )
     pre = trace.at("resid_pre", layer)[q].float()
@@ -215,7 +215,7 @@ def layer_weights(trace: Trace, arch: Architecture, layer: int, tolerance: float
     mid = pre + trace.at("attn_out", layer).float()
     weight, bias = _projection(arch.o_proj(layer), arch)
     updates = _updates(trace.at("v", layer), weight, arch.n_heads)
-    att, att_res, att_bias, error = _attention_sum(trace.at("attn_probs", layer), updates, bias, pre, mid, tolerance)
+    att, att_res, att_bias, error = _attention_sum(trace.attention(layer), updates, bias, pre, mid, tolerance)
     empty = torch.zeros(0)
     cross = cross_res = cross_bias = empty
     before_ffn = mid
@@ -223,7 +223,7 @@ def layer_weights(trace: Trace, arch: Architecture, layer: int, tolerance: float
         before_ffn = mid + trace.at("cross_attn_out", layer).float()  # resid_cross
         c_weight, c_bias = _projection(arch.cross_o_proj(layer), arch)
         c_updates = _updates(trace.at("cross_v", layer), c_weight, arch.n_heads)  # [enc_pos, head, d_model]
-        probs = trace.at("cross_attn_probs", layer)
+        probs = trace.attention(layer, cross=True)  # [head, pos, enc_pos]
         cross, cross_res, cross_bias, c_error = _attention_sum(probs, c_updates, c_bias, mid, before_ffn, tolerance)
         error = torch.maximum(error, c_error)
     ffn, ffn_res = _two_parts(trace.at("mlp_out", layer).float(), before_ffn)
@@ -421,13 +421,13 @@ def decoder_details(
     for e in edges:
         if e.kind not in ("attention", "cross"):
             continue
-        probs, v, module = (
-            ("attn_probs", "v", arch.o_proj(e.layer)) if e.kind == "attention"
-            else ("cross_attn_probs", "cross_v", arch.cross_o_proj(e.layer))
+        cross, v, module = (
+            (False, "v", arch.o_proj(e.layer)) if e.kind == "attention"
+            else (True, "cross_v", arch.cross_o_proj(e.layer))
         )  # fmt: skip
         weight, _ = _projection(module, arch)
         u = _updates(trace.at(v, e.layer)[e.source.pos : e.source.pos + 1], weight, arch.n_heads)[0]  # [head, d]
-        a = trace.at(probs, e.layer)[:, e.target.pos, e.source.pos].float()  # [head]
+        a = trace.attention(e.layer, rows=[e.target.pos], cross=cross)[:, 0, e.source.pos]  # [head]
         keys.append(e.id)
         vectors.append((a[:, None] * u).sum(0))
     if vectors:

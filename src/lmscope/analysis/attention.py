@@ -26,7 +26,7 @@ decoder tokens, columns: encoder tokens). :func:`attention` on such a trace retu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -405,19 +405,24 @@ def _one(
     cross = part == "cross"
     if top_k is not None and top_k < 1:
         raise LmscopeError(f"top_k must be at least 1, not {top_k}")
-    probs = trace.get(SITES["cross" if cross else "self"][2])  # [layer, head, pos_q, pos_k]
+    if SITES["cross" if cross else "self"][2] not in trace.sites:
+        trace.get(SITES["cross" if cross else "self"][2])  # the clear error: not captured
     layers = list(trace.layers)
     chosen = list(range(len(layers))) if layer is None else [trace.layer_index(layer)]
+
+    def probs(indices: Sequence[int]) -> torch.Tensor:  # [layer, head, pos_q, pos_k], one layer computed at a time
+        return torch.stack([trace.attention(layers[i], cross=cross) for i in indices])
+
     if kind == "rollout":
         if layers[: chosen[-1] + 1] != list(range(chosen[-1] + 1)):
             raise LmscopeError("attention rollout multiplies every layer from the first: capture layers 0..L")
-        weights = rollout(probs[: chosen[-1] + 1])[chosen]
+        weights = rollout(probs(range(chosen[-1] + 1)))[chosen]
     elif kind == "value_norm":
         if arch is None:
             raise LmscopeError("attention × value norm needs the model's output projections: pass arch=lm.arch")
-        weights = probs[chosen].float() * value_norms(trace, arch, cross=cross)[chosen][:, :, None, :]
+        weights = probs(chosen) * value_norms(trace, arch, cross=cross)[chosen][:, :, None, :]
     else:
-        weights = probs[chosen]
+        weights = probs(chosen)
     weights = weights.float().cpu().numpy()
     if not 0 <= head < trace.model.n_heads:
         raise LmscopeError(f"head {head} is out of range: the model has heads 0..{trace.model.n_heads - 1}")

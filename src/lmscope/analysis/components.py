@@ -120,7 +120,7 @@ def contribution_map(trace: Trace, arch: Architecture, layer: int, tolerance: fl
     return ContributionMap(
         layer=trace.layers[trace.layer_index(layer)],
         tokens=trace.tokens,
-        attention=trace.at("attn_probs", layer).float().cpu().numpy(),
+        attention=trace.attention(layer).cpu().numpy(),
         contributions=c.attention.permute(2, 0, 1).cpu().numpy(),
     )
 
@@ -234,7 +234,7 @@ def update_vector(
     if component == "attention":
         if head is None and source is None:
             return trace.at("attn_out", layer)[q].float()
-        probs = trace.at("attn_probs", layer)[:, q].float()  # [head, pos_k]
+        probs = trace.attention(layer, rows=[q])[:, 0]  # [head, pos_k]
         terms = probs.T[:, :, None] * head_updates(trace, arch, layer)  # [pos_k, head, d_model]
         if head is not None:
             if not -arch.n_heads <= head < arch.n_heads:
@@ -384,11 +384,13 @@ def graph_details(
         if e.kind == "attention":
             by_layer.setdefault(e.layer, []).append(e)
     for layer, group in by_layer.items():
-        probs = trace.at("attn_probs", layer).float()  # [head, pos_q, pos_k]
+        targets = sorted({e.target.pos for e in group})
+        probs = trace.attention(layer, rows=targets)  # [head, target, pos_k]: only the rows the edges end in
+        row = {pos: i for i, pos in enumerate(targets)}
         updates = head_updates(trace, arch, layer)  # [pos_k, head, d_model]
         for e in group:
             keys.append(e.id)
-            vectors.append((probs[:, e.target.pos, e.source.pos, None] * updates[e.source.pos]).sum(0))
+            vectors.append((probs[:, row[e.target.pos], e.source.pos, None] * updates[e.source.pos]).sum(0))
     if vectors:
         for key, (up, down) in zip(keys, _top_bottom(unembed, torch.stack(vectors), True, topk), strict=True):
             info.setdefault(key, {}).update(promoted=up, suppressed=down)

@@ -33,6 +33,8 @@ from lmscope.models import Architecture, Unembed
 __all__ = ["Details", "Edge", "Endpoint", "ExpertShare", "FlowGraph", "FlowWeights", "Node", "flow", "flow_weights"]
 
 MODES = ("prune", "renormalize")
+STREAM_ABOVE = 1024
+"""Inputs longer than this stream the flow graph of given positions (see :func:`flow`)."""
 
 
 @dataclass(frozen=True)
@@ -243,34 +245,90 @@ def _extract(w: FlowWeights, starts: Sequence[int], threshold: float) -> list[Ed
     n_pos = w.attn_residual.shape[1]
     reached = torch.zeros(n_pos, dtype=torch.bool)  # the block outputs reached so far
     reached[list(starts)] = True
+    rows = torch.arange(n_pos)
     edges: list[Edge] = []
     for index in range(len(w.layers) - 1, -1, -1):
-        layer = w.layers[index]
-        contrib = w.attention[index]  # [pos_q, pos_k, head]
-        summed = contrib.sum(-1)  # [pos_q, pos_k]
-        ffn = reached & _keep(w.ffn[index], threshold)
-        if w.parallel:
-            mid, into = reached, "post"
-            ffn_source = "pre"
-        else:
-            keep_res = reached & _keep(w.ffn_residual[index], threshold)
-            mid, into, ffn_source = ffn | keep_res, "mid", "mid"
-            edges += _simple(layer, "residual", keep_res, "mid", "post", w.ffn_residual[index])
-        edges += _simple(layer, "ffn", ffn, ffn_source, "post", w.ffn[index], w.experts[index] if w.experts else None)
-        attn = mid[:, None] & _keep(summed, threshold)  # [pos_q, pos_k]
-        keep_res = mid & _keep(w.attn_residual[index], threshold)
-        edges += _simple(layer, "residual", keep_res, "pre", into, w.attn_residual[index])
-        q_idx, k_idx = attn.nonzero(as_tuple=True)
-        weights = summed[q_idx, k_idx]
-        shares = contrib[q_idx, k_idx] / weights[:, None]
-        for q, k, weight, heads in zip(q_idx.tolist(), k_idx.tolist(), weights.tolist(), shares.tolist(), strict=True):
-            edges.append(
-                Edge(layer, "attention", Endpoint(layer, k, "pre"), Endpoint(layer, q, into), weight, tuple(heads))
-            )
-        reached = attn.any(0) | keep_res
-        if w.parallel:
-            reached |= ffn
+        experts = w.experts[index] if w.experts else None
+        parts = (w.attention[index], w.attn_residual[index], w.ffn[index], w.ffn_residual[index], experts)
+        found, reached = _layer_edges(w.layers[index], w.parallel, reached, rows, *parts, threshold)
+        edges += found
     return edges
+
+
+def _layer_edges(
+    layer: int,
+    parallel: bool,
+    reached: torch.Tensor,  # [pos] bool: the block outputs reached
+    rows: torch.Tensor,  # [row]: the positions ``contrib`` holds (every reached one among them)
+    contrib: torch.Tensor,  # [row, pos_k, head]
+    attn_residual: torch.Tensor,  # [pos]
+    ffn_weight: torch.Tensor,  # [pos]
+    ffn_residual: torch.Tensor,  # [pos]
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    threshold: float,
+) -> tuple[list[Edge], torch.Tensor]:
+    """One layer's edges into the reached block outputs, and the block inputs they reach."""
+    edges: list[Edge] = []
+    summed = contrib.sum(-1)  # [row, pos_k]
+    ffn = reached & _keep(ffn_weight, threshold)
+    if parallel:
+        mid, into = reached, "post"
+        ffn_source = "pre"
+    else:
+        keep_res = reached & _keep(ffn_residual, threshold)
+        mid, into, ffn_source = ffn | keep_res, "mid", "mid"
+        edges += _simple(layer, "residual", keep_res, "mid", "post", ffn_residual)
+    edges += _simple(layer, "ffn", ffn, ffn_source, "post", ffn_weight, experts)
+    attn = mid[rows][:, None] & _keep(summed, threshold)  # [row, pos_k]
+    keep_res = mid & _keep(attn_residual, threshold)
+    edges += _simple(layer, "residual", keep_res, "pre", into, attn_residual)
+    r_idx, k_idx = attn.nonzero(as_tuple=True)
+    weights = summed[r_idx, k_idx]
+    shares = contrib[r_idx, k_idx] / weights[:, None]
+    for q, k, weight, heads in zip(
+        rows[r_idx].tolist(), k_idx.tolist(), weights.tolist(), shares.tolist(), strict=True
+    ):
+        edges.append(
+            Edge(layer, "attention", Endpoint(layer, k, "pre"), Endpoint(layer, q, into), weight, tuple(heads))
+        )
+    reached = attn.any(0) | keep_res
+    if parallel:
+        reached |= ffn
+    return edges, reached
+
+
+def _extract_streaming(
+    trace: Trace, arch: Architecture, starts: Sequence[int], threshold: float, mode: str, tolerance: float
+) -> tuple[list[Edge], float]:
+    """The edges :func:`_extract` finds, computing each layer's contributions only at the positions reached
+    (top-down, one layer at a time: only those rows of the attention probabilities), and the error bound."""
+    n_pos = trace.n_pos
+    reached = torch.zeros(n_pos, dtype=torch.bool)
+    reached[list(starts)] = True
+    edges: list[Edge] = []
+    error = 0.0
+    for layer in reversed(trace.layers):
+        rows = reached.nonzero().squeeze(1)
+        c = block_contributions(trace, arch, layer, tolerance, rows=rows.tolist())
+        if mode == "renormalize":
+            c = _renormalize(c, threshold)
+        error = max(error, float(c.error.max()) if c.error.numel() else 0.0)
+
+        experts = None
+        if c.experts is not None:
+            experts = tuple(_scatter(t, rows, n_pos) for t in (c.expert_ids, c.expert_weights, c.experts))
+        full = (_scatter(t, rows, n_pos) for t in (c.attn_residual, c.mlp, c.mlp_residual))
+        parts = (c.attention.cpu(), *full, experts)
+        found, reached = _layer_edges(layer, arch.parallel, reached, rows, *parts, threshold)
+        edges += found
+    return edges, error
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """``[row, ...]`` -> ``[pos, ...]`` on the CPU, zeros at the positions not among ``rows``."""
+    out = torch.zeros(n_pos, *values.shape[1:], dtype=values.dtype)
+    out[rows] = values.cpu()
+    return out
 
 
 def _simple(
@@ -331,8 +389,14 @@ def flow(
     tolerance: float = 0.0,
     details: bool = True,
     topk: int = 5,
+    stream: bool | None = None,
 ) -> FlowGraph:
     """The information-flow graph of the prediction at ``position`` (``None``: every position).
+
+    ``stream``: extract the graph top-down computing each layer's contributions only at the
+    positions reached (only those rows of attention), instead of every position's; the result then
+    holds no ``all_edges`` beyond its own. By default it streams inputs longer than
+    :data:`STREAM_ABOVE` tokens, where every position's weights would take ``pos² × head`` per layer.
 
     ``tolerance > 0`` lets attention terms whose triangle bound is below ``tolerance · ‖y‖₁`` be
     bounded instead of computed; the result's ``error`` says how far that can move any weight.
@@ -347,9 +411,21 @@ def flow(
         starts = (trace.position(position),)
     else:
         starts = tuple(sorted({trace.position(p) for p in position}))
-    weights = flow_weights(trace, arch, threshold=threshold, mode=mode, tolerance=tolerance)
-    all_edges = _extract(weights, range(trace.n_pos), threshold)
-    edges = all_edges if len(starts) == trace.n_pos else _extract(weights, starts, threshold)
+    if mode not in MODES:
+        raise LmscopeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if stream is None:
+        stream = trace.n_pos > STREAM_ABOVE and len(starts) < trace.n_pos
+    if stream:
+        check_decomposable(arch)
+        if list(trace.layers) != list(range(trace.layers[0], trace.layers[-1] + 1)):
+            raise LmscopeError("the flow graph needs a run of consecutive layers: trace with layers=None or a slice")
+        edges, error = _extract_streaming(trace, arch, starts, threshold, mode, tolerance)
+        all_edges = edges
+    else:
+        weights = flow_weights(trace, arch, threshold=threshold, mode=mode, tolerance=tolerance)
+        all_edges = _extract(weights, range(trace.n_pos), threshold)
+        edges = all_edges if len(starts) == trace.n_pos else _extract(weights, starts, threshold)
+        error = weights.error
     last = trace.layers[-1]
     nodes = _nodes(edges, trace.tokens, last)
     info = {}
@@ -364,7 +440,7 @@ def flow(
         threshold=threshold,
         mode=mode,
         parallel=arch.parallel,
-        error=weights.error,
+        error=error,
         nodes=nodes,
         edges=tuple(edges),
         details=info,

@@ -162,7 +162,7 @@ def neuron_data(trace: Trace, layer_index: list[int], *, cross: bool = False) ->
     ``cross_attn_probs``), and ``position_bias`` where the model adds one (T5): the mask is read
     off the captured probabilities (a key is masked when every head gives it exactly zero weight).
     """
-    q_site, k_site, probs_site, bias_site = SITES["cross" if cross else "self"]
+    q_site, k_site, _, bias_site = SITES["cross" if cross else "self"]
     if bias_site is not None and trace.model.family == "t5" and bias_site not in trace.tensors:
         raise LmscopeError(
             "T5 adds a relative position bias to its attention scores: trace again with sites including 'position_bias'"
@@ -177,7 +177,7 @@ def neuron_data(trace: Trace, layer_index: list[int], *, cross: bool = False) ->
         raise LmscopeError("this trace does not record its attention scaling: trace again with sites 'q' and 'k'")
     bands, seens = [], []
     for i in layer_index:
-        seen = _visible(trace.get(probs_site)[i])  # [pos_q, pos_k]
+        seen = _visible(trace.attention(trace.layers[i], cross=cross))  # [pos_q, pos_k]
         seens.append(seen)
         n = seen.shape[-1]
         lo = seen.float().argmax(-1)  # first visible key

@@ -228,7 +228,7 @@ def _block_checks(lm: Any, trace: Any, tol: tuple[float, float, float]) -> list[
     worst = 0.0
     for layer in range(arch.n_layers):
         updates = head_updates(trace, arch, layer)  # [pos_k, head, d_model]
-        probs = trace.at("attn_probs", layer).float()  # [head, pos_q, pos_k]
+        probs = trace.attention(layer)  # [head, pos_q, pos_k]
         total = torch.einsum("hqk,khd->qd", probs, updates.to(probs.device))
         _, bias = _output_projection(arch, layer)  # scaled as the block adds it (Granite)
         if bias is not None:
@@ -273,8 +273,10 @@ def _attention_check(lm: Any, ids: torch.Tensor, trace: Any, tol: tuple[float, f
             model.set_attn_implementation(original)
     if not eager or any(a is None for a in eager) or len(eager) != lm.arch.n_layers:
         return [_skip("attention", measure, "the model does not return attention probabilities")]
-    probs = trace.get("attn_probs").float()  # [layer, head, pos_q, pos_k]
-    worst = max(float((probs[i] - a[0].float().to(probs.device)).abs().max()) for i, a in enumerate(eager))
+    worst = max(
+        float((probs - a[0].float().to(probs.device)).abs().max())
+        for probs, a in ((trace.attention(layer), a) for layer, a in zip(trace.layers, eager, strict=True))
+    )
     return [_check("attention", measure, worst, tol[1])]
 
 
@@ -377,9 +379,11 @@ def _seq2seq_checks(lm: Any, ids: torch.Tensor, generate: int, tol: tuple[float,
         ("attn_probs", trace, eager.decoder_attentions),
         ("cross_attn_probs", trace, eager.cross_attentions),
     ):
-        probs = captured.get(name).float()  # [layer, head, pos_q, pos_k]
-        worst = max(worst, *(float((probs[i] - a[0].float().to(probs.device)).abs().max()) for i, a in
-                             enumerate(returned)))  # fmt: skip
+        if name not in captured.sites:
+            captured.get(name)  # the clear error: not captured
+        for layer, a in zip(captured.layers, returned, strict=True):
+            probs = captured.attention(layer, cross=name == "cross_attn_probs")  # [head, pos_q, pos_k]
+            worst = max(worst, float((probs - a[0].float().to(probs.device)).abs().max()))
     checks.append(_check("attention", measure, worst, tol[1]))
     return checks
 

@@ -54,6 +54,7 @@ class App:
         self.config = config
         self.models = ModelCache(config.model_cache_size, self._load)
         self.runs = RunCache(config.run_cache_size, int(config.run_cache_mb * 2**20))
+        self.trace_dir: Path | None = None  # where runs over max_trace_mb are stored (made when first needed)
         self.jobs = Jobs(config.workers, config.queue_size, config.queue_size * (config.model_cache_size + 2))
 
     def _load(self, key: ModelKey) -> LM:
@@ -168,6 +169,7 @@ class App:
         target = target if target and target.strip() else None  # the page's empty target field: generate
         sites = self.config.sites or ALL_SITES
         with self.models.using(key) as lm, cancellable(lm, cancel):
+            store = self._store(lm, text, generate, sites)
             if lm.is_seq2seq:
                 if target is not None and not generate:
                     out = lm.trace(text, target=target, sites=sites)
@@ -176,9 +178,28 @@ class App:
             elif target is not None:
                 raise LmscopeError(f"{key.model} is not an encoder-decoder model, so it takes no target")
             else:
-                out = lm.generate(text, generate, sites=sites) if generate else lm.trace(text, sites=sites)
+                out = (lm.generate(text, generate, sites=sites, store=store) if generate else
+                       lm.trace(text, sites=sites, store=store))  # fmt: skip
             info = describe(out, lm)
         return self.runs.add(out.trace, key, info)
+
+    def _store(self, lm: Any, text: str, generate: int, sites: Any) -> Path | None:
+        """The folder a run's trace is written to under ``max_trace_mb`` (None: in memory)."""
+        if self.config.max_trace_mb is None or lm.is_seq2seq:
+            return None
+        from lmscope.capture._store import memory_or_disk
+
+        if self.trace_dir is None:
+            self.trace_dir = self.config.trace_dir
+            if self.trace_dir is None:
+                import atexit
+                import shutil
+
+                self.trace_dir = Path(tempfile.mkdtemp(prefix="lmscope-app-traces-"))
+                atexit.register(shutil.rmtree, self.trace_dir, True)
+            self.runs.store_dir = self.trace_dir
+        limit = int(self.config.max_trace_mb * 2**20)
+        return memory_or_disk(lm, len(lm.encode(text)) + generate, sites, None, limit, self.trace_dir)[0]
 
     def read_trace(self, path: Path, key: ModelKey | None, attach: bool) -> tuple[Trace, ModelKey | None]:
         """A saved Trace (checked on reading) and the model to attach: ``key`` (checked to match later),

@@ -24,6 +24,10 @@ the embedded model and the tiny models. A config file names::
     allowed_hosts     host names, besides loopback and the listening address, that requests may
                       use in their Host header (a guard against DNS rebinding)
     sites             the sites a run captures (default: all)
+    max_trace_mb      a run whose trace would hold more than this is written to disk and read
+                      memory-mapped (``lm.trace(..., store=)``; default: none, all in memory) ...
+    trace_dir         ... into this folder (default: a temporary one); a run's file is deleted
+                      when the run leaves the cache
 
 Values are checked against a schema (strict types, no unknown keys): a wrong type is a one-line
 error naming the key. Relative paths (model sources that exist as files, the prompts file, allowed dirs) are resolved
@@ -78,6 +82,8 @@ class AppConfig:
     workers: int = 2
     queue_size: int = 8
     allowed_hosts: tuple[str, ...] = ()
+    max_trace_mb: float | None = None
+    trace_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -224,6 +230,8 @@ class _Schema(BaseModel):
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     queue_size: Positive = 8
     allowed_hosts: list[str] = []
+    max_trace_mb: PositiveFloat | None = None
+    trace_dir: str | None = None
 
 
 def _schema_error(error: ValidationError, where: str) -> LmscopeError:
@@ -280,8 +288,13 @@ def from_dict(raw: dict[str, Any], base: Path) -> AppConfig:
     unknown = sorted(set(sites or ()) - set(ALL_SITES))
     if unknown:
         raise LmscopeError(f"the app config's 'sites' has unknown sites {unknown}: choose from {', '.join(ALL_SITES)}")
-    plain = ("models", "sample_prompts", "devices", "allowed_dirs", "default_model")
+    plain = ("models", "sample_prompts", "devices", "allowed_dirs", "default_model", "trace_dir")
     settings = {k: v for k, v in raw.items() if k not in plain}
+    if raw.get("trace_dir") is not None:
+        trace_dir = resolve_path(base / Path(raw["trace_dir"]).expanduser())
+        if not trace_dir.is_dir():
+            raise LmscopeError(f"the app config's trace_dir {_shown(trace_dir)} is not a folder: create it first")
+        settings["trace_dir"] = trace_dir
     return AppConfig(
         models=models,
         default_model=raw.get("default_model") or next(iter(models), ""),

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmscope.capture import Trace
@@ -119,11 +120,14 @@ class RunCache:
         self._bytes = 0
         self._guard = threading.Lock()
         self.evicted = 0
+        self.store_dir: Path | None = None  # runs stored on disk here have their file deleted when they leave
 
     def add(self, trace: Trace, key: ModelKey | None, info: Mapping[str, Any] | None = None) -> Run:
-        """Store a run (dropping old ones to make room) and return it; ``info["id"]`` is its new id."""
+        """Store a run (dropping old ones to make room) and return it; ``info["id"]`` is its new id.
+
+        A run stored on disk (``trace.stored``) holds no memory to count."""
         run_id = uuid.uuid4().hex[:16]
-        run = Run(run_id, trace, key, trace.nbytes(), {"id": run_id, **(info or {})})
+        run = Run(run_id, trace, key, 0 if trace.stored else trace.nbytes(), {"id": run_id, **(info or {})})
         with self._guard:
             self._runs[run.id] = run
             self._bytes += run.nbytes
@@ -132,7 +136,14 @@ class RunCache:
                 _, old = self._runs.popitem(last=False)
                 self._bytes -= old.nbytes
                 self.evicted += 1
+                self._forget(old)
         return run
+
+    def _forget(self, run: Run) -> None:
+        """Delete the file of a run the app stored on disk."""
+        stored = run.trace.stored
+        if stored is not None and self.store_dir is not None and stored.parent == self.store_dir:
+            stored.unlink(missing_ok=True)
 
     def get(self, run_id: str) -> Run | None:
         with self._guard:
@@ -146,6 +157,7 @@ class RunCache:
             run = self._runs.pop(run_id, None)
             if run is not None:
                 self._bytes -= run.nbytes
+                self._forget(run)
             return run is not None
 
     def stats(self) -> dict[str, int]:

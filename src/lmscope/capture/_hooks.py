@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lmscope.capture._attention import attention_probs, routed
+from lmscope.capture._lazy_attention import KINDS, PROBS_SITE, QK_SITES, Book, compute
 from lmscope.capture._trace import ALL_SITES
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
@@ -28,6 +29,8 @@ __all__ = ["Recorder", "recording", "resolve_layers", "resolve_sites"]
 
 _ATTENTION_SITES = frozenset({"attn_probs", "q", "k", "v", "position_bias", "cross_attn_probs", "cross_q", "cross_k",
                               "cross_v"})  # fmt: skip
+STORED_SITES = {"attn_probs_stored": "attn_probs", "cross_attn_probs_stored": "cross_attn_probs"}
+"""Options among the sites: store full attention probabilities rather than q/k (computed on demand)."""
 
 
 def resolve_sites(sites: Iterable[str] | str | None, default: Iterable[str]) -> tuple[str, ...]:
@@ -36,9 +39,12 @@ def resolve_sites(sites: Iterable[str] | str | None, default: Iterable[str]) -> 
     if isinstance(sites, str):
         sites = [s.strip() for s in sites.split(",") if s.strip()]
     sites = tuple(dict.fromkeys(sites))
-    unknown = [s for s in sites if s not in ALL_SITES]
+    unknown = [s for s in sites if s not in ALL_SITES and s not in STORED_SITES]
     if unknown:
-        raise LmscopeError(f"unknown site(s) {', '.join(unknown)}: choose from {', '.join(ALL_SITES)}")
+        raise LmscopeError(
+            f"unknown site(s) {', '.join(unknown)}: choose from {', '.join(ALL_SITES)} "
+            f"(and {', '.join(STORED_SITES)} to store attention probabilities in full)"
+        )
     return sites
 
 
@@ -69,8 +75,17 @@ class Recorder:
     """
 
     def __init__(self, lm: LoadedModel, sites: tuple[str, ...], layers: tuple[int, ...], arch: Any = None):
-        self.lm, self.sites, self.layers = lm, sites, layers
         self.arch = lm.arch if arch is None else arch
+        if not self.arch.family.cross_attn:
+            sites = tuple(s for s in sites if s != "cross_attn_probs_stored")
+        stored = {STORED_SITES[s] for s in sites if s in STORED_SITES}
+        sites = tuple(dict.fromkeys(STORED_SITES.get(s, s) for s in sites))
+        self.lm, self.sites, self.layers = lm, sites, layers
+        # Attention kept as q/k and a recipe (``_lazy_attention``) unless stored in full was asked for, or
+        # the family computes its own attention (GPT-Neo: its module hands out probabilities).
+        lazy = self.arch.family.attn is not None and not self.arch.family.qkv
+        self.books = {kind: Book() for kind in KINDS if lazy and PROBS_SITE[kind] in sites and PROBS_SITE[kind]
+                      not in stored}  # fmt: skip
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
         has_attention = self.arch.family.attn is not None  # a state-space model (Mamba) has none
@@ -81,11 +96,15 @@ class Recorder:
         self.attn_scaling: dict[int, float] = {}  # the scaling the attention function applied
         self.attn_softcap: dict[int, float | None] = {}
         self.encoder: Recorder | None = None
+        self.sink: Any = None  # a disk store (``_store.StoreWriter``) that takes each tensor instead of ``_data``
 
     def put(self, site: str, layer: int, tensor: torch.Tensor) -> None:
         if tensor.ndim == 2 and self.batch_pos is not None:
             # Some families (OPT) flatten [batch, pos] before their MLP.
             tensor = tensor.reshape(*self.batch_pos, -1)
+        if self.sink is not None:
+            self.sink.put(site, layer, tensor.detach())
+            return
         self._data.setdefault(site, {})[layer] = self._kept(tensor)
 
     def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -108,23 +127,27 @@ class Recorder:
         scaling = kwargs.get("scaling")
         self.attn_scaling[layer] = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         self.attn_softcap[layer] = kwargs.get("softcap") or None
-        if "attn_probs" in self.sites:
+        book = self.books.get("self")
+        lazy = book is not None and book.add(layer, module, query, key, mask, kwargs)
+        if "attn_probs" in self.sites and not lazy:
             probs = attention_probs(module, query.detach(), key.detach(), mask, kwargs)
             self.put("attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos_q, pos_k]
-        if "q" in self.sites:
+        if "q" in self.sites or book is not None:
             self.put("q", layer, query.transpose(1, 2))  # [batch, pos, head, d_head]
-        if "k" in self.sites:
+        if "k" in self.sites or book is not None:
             self.put("k", layer, key.transpose(1, 2))  # [batch, pos, kv_head, d_head]
         if "v" in self.sites:
             self.put("v", layer, value.transpose(1, 2))  # [batch, pos, kv_head, d_head]
 
     def _on_cross_attention(self, layer, module, query, key, value, mask, kwargs) -> None:
         """The decoder's cross-attention: queries over decoder positions, keys/values over encoder ones."""
-        if "cross_attn_probs" in self.sites:
+        book = self.books.get("cross")
+        lazy = book is not None and book.add(layer, module, query, key, mask, kwargs)
+        if "cross_attn_probs" in self.sites and not lazy:
             probs = attention_probs(module, query.detach(), key.detach(), mask, kwargs)
             self.put("cross_attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos, enc_pos]
         for site, tensor in (("cross_q", query), ("cross_k", key), ("cross_v", value)):
-            if site in self.sites:
+            if site in self.sites or (book is not None and site != "cross_v"):
                 self._data.setdefault(site, {})[layer] = self._kept(tensor.transpose(1, 2))  # [batch, pos, head, d_hd]
 
     def stacked(self) -> dict[str, torch.Tensor]:
@@ -137,8 +160,19 @@ class Recorder:
         if "resid_cross" in self.sites and "resid_cross" not in data and pre_norm:
             mid, cross = data.get("resid_mid", {}), data.get("cross_attn_out", {})
             data["resid_cross"] = {layer: mid[layer] + cross[layer] for layer in self.layers}
+        for kind, book in self.books.items():
+            if book.fallback:  # some layer could not be described: store every layer's probabilities
+                self._store_probs(kind, book)
+        lazy = {PROBS_SITE[kind] for kind, book in self.books.items() if not book.fallback}
         out = {}
+        for kind, book in self.books.items():
+            if not book.fallback:
+                wanted = [s for s in QK_SITES[kind] if s not in self.sites]
+                out.update({s: torch.stack([data[s][layer] for layer in self.layers], dim=1) for s in wanted})
+                out.update(book.tensors(kind, lambda t: self._kept(t)[None]))  # [batch, ...]
         for site in self.sites:
+            if site in lazy:
+                continue  # computed on demand from q and k (see attn_recipe)
             per_layer = data.get(site, {})
             if site == "position_bias" and not per_layer:
                 continue  # only families with a relative position bias (T5) have this site
@@ -151,6 +185,33 @@ class Recorder:
                 )
             out[site] = torch.stack([per_layer[layer] for layer in self.layers], dim=1)
         return out
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """With a ``sink`` (a disk store): what is not per layer (lazy attention's masks and biases), on the CPU."""
+        out = {}
+        for kind, book in self.books.items():
+            if book.fallback:
+                raise LmscopeError(f"{self.lm.name}'s attention cannot be kept as q/k here, and a stored "
+                                   "trace cannot add them later: add 'attn_probs_stored' to the sites")  # fmt: skip
+            out.update(book.tensors(kind, lambda t: t.detach().cpu()))
+        return out
+
+    def attn_recipe(self) -> dict[str, list[dict[str, Any]]] | None:
+        """Per kind of attention computed on demand, one recipe entry per layer (``_lazy_attention``)."""
+        recipe = {kind: book.recipe(self.layers) for kind, book in self.books.items() if not book.fallback}
+        return recipe or None
+
+    def _store_probs(self, kind: str, book: Book) -> None:
+        """Probabilities of the layers kept as q/k, computed now, next to those that could not be."""
+        q_site, k_site = QK_SITES[kind]
+        masks = torch.stack(book.masks) if book.masks else None
+        biases = torch.stack(book.biases) if book.biases else None
+        per_layer = self._data.setdefault(PROBS_SITE[kind], {})
+        for layer, entry in book.entries.items():
+            query, key = self._data[q_site][layer][0], self._data[k_site][layer][0]  # [pos, head, d_head]
+            heads, rows = torch.arange(query.shape[1]), torch.arange(query.shape[0])
+            probs = compute(query, key, entry, masks, biases, heads, rows)
+            per_layer[layer] = probs.to(query.dtype)[None]  # [batch, head, pos_q, pos_k]
 
 
 @contextmanager
@@ -192,7 +253,6 @@ def _attach(recorder: Recorder, handles: list[torch.utils.hooks.RemovableHandle]
             # Falcon's parallel block adds attention into the MLP's output in place: sublayer outputs are copied
             copy = site in ("attn_out", "mlp_out") and scale == 1.0
             recorder.put(site, layer, _first(output).clone() if copy else _first(output) * scale)
-
 
         return hook
 

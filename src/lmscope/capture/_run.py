@@ -12,13 +12,16 @@ captured in the same pass (see ``_trace``'s module docstring).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from lmscope.capture._hooks import recording, resolve_layers, resolve_sites
 from lmscope.capture._interventions import Plan, intervening
+from lmscope.capture._store import open_store, stored_trace
 from lmscope.capture._trace import ALL_SITES, CROSS_SITES, DEFAULT_SITES, SEQ2SEQ_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError
 from lmscope.models import LoadedModel
@@ -188,8 +191,12 @@ def trace_ids(
     plan: Plan | None = None,
     source_ids: torch.Tensor | None = None,  # [enc_pos]
     encoder_layers: Iterable[int] | int | slice | None = None,
+    store: str | os.PathLike[str] | None = None,
 ) -> Trace:
     """One forward pass over ``ids`` under capture.
+
+    ``store``: a trace file (or a folder for a new one) that the captured tensors are written to
+    layer by layer as the model runs; the Trace reads them back memory-mapped (see ``_store``).
 
     ``segment_b`` is where the second text of a sentence pair begins (see :func:`encode_pair`);
     models with segment embeddings get the matching ``token_type_ids``. ``plan``: interventions
@@ -202,6 +209,8 @@ def trace_ids(
     if ids.ndim != 1 or len(ids) == 0:
         raise LmscopeError("expected a non-empty 1-D sequence of token ids")
     if lm.arch.is_seq2seq:
+        if store is not None:
+            raise LmscopeError(f"{lm.name} is an encoder-decoder model: store= does not support those yet")
         return _trace_seq2seq(lm, ids, source_ids, n_input, sites, layers, encoder_layers, plan)
     requested = resolve_sites(sites, DEFAULT_SITES)
     if lm.arch.family.attn is None:  # a state-space model (Mamba): no attention, so no attention sites
@@ -219,26 +228,31 @@ def trace_ids(
         # BERT's segment embeddings: type 0 for [CLS] A [SEP], type 1 for B [SEP].
         extra["token_type_ids"] = (torch.arange(len(ids), device=lm.device) >= segment_b).long()[None]
     plan = plan or Plan((), ())
-    with recording(lm, chosen_sites, chosen_layers) as recorder, intervening(lm, plan):
-        output = lm.model(input_ids=batch, use_cache=False, **extra)
-    logits = getattr(output, "logits", None)  # None for models without an LM head
-    tensors = {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
-    if logits is not None:
-        tensors["logits"] = logits[0].to(lm.capture_device or logits.device)  # [pos, vocab]
-    check_finite(lm, tensors, chosen_layers)
-    attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
-    return Trace(
-        token_ids=ids.cpu(),
-        tokens=token_strings(lm, ids.tolist()),
-        n_input=len(ids) if n_input is None else n_input,
-        model=model_info(lm),
-        layers=chosen_layers,
-        tensors=tensors,
-        attn_scaling=tuple(recorder.attn_scaling[layer] for layer in attn),
-        attn_softcap=tuple(recorder.attn_softcap[layer] for layer in attn),
-        segment_b=segment_b,
-        interventions=plan.records,
-    )
+    skeleton = Trace(token_ids=ids.cpu(), tokens=token_strings(lm, ids.tolist()),
+                     n_input=len(ids) if n_input is None else n_input, model=model_info(lm), layers=chosen_layers,
+                     tensors={}, segment_b=segment_b, interventions=plan.records)  # fmt: skip
+    writer = None if store is None else open_store(store, skeleton, chosen_sites)
+    try:
+        with recording(lm, chosen_sites, chosen_layers) as recorder, intervening(lm, plan):
+            recorder.sink = writer
+            output = lm.model(input_ids=batch, use_cache=False, **extra)
+        logits = getattr(output, "logits", None)  # None for models without an LM head
+        tensors = {} if writer else {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
+        if logits is not None:
+            tensors["logits"] = logits[0].to(lm.capture_device or logits.device)  # [pos, vocab]
+        check_finite(lm, tensors, chosen_layers)
+        attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
+        skeleton = replace(skeleton, attn_scaling=tuple(recorder.attn_scaling[layer] for layer in attn),
+                           attn_softcap=tuple(recorder.attn_softcap[layer] for layer in attn),
+                           attn_recipe=recorder.attn_recipe())  # fmt: skip
+        if writer is not None:
+            del output
+            return stored_trace(writer, skeleton, {**recorder.extra_tensors(), **tensors})
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # no partial file is left behind
+        raise
+    return replace(skeleton, tensors=tensors)
 
 
 def _trace_seq2seq(
@@ -282,6 +296,7 @@ def _trace_seq2seq(
         tensors=tensors,
         attn_scaling=_factors(recorder.attn_scaling, chosen_layers),
         attn_softcap=_factors(recorder.attn_softcap, chosen_layers),
+        attn_recipe=recorder.attn_recipe(),
         encoder=Trace(
             token_ids=source_ids.cpu(),
             tokens=token_strings(lm, source_ids.tolist()),
@@ -291,6 +306,7 @@ def _trace_seq2seq(
             tensors=encoder_tensors,
             attn_scaling=_factors(recorder.encoder.attn_scaling, chosen_encoder_layers),
             attn_softcap=_factors(recorder.encoder.attn_softcap, chosen_encoder_layers),
+            attn_recipe=recorder.encoder.attn_recipe(),
         ),
     )
 

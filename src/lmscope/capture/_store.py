@@ -45,18 +45,22 @@ __all__ = [
     "StoredTensors",
     "estimate_bytes",
     "map_file",
+    "memory_or_disk",
     "open_store",
+    "parse_size",
     "scan_file",
     "store_path",
     "stored_trace",
+    "trace_size",
 ]
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}  # fmt: skip
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}  # fmt: skip
 _TORCH = {code: dtype for dtype, code in _DTYPES.items()}
 # numpy stand-ins of the same width (numpy has no bfloat16: its bits are read as int16, then viewed)
 _NUMPY = {"F16": np.float16, "BF16": np.int16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
-          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}  # fmt: skip
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}  # fmt: skip
 _CHUNK = 64 << 20  # bytes read at a time when a checksum is computed from the file
 
 
@@ -108,7 +112,7 @@ class StoreWriter:
 
     def __init__(self, path: Path, layers: tuple[int, ...], token_ids: torch.Tensor, sites: tuple[str, ...],
                  derive_mid: bool, reserve: int, needed: int) -> None:  # fmt: skip
-        self.path, self.layers, self.derive_mid = path, layers, derive_mid
+        self.path, self.layers, self.derive_mid, self.sites = path, layers, derive_mid, sites
         self.skip = {"resid_pre", "attn_out"} - set(sites) if derive_mid else set()
         self.index = {layer: i for i, layer in enumerate(layers)}
         self.partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -243,7 +247,22 @@ def _round8(n: int) -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+class _Descriptor:
+    """An open file descriptor, closed when the last mapping of its file is gone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 class StoredTensors(Mapping[str, torch.Tensor]):
@@ -294,16 +313,18 @@ def map_file(path: Path) -> StoredTensors:
     The header and the file's size are checked first, so no tensor reaches past the end.
     """
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (kept open by the mapping, to watch the file)
+        handle = _Descriptor(os.open(path, os.O_RDONLY))  # kept while the mapping lives, to watch the file
     except OSError as error:
         raise LmscopeError(f"{path} cannot be read: {error.strerror or error}") from None
     try:
-        size = os.fstat(handle.fileno()).st_size
-        head = handle.read(8)
+        size = os.fstat(handle.fd).st_size
+        head = os.pread(handle.fd, 8, 0)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 2 <= n <= min(size - 8, 1 << 30):
+        if not 2 <= n <= 1 << 30:
             raise LmscopeError(f"{path} is not a safetensors file (its header length is wrong)")
-        header = json.loads(handle.read(n))
+        if n > size - 8:
+            raise LmscopeError(f"{path} is truncated: {size} bytes, shorter than its header")
+        header = json.loads(os.pread(handle.fd, n, 8))
         metadata = header.pop("__metadata__", None) or {}
         start, end = 8 + n, 8 + n
         spans = {}
@@ -316,13 +337,11 @@ def map_file(path: Path) -> StoredTensors:
             end = max(end, start + stop)
         if size < end:
             raise LmscopeError(f"{path} is truncated: {size} bytes of the {end} its header describes")
-        memory = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        handle.close()
-        raise LmscopeError(f"{path} is not a readable trace file ({error})") from None
+        memory = mmap.mmap(handle.fd, 0, access=mmap.ACCESS_COPY) if size else None
     except LmscopeError:
-        handle.close()
         raise
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        raise LmscopeError(f"{path} is not a readable trace file ({error})") from None
     tensors = {}
     for name, (code, shape, offset, count) in spans.items():
         dtype = _NUMPY[code]
@@ -374,7 +393,8 @@ def open_store(store: str | os.PathLike[str], skeleton: Any, sites: tuple[str, .
                           dict.fromkeys(names, "00000000"))  # fmt: skip
     reserve = len(json.dumps(meta)) + 2048 * (n_layers + 1)  # the lazy-attention recipe: a small entry per layer
     needed = estimate_bytes(model, n_layers, skeleton.n_pos, sites)
-    return StoreWriter(path, skeleton.layers, skeleton.token_ids, sites, not model.post_norm, reserve, needed)
+    derive_mid = "resid_mid" in sites and not model.post_norm  # as ``Recorder.stacked`` derives it
+    return StoreWriter(path, skeleton.layers, skeleton.token_ids, sites, derive_mid, reserve, needed)
 
 
 def stored_trace(writer: StoreWriter, skeleton: Any, extra: Mapping[str, torch.Tensor]) -> Any:
@@ -386,4 +406,59 @@ def stored_trace(writer: StoreWriter, skeleton: Any, extra: Mapping[str, torch.T
         writer.add(name, tensor)
     path = writer.finish(lambda checksums: trace_metadata(skeleton, checksums))
     stored = map_file(path)
-    return replace(skeleton, tensors=stored.subset({k: v for k, v in stored.whole.items() if k != "token_ids"}))
+    sites = writer.sites  # in the in-memory trace's order: what was added for them first, the logits last
+
+    def rank(name: str) -> tuple[bool, bool, int]:
+        return name == "logits", name in sites, sites.index(name) if name in sites else 0
+
+    names = sorted((name for name in stored.whole if name != "token_ids"), key=rank)
+    return replace(skeleton, tensors=stored.subset({name: stored.whole[name] for name in names}))
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes in ``4GiB``, ``500MB``, ``2G`` (binary), ``1.5e9`` or a number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        raw = str(text).strip().lower().replace(" ", "")
+        digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+        value, unit = (float(digits) if digits else float("nan")), raw[len(digits) :]
+        if unit not in _UNITS:
+            raise LmscopeError(f"{text!r} is not a size: write a number with a unit, e.g. 4GiB, 500MB or 2G")
+    if not (np.isfinite(value) and value > 0):
+        raise LmscopeError(f"{text!r} is not a size: it must be a positive number of bytes, e.g. 4GiB")
+    return int(value * _UNITS[unit])
+
+
+def trace_size(lm: Any, n_pos: int, sites: Any = None, layers: Any = None) -> int:
+    """About how many bytes ``lm.trace`` of ``n_pos`` tokens with ``sites`` and ``layers`` holds."""
+    from lmscope.capture._hooks import resolve_layers, resolve_sites
+    from lmscope.capture._run import model_info
+    from lmscope.capture._trace import DEFAULT_SITES
+
+    loaded = getattr(lm, "loaded", lm)
+    chosen = resolve_sites(sites, DEFAULT_SITES)
+    n_layers = len(resolve_layers(layers, loaded.arch.n_layers))
+    return estimate_bytes(model_info(loaded), n_layers, n_pos, chosen, logits=loaded.arch.lm_head is not None)
+
+
+def memory_or_disk(lm: Any, n_pos: int, sites: Any, layers: Any, max_memory: int | None,
+                   folder: str | os.PathLike[str] | None) -> tuple[Path | None, str]:  # fmt: skip
+    """Where a trace goes under a memory limit: ``(None, "")`` in memory, else a folder to store
+    it in (``folder``, or a new temporary one) and the one line that says why."""
+    if max_memory is None:
+        return (None, "") if folder is None else (Path(folder), "")
+    size = trace_size(lm, n_pos, sites, layers)
+    if size <= max_memory:
+        return None, ""
+    if folder is None:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="lmscope-trace-")
+    line = (f"the trace of {n_pos} tokens would take about {_gib(size)}, over the memory limit of "
+            f"{_gib(max_memory)}: it is written to {folder} and read from there")  # fmt: skip
+    return Path(folder), line

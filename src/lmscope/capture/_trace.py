@@ -22,6 +22,12 @@ Sites and their shapes (per captured layer; stacked over layers in the Trace)::
     position_bias                      [layer, head, pos_q, pos_k]  (T5's relative position bias)
     logits                             [pos, vocab]                 (not per layer)
 
+``attn_probs`` (and ``cross_attn_probs``) are by default not stored but computed on demand from the
+queries and keys the trace then keeps (``q``, ``k`` appear among its sites) and a per-layer recipe
+(``attn_recipe``: scaling, soft-cap, mask, T5's bias; see ``_lazy_attention``): ask
+``trace.attention(layer, heads=..., rows=...)`` for the part you need; ``get``/``at`` compute whole
+layers. The site ``attn_probs_stored`` (``cross_attn_probs_stored``) stores them in full instead.
+
 Encoder-decoder models (T5, BART, mBART, Marian, Pegasus) give one Trace holding both stacks.
 The Trace itself is the DECODER's: ``tokens``/``token_ids`` are the decoder tokens (the decoder
 start token first, then the teacher-forced target, then generated tokens), ``n_input`` counts the
@@ -141,9 +147,13 @@ class Trace:
     interventions: tuple[Mapping[str, Any], ...] = ()
     # Encoder-decoder models: the encoder stack's Trace over the source tokens (this one is the decoder's).
     encoder: Trace | None = None
+    # Attention kept as q/k (the default): per kind ("self", "cross") one recipe entry per captured layer
+    # (scaling, soft-cap, mask, bias: see ``capture._lazy_attention``); None where probabilities are stored.
+    attn_recipe: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+        if not getattr(self.tensors, "read_only", False):  # a stored trace's mapped tensors stay as they are
+            object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
     @property
     def n_pos(self) -> int:
@@ -151,14 +161,40 @@ class Trace:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        return tuple(s for s in self.tensors if s != "logits")
+        """Captured sites; ``attn_probs`` (``cross_attn_probs``) also where they are computed on demand."""
+        from lmscope.capture._lazy_attention import INTERNAL_SITES, KINDS, PROBS_SITE, is_lazy
+
+        lazy = tuple(PROBS_SITE[kind] for kind in KINDS if is_lazy(self, kind))
+        return tuple(s for s in self.tensors if s != "logits" and s not in INTERNAL_SITES) + lazy
+
+    def attention(
+        self, layer: int, heads: Any = None, rows: Any = None, *, cross: bool = False, stack: str | None = None
+    ) -> torch.Tensor:  # [head, rows, pos_k] float32
+        """Attention probabilities of ``layer`` for ``heads`` and query ``rows`` (ints, lists or slices; all if
+        None), computed from the stored queries and keys in bounded blocks, or sliced from stored ones.
+
+        ``cross=True``: the decoder's cross-attention (keys over encoder positions); ``stack="encoder"``:
+        the encoder stack's self-attention. Equal to the probabilities a trace with the site
+        ``attn_probs_stored`` holds (the same function computes them).
+        """
+        from lmscope.capture._lazy_attention import attention
+
+        return attention(self.stack(stack), layer, heads, rows, "cross" if cross else "self")
 
     @property
     def logits(self) -> torch.Tensor:
         return self.get("logits")
 
     def get(self, site: str) -> torch.Tensor:
-        """The tensor of ``site`` over all captured layers, or a clear error if not captured."""
+        """The tensor of ``site`` over all captured layers, or a clear error if not captured.
+
+        ``attn_probs`` of a trace that keeps attention as q/k is computed here, whole (refused above
+        ``_lazy_attention.MATERIALIZE_LIMIT`` bytes: ask :meth:`attention` for the part you need).
+        """
+        if site in ("attn_probs", "cross_attn_probs") and site in self.sites and site not in self.tensors:
+            from lmscope.capture._lazy_attention import materialize
+
+            return materialize(self, "cross" if site == "cross_attn_probs" else "self")
         if site not in self.tensors:
             if self.model.n_heads == 0 and site in ("attn_probs", "v", "q", "k", "attn_out", "resid_mid"):
                 raise LmscopeError(f"{self.model.name} has no attention (a state-space model), so no {site!r}: "
@@ -182,6 +218,10 @@ class Trace:
 
     def at(self, site: str, layer: int) -> torch.Tensor:
         """One layer of a site: ``trace.at("resid_post", 3)`` is ``[pos, d_model]``."""
+        if site in ("attn_probs", "cross_attn_probs") and site in self.sites and site not in self.tensors:
+            from lmscope.capture._lazy_attention import materialize
+
+            return materialize(self, "cross" if site == "cross_attn_probs" else "self", layer)
         return self.get(site)[self.layer_index(layer)]
 
     def position(self, position: int) -> int:
@@ -208,6 +248,11 @@ class Trace:
                 )
             return self.encoder
         raise LmscopeError(f"unknown stack {name!r}: use 'encoder' or 'decoder'")
+
+    @property
+    def stored(self) -> Path | None:
+        """The file a disk-backed trace reads its tensors from (``lm.trace(..., store=...)``), else ``None``."""
+        return getattr(self.tensors, "path", None)
 
     def nbytes(self) -> int:
         """Memory held by the captured tensors (both stacks)."""

@@ -20,6 +20,12 @@ Format version 3 adds encoder-decoder traces: the encoder stack's tensors are st
 ``encoder.<site>`` (and ``encoder.token_ids``), its tokens, layers, model description and
 attention factors under the metadata key ``encoder``; the decoder's are stored as before.
 Traces of other models are still written as version 2.
+
+Format version 4 adds attention kept as queries and keys (``_lazy_attention``): the metadata key
+``attn_recipe`` (also under ``encoder``) holds one entry per layer and kind of attention, and the
+tensors ``attn_mask`` / ``cross_attn_mask`` (bool ``[mask, pos_q, pos_k]``) and ``attn_bias`` /
+``cross_attn_bias`` (``[bias, head, pos_q, pos_k]``) the masks and biases entries point to. Traces
+with stored attention probabilities are written in the version their content needs, as before.
 """
 
 from __future__ import annotations
@@ -27,32 +33,35 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmscope.capture._lazy_attention import BIAS_SITE, INTERNAL_SITES, KINDS, MASK_SITE, QK_SITES
 from lmscope.capture._trace import ALL_SITES, CROSS_SITES, ModelInfo, Trace
 from lmscope.errors import LmscopeError, TraceFileError
 
 __all__ = ["load_trace", "save_trace", "tensor_checksum"]
 
 _FORMAT = "lmscope-trace"
-_VERSION = 3  # 2: tensor and metadata checksums, the model's n_neurons; 3: encoder-decoder traces
+_VERSION = 4  # 2: checksums, the model's n_neurons; 3: encoder-decoder traces; 4: attention as q/k (attn_recipe)
 _ENCODER = "encoder."  # the prefix of the encoder stack's tensor names
 _META, _META_CRC = "lmscope", "lmscope_crc32"
 _FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _LIMIT = 2**31  # no dimension, layer count or vocabulary of a real model comes near
 _KEYS = {"format", "version", "tokens", "n_input", "layers", "model", "attn_scaling", "attn_softcap", "segment_b",
-         "checksums", "interventions", "encoder"}  # fmt: skip
+         "checksums", "interventions", "encoder", "attn_recipe"}  # fmt: skip
 # absent from version 1 files (some or all); "interventions" only in files of intervened runs, "encoder" only
 # in traces of encoder-decoder models
-_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums", "interventions", "encoder"}
-_ENCODER_KEYS = {"tokens", "layers", "model", "attn_scaling", "attn_softcap"}
+_OPTIONAL = {"attn_scaling", "attn_softcap", "segment_b", "checksums", "interventions", "encoder", "attn_recipe"}
+_ENCODER_KEYS = {"tokens", "layers", "model", "attn_scaling", "attn_softcap", "attn_recipe"}
+_RECIPE_KEYS = {"scaling", "softcap", "mask", "fill", "mask_dtype", "bias"}
 # An intervention's description (``capture._interventions``): key -> what its value must be.
 _INTERVENTION_KEYS = {"site": "string", "op": "string", "layers": "indices", "positions": "indices",
                       "heads": "indices", "neurons": "indices", "keys": "indices", "scale": "number",
@@ -92,41 +101,26 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in trace.tensors.items()}
-    tensors["token_ids"] = trace.token_ids.detach().cpu().contiguous()
-    meta: dict[str, Any] = {
-        "format": _FORMAT,
-        "version": _VERSION if trace.encoder is not None else 2,
-        "tokens": list(trace.tokens),
-        "n_input": trace.n_input,
-        "layers": list(trace.layers),
-        "model": asdict(trace.model),
-        "attn_scaling": list(trace.attn_scaling),
-        "attn_softcap": list(trace.attn_softcap),
-        "segment_b": trace.segment_b,
-        "checksums": {name: tensor_checksum(t) for name, t in tensors.items()},
-    }
-    if trace.interventions:
-        meta["interventions"] = [dict(record) for record in trace.interventions]
-    if trace.encoder is not None:
-        encoder = trace.encoder
-        for name, t in (*encoder.tensors.items(), ("token_ids", encoder.token_ids)):
-            tensors[_ENCODER + name] = t.detach().cpu().contiguous()
-        meta["encoder"] = {
-            "tokens": list(encoder.tokens),
-            "layers": list(encoder.layers),
-            "model": asdict(encoder.model),
-            "attn_scaling": list(encoder.attn_scaling),
-            "attn_softcap": list(encoder.attn_softcap),
-        }
-        meta["checksums"] = {name: tensor_checksum(t) for name, t in tensors.items()}
-    text = json.dumps(meta)
     if path.is_dir():
         raise LmscopeError(f"cannot write the trace to {path}: it is a folder; give a file name")
     if not path.parent.is_dir():
         raise LmscopeError(f"cannot write the trace to {path}: the folder {path.parent} does not exist")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in trace.tensors.items()}
+    tensors["token_ids"] = trace.token_ids.detach().cpu().contiguous()
+    if trace.encoder is not None:
+        encoder = trace.encoder
+        for name, t in (*encoder.tensors.items(), ("token_ids", encoder.token_ids)):
+            tensors[_ENCODER + name] = t.detach().cpu().contiguous()
+    whole = _whole_file(trace)  # a stored trace: its file, as it is
+    if whole is not None and path.resolve() == whole.resolve():
+        return path
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        if whole is not None:
+            shutil.copyfile(whole, partial)
+            os.replace(partial, path)
+            return path
+        text = json.dumps(trace_metadata(trace, {name: tensor_checksum(t) for name, t in tensors.items()}))
         save_file(tensors, str(partial), metadata={_META: text, _META_CRC: _text_checksum(text)})
         os.replace(partial, path)
     except (OSError, SafetensorError) as error:  # a full disk, no permission
@@ -136,13 +130,78 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a Trace written by :meth:`Trace.save`, without the model, checking all of it."""
+def trace_metadata(trace: Trace, checksums: dict[str, str]) -> dict[str, Any]:
+    """The ``lmscope`` metadata of a trace file holding ``trace`` (``checksums``: tensor name -> CRC-32)."""
+    meta: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": 4 if _lazy(trace) else 3 if trace.encoder is not None else 2,
+        "tokens": list(trace.tokens),
+        "n_input": trace.n_input,
+        "layers": list(trace.layers),
+        "model": asdict(trace.model),
+        "attn_scaling": list(trace.attn_scaling),
+        "attn_softcap": list(trace.attn_softcap),
+        "segment_b": trace.segment_b,
+        "checksums": checksums,
+    }
+    if trace.attn_recipe:
+        meta["attn_recipe"] = dict(trace.attn_recipe)
+    if trace.interventions:
+        meta["interventions"] = [dict(record) for record in trace.interventions]
+    if trace.encoder is not None:
+        encoder = trace.encoder
+        meta["encoder"] = {
+            "tokens": list(encoder.tokens),
+            "layers": list(encoder.layers),
+            "model": asdict(encoder.model),
+            "attn_scaling": list(encoder.attn_scaling),
+            "attn_softcap": list(encoder.attn_softcap),
+        }
+        if encoder.attn_recipe:
+            meta["encoder"]["attn_recipe"] = dict(encoder.attn_recipe)
+    return meta
+
+
+def _whole_file(trace: Trace) -> Path | None:
+    """The file of a stored trace if it holds exactly this trace (copied on saving, no tensor read into memory)."""
+    from lmscope.capture._store import StoredTensors
+
+    stored = trace.tensors
+    if not isinstance(stored, StoredTensors) or trace.encoder is not None or not stored.path.is_file():
+        return None
+    header = stored.metadata
+    try:
+        meta = json.loads(header[_META])
+        same = meta == json.loads(json.dumps(trace_metadata(trace, meta["checksums"])))
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not same or set(meta["checksums"]) != set(stored.whole) or set(stored.whole) != {*stored, "token_ids"}:
+        return None
+    if not torch.equal(stored.whole["token_ids"], trace.token_ids):
+        return None
+    stored.check()
+    return stored.path
+
+
+MAP_ABOVE = 256 << 20
+"""Trace files larger than this (bytes) are memory-mapped by :func:`load_trace` unless told otherwise."""
+
+
+def load_trace(path: str | os.PathLike[str], mmap: bool | None = None) -> Trace:
+    """Read a Trace written by :meth:`Trace.save` (or ``lm.trace(..., store=)``), without the model,
+    checking all of it.
+
+    ``mmap``: map the file instead of reading it into memory (by default, files over 256 MiB):
+    the tensors are then read from disk as analyses touch them, and the checks stream through
+    the file a block at a time, so a trace larger than RAM loads.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise _file_error(path, "was not found: no trace file there")
+    if mmap or (mmap is None and path.stat().st_size > MAP_ABOVE):
+        return _mapped(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -159,8 +218,34 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         raise _file_error(path, str(problem)) from None
 
 
-def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Trace:
-    """The Trace in a file's metadata and tensors, or :class:`_Invalid` naming the first problem."""
+def _mapped(path: Path) -> Trace:
+    """A trace file memory-mapped: checksums and values checked by streaming through it, then the rest."""
+    from lmscope.capture._store import map_file, scan_file
+
+    stored = map_file(path)
+    header = stored.metadata
+    if _META not in header:
+        raise _file_error(path, "is a safetensors file but not an lmscope trace")
+    try:
+        trace = _checked(header, dict(stored.whole), scan=False)  # the metadata, names, shapes and dtypes
+        checksums = json.loads(header[_META]).get("checksums")
+        problem = scan_file(stored, checksums, probabilities=("attn_probs", "cross_attn_probs",
+                                                              _ENCODER + "attn_probs"))  # fmt: skip
+        if problem is not None:
+            raise _damaged(problem) if "checksum" in problem else _Invalid(problem)
+    except _Invalid as problem:
+        raise _file_error(path, str(problem)) from None
+    encoder = trace.encoder
+    if encoder is not None:
+        encoder = replace(encoder, tensors=stored.subset(dict(encoder.tensors)))
+    return replace(trace, tensors=stored.subset(dict(trace.tensors)), encoder=encoder)
+
+
+def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor], scan: bool = True) -> Trace:
+    """The Trace in a file's metadata and tensors, or :class:`_Invalid` naming the first problem.
+
+    ``scan=False``: the checksums and values were checked already (streaming through a mapped file).
+    """
     try:
         meta = json.loads(header[_META])
     except (ValueError, RecursionError) as error:
@@ -177,7 +262,7 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
     required = _KEYS - _OPTIONAL | ({"checksums"} if version >= 2 else set())
     _keys("metadata", meta, _KEYS, required)
     if "checksums" in meta:
-        _verify_tensors(meta["checksums"], tensors)
+        _verify_tensors(meta["checksums"], tensors, scan)
     model = _model(meta["model"], version)
     tokens = meta["tokens"]
     if not isinstance(tokens, list) or not tokens:
@@ -194,13 +279,14 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
     interventions = _interventions(meta.get("interventions", []))
     encoder_tensors = {name.removeprefix(_ENCODER): tensors.pop(name) for name in list(tensors) if
                        name.startswith(_ENCODER)}  # fmt: skip
-    encoder = _encoder(meta["encoder"], encoder_tensors, version) if "encoder" in meta else None
+    encoder = _encoder(meta["encoder"], encoder_tensors, version, scan) if "encoder" in meta else None
     if encoder is None and encoder_tensors:
         raise _Invalid(f"tensor {_ENCODER + next(iter(encoder_tensors))!r} belongs to no encoder in the metadata")
     if encoder is not None and model.stack != "decoder":
         raise _Invalid(f"it has an encoder stack, but its model 'stack' is {model.stack!r}, not 'decoder'")
     token_ids = _token_ids(tensors, n_pos, model.vocab_size)
-    _check_tensors(tensors, model, len(layers), n_pos, encoder.n_pos if encoder is not None else None)
+    _check_tensors(tensors, model, len(layers), n_pos, encoder.n_pos if encoder is not None else None, scan)
+    recipe = _recipe(meta.get("attn_recipe"), tensors, len(layers), version)
     return Trace(
         token_ids=token_ids,
         tokens=tuple(tokens),
@@ -213,16 +299,17 @@ def _checked(header: Mapping[str, str], tensors: dict[str, torch.Tensor]) -> Tra
         segment_b=segment_b,
         interventions=interventions,
         encoder=encoder,
+        attn_recipe=recipe,
     )
 
 
-def _encoder(meta: Any, tensors: dict[str, torch.Tensor], version: int) -> Trace:
+def _encoder(meta: Any, tensors: dict[str, torch.Tensor], version: int, scan: bool = True) -> Trace:
     """The encoder stack's Trace of an encoder-decoder trace file (format 3), checked like the decoder's."""
     if version < 3:
         raise _Invalid(f"metadata 'encoder' appears in a format {version} file (encoder stacks came with format 3)")
     if not isinstance(meta, dict):
         raise _Invalid(f"metadata 'encoder' must be an object, not {_kind(meta)}")
-    _keys("metadata 'encoder'", meta, _ENCODER_KEYS, _ENCODER_KEYS)
+    _keys("metadata 'encoder'", meta, _ENCODER_KEYS, _ENCODER_KEYS - {"attn_recipe"})
     model = _model(meta["model"], version)
     if model.stack != "encoder":
         raise _Invalid(f"metadata 'encoder' describes the model stack {model.stack!r}, not 'encoder'")
@@ -236,7 +323,8 @@ def _encoder(meta: Any, tensors: dict[str, torch.Tensor], version: int) -> Trace
     token_ids = _token_ids(tensors, len(tokens), model.vocab_size)
     if any(name in CROSS_SITES or name == "logits" for name in tensors):
         raise _Invalid("the encoder stack holds a site only the decoder has (cross-attention or logits)")
-    _check_tensors(tensors, model, len(layers), len(tokens))
+    _check_tensors(tensors, model, len(layers), len(tokens), scan=scan)
+    recipe = _recipe(meta.get("attn_recipe"), tensors, len(layers), version)
     return Trace(
         token_ids=token_ids,
         tokens=tuple(tokens),
@@ -246,7 +334,64 @@ def _encoder(meta: Any, tensors: dict[str, torch.Tensor], version: int) -> Trace
         tensors=tensors,
         attn_scaling=attn_scaling,
         attn_softcap=attn_softcap,
+        attn_recipe=recipe,
     )
+
+
+def _lazy(trace: Trace) -> bool:
+    return bool(trace.attn_recipe) or (trace.encoder is not None and bool(trace.encoder.attn_recipe))
+
+
+def _recipe(recipe: Any, tensors: Mapping[str, torch.Tensor], n_layers: int, version: int) -> dict[str, Any] | None:
+    """The ``attn_recipe`` of a stack (attention kept as q/k), checked against its tensors."""
+    extra = [name for name in tensors if name in INTERNAL_SITES]
+    if recipe is None:
+        if extra:
+            raise _Invalid(f"tensor {extra[0]!r} serves attention kept as q/k, but the metadata has no 'attn_recipe'")
+        return None
+    if version < 4:
+        raise _Invalid(f"metadata 'attn_recipe' appears in a format {version} file (it came with format 4)")
+    if not isinstance(recipe, dict) or not recipe:
+        raise _Invalid(f"metadata 'attn_recipe' must be a non-empty object, not {_kind(recipe)}")
+    for kind, entries in recipe.items():
+        where = f"metadata 'attn_recipe' {kind!r}"
+        if kind not in KINDS:
+            raise _Invalid(f"metadata 'attn_recipe' has an unknown kind {kind!r} (use 'self' or 'cross')")
+        missing = [site for site in QK_SITES[kind] if site not in tensors]
+        if missing:
+            raise _Invalid(f"{where} computes attention from {missing[0]!r}, which the file lacks")
+        if not isinstance(entries, list) or len(entries) != n_layers:
+            raise _Invalid(f"{where} must be a list of one entry per layer in 'layers' ({n_layers})")
+        masks, biases = tensors.get(MASK_SITE[kind]), tensors.get(BIAS_SITE[kind])
+        for i, entry in enumerate(entries):
+            _recipe_entry(f"{where} entry {i}", entry, masks, biases, MASK_SITE[kind])
+    for kind in KINDS:
+        for name in (MASK_SITE[kind], BIAS_SITE[kind]):
+            if name in tensors and kind not in recipe:
+                raise _Invalid(f"tensor {name!r} serves no kind of attention in metadata 'attn_recipe'")
+    return recipe
+
+
+def _recipe_entry(place: str, entry: Any, masks: torch.Tensor | None, biases: torch.Tensor | None, name: str) -> None:
+    if not isinstance(entry, dict):
+        raise _Invalid(f"{place} must be an object, not {_kind(entry)}")
+    _keys(place, entry, _RECIPE_KEYS, _RECIPE_KEYS)
+    _positive(f"{place} 'scaling'", entry["scaling"])
+    if entry["softcap"] is not None:
+        _positive(f"{place} 'softcap'", entry["softcap"])
+    if entry["mask"] not in (None, "causal", "full"):
+        count = 0 if masks is None else len(masks)
+        _integer(f"{place} 'mask'", entry["mask"], 0, count - 1, f"0..{count - 1} (the masks in {name!r})")
+    if entry["fill"] is not None:
+        if type(entry["fill"]) is not float or not math.isfinite(entry["fill"]) or entry["fill"] >= 0:
+            raise _Invalid(f"{place} 'fill' must be a finite negative number or null, not {_kind(entry['fill'])}")
+        if entry["mask_dtype"] not in _FLOATS:
+            raise _Invalid(f"{place} 'mask_dtype' must be one of {', '.join(_FLOATS)}")
+    elif entry["mask_dtype"] is not None:
+        raise _Invalid(f"{place} 'mask_dtype' must be null where 'fill' is")
+    if entry["bias"] is not None:
+        count = 0 if biases is None else len(biases)
+        _integer(f"{place} 'bias'", entry["bias"], 0, count - 1, f"0..{count - 1} (the stored biases)")
 
 
 def _interventions(records: Any) -> tuple[dict[str, Any], ...]:
@@ -292,7 +437,7 @@ def _verify_header(header: Mapping[str, str]) -> None:
         raise _damaged("its lmscope metadata do not match their checksum")
 
 
-def _verify_tensors(checksums: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+def _verify_tensors(checksums: Any, tensors: Mapping[str, torch.Tensor], scan: bool = True) -> None:
     if not isinstance(checksums, dict):
         raise _Invalid(f"metadata 'checksums' must be an object, not {_kind(checksums)}")
     for name in tensors:
@@ -301,7 +446,7 @@ def _verify_tensors(checksums: Any, tensors: Mapping[str, torch.Tensor]) -> None
     for name in checksums:
         if name not in tensors:
             raise _Invalid(f"tensor {name!r}, named in metadata 'checksums', is missing")
-    for name, stored in checksums.items():
+    for name, stored in checksums.items() if scan else ():
         if stored != tensor_checksum(tensors[name]):
             raise _damaged(f"tensor {name!r} does not match its checksum")
 
@@ -410,9 +555,14 @@ def _shapes(
 
 
 def _check_tensors(
-    tensors: Mapping[str, torch.Tensor], model: ModelInfo, n_layers: int, n_pos: int, n_enc: int | None = None
+    tensors: Mapping[str, torch.Tensor],
+    model: ModelInfo,
+    n_layers: int,
+    n_pos: int,
+    n_enc: int | None = None,
+    scan: bool = True,
 ) -> None:
-    unknown = [name for name in tensors if name not in (*ALL_SITES, "logits")]
+    unknown = [name for name in tensors if name not in (*ALL_SITES, "logits", *INTERNAL_SITES)]
     if unknown:
         raise _Invalid(f"tensor {unknown[0]!r} is no site of a trace (sites: {', '.join(ALL_SITES)}, logits)")
     cross = [name for name in tensors if name in CROSS_SITES]
@@ -423,6 +573,9 @@ def _check_tensors(
     shapes = _shapes(model, n_layers, n_pos, n_neurons, n_enc)
     dtype = _FLOATS[model.dtype]
     for name, tensor in tensors.items():
+        if name in INTERNAL_SITES:
+            _check_recipe_tensor(name, tensor, model, n_pos, n_enc)
+            continue
         if name == "logits":
             if not tensor.dtype.is_floating_point or tensor.dtype not in _FLOATS.values():
                 raise _Invalid(
@@ -434,6 +587,8 @@ def _check_tensors(
             )
         if tuple(tensor.shape) != shapes[name]:
             raise _Invalid(f"tensor {name!r} has shape {list(tensor.shape)}, not {list(shapes[name])}")
+    if not scan:
+        return
     for name, tensor in tensors.items():  # after all shapes: the costlier scans
         # A sum is finite unless a value is NaN or infinite (or the sum overflows: then look closer).
         if not (bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())):
@@ -444,6 +599,21 @@ def _check_tensors(
             low, high = (float(x) for x in torch.aminmax(probs))
             if low < 0 or high > 1:
                 raise _Invalid(f"tensor {name!r} holds values outside [0, 1], which no attention probability takes")
+
+
+def _check_recipe_tensor(name: str, tensor: torch.Tensor, model: ModelInfo, n_pos: int, n_enc: int | None) -> None:
+    """A mask (bool ``[mask, pos_q, pos_k]``) or bias (``[bias, head, pos_q, pos_k]``) of attention kept as q/k."""
+    cross = name.startswith("cross_")
+    if cross and n_enc is None:
+        raise _Invalid(f"tensor {name!r} is a cross-attention site, but the file holds no encoder stack")
+    n_k = n_enc if cross else n_pos
+    kind = str(tensor.dtype).removeprefix("torch.")
+    if name in MASK_SITE.values():
+        if tensor.dtype != torch.bool or tensor.ndim != 3 or tuple(tensor.shape[1:]) != (n_pos, n_k):
+            raise _Invalid(f"tensor {name!r} must be bool [mask, {n_pos}, {n_k}], not {kind} {list(tensor.shape)}")
+    elif tensor.dtype not in _FLOATS.values() or tuple(tensor.shape[1:]) != (model.n_heads, n_pos, n_k):
+        raise _Invalid(f"tensor {name!r} must be floating point [bias, {model.n_heads}, {n_pos}, {n_k}], not "
+                       f"{kind} {list(tensor.shape)}")  # fmt: skip
 
 
 def _keys(where: str, mapping: dict[str, Any], known: set[str], required: set[str]) -> None:
