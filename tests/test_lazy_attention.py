@@ -248,3 +248,18 @@ def test_streamed_flow_graph_equals_the_whole_one(family: str) -> None:
                 if a.heads is not None:
                     np.testing.assert_allclose(a.heads, b.heads, rtol=0, atol=1e-5)
             assert streamed.all_edges == streamed.edges and streamed.nodes == whole.nodes
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_top_keys_of_one_layer_equal_the_sparsified_dense_map(family: str) -> None:
+    """The long-input head view's data, one head and a few rows at a time, equals sparsifying the whole map."""
+    from lmscope.analysis.attention import sparsify, top_keys
+
+    trace = _pair(family)[0].trace
+    dense = sparsify(trace.attention(1)[None].numpy(), 5)
+    blocked = top_keys(trace, 1, 5, rows=7)
+    np.testing.assert_array_equal(blocked.val, dense.val)
+    np.testing.assert_array_equal(blocked.cutoff, dense.cutoff)
+    np.testing.assert_allclose(blocked.kept, dense.kept, rtol=1e-6)
+    ties = blocked.val[..., 1:] == blocked.val[..., :-1]  # equal weights may come in either order
+    np.testing.assert_array_equal(np.where(ties, 0, blocked.idx[..., 1:]), np.where(ties, 0, dense.idx[..., 1:]))

@@ -56,6 +56,7 @@ __all__ = [
     "rollout",
     "seq2seq_sites",
     "sparsify",
+    "top_keys",
     "value_norms",
 ]
 
@@ -255,6 +256,34 @@ def sparsify(weights: np.ndarray, k: int) -> Sparse:
     # the (k+1)-th largest weight of a row is the largest one left out
     cutoff = w.topk(k + 1, dim=-1).values[..., -1].amax(-1) if k < w.shape[-1] else torch.zeros(w.shape[:2])
     return Sparse(k, top.indices.int().numpy(), top.values.numpy(), cutoff.numpy(), kept.numpy())
+
+
+def top_keys(trace: Trace, layer: int, k: int, *, cross: bool = False, rows: int = 256) -> Sparse:
+    """:func:`sparsify` of one layer's attention weights ``[1, head, pos_q, pos_k]``, computed one head and
+    ``rows`` query rows at a time from the trace (``Trace.attention``): a long input's head view without
+    ever holding the layer's dense ``[head, pos_q, pos_k]`` map."""
+    if k < 1:
+        raise LmscopeError(f"k must be at least 1, not {k}")
+    n_heads = trace.model.n_heads
+    n_q = trace.n_pos
+    n_k = trace.encoder.n_pos if cross and trace.encoder is not None else n_q
+    k = min(k, n_k)
+    idx = np.zeros((1, n_heads, n_q, k), dtype=np.int32)
+    val = np.zeros((1, n_heads, n_q, k), dtype=np.float32)
+    cutoff, kept = np.zeros((1, n_heads), dtype=np.float32), np.zeros((1, n_heads), dtype=np.float32)
+    for head in range(n_heads):
+        shares, cut = [], torch.zeros(())
+        for start in range(0, n_q, rows):
+            w = trace.attention(layer, heads=[head], rows=slice(start, start + rows), cross=cross)  # [1, rows, pos_k]
+            top = w.topk(min(k + 1, n_k), dim=-1)
+            idx[0, head, start : start + w.shape[1]] = top.indices[0, :, :k].int().numpy()
+            val[0, head, start : start + w.shape[1]] = top.values[0, :, :k].numpy()
+            shares.append(top.values[0, :, :k].sum(-1) / w[0].sum(-1).clamp(min=1e-30))
+            if k < n_k:
+                cut = torch.maximum(cut, top.values[0, :, k].amax())
+        kept[0, head] = float(torch.cat(shares).mean())
+        cutoff[0, head] = float(cut)
+    return Sparse(k, idx, val, cutoff, kept)
 
 
 def needed_sites(view: str, kind: str, part: str = "") -> tuple[str, ...]:
