@@ -7,6 +7,7 @@ process of it may outlive the tests. The model is a tiny random Llama, the corpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -349,3 +351,68 @@ def test_a_shard_whose_workers_keep_dying_is_a_clear_error() -> None:
     run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0})()
     with pytest.raises(LmscopeError, match="failed 4 times, its worker dying each time"):
         run.collect([0, 1], {n: [] for n in range(2)}, [10] * 2, set(), lambda: None, False, 2)
+
+
+class FirstShards(DRIVER.Helper):
+    """The driver's helper, told that the workers are ready once it has taken ``LIMIT`` shards."""
+
+    LIMIT = 2
+
+    def _take(self) -> int | None:
+        if len(self.done) >= self.LIMIT:  # (shards are taken one at a time, each done before the next)
+            return None
+        return super()._take()
+
+
+def test_while_a_local_cluster_starts_the_driver_collects_the_first_shards(
+    cluster, lm, reference, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(DRIVER, "_starts_local", lambda address: True)  # as if this job started the cluster
+    monkeypatch.setattr(DRIVER, "Helper", FirstShards)
+    col = lmscope.collect(lm, TEXTS, out_dir=tmp_path / "acts", progress=False, **OPTIONS, **RAY)
+    assert_same(reference, col)
+    timings = manifest(col)["timings"]
+    assert timings["driver_shards"] == 2 and timings["shards_retried"] == 0
+    assert [s.get("worker") for s in timings["shards"]] == ["driver", "driver", None, None, None, None]
+    assert [s["attempts"] for s in timings["shards"]] == [1] * SHARDS
+    assert not [t for t in threading.enumerate() if t.name == "lmscope-driver-shards"]
+
+
+def test_a_job_the_driver_finishes_while_the_cluster_starts_starts_no_worker(
+    cluster, lm, reference, tmp_path, monkeypatch
+) -> None:
+    out = tmp_path / "acts"
+    real = DRIVER.connect
+
+    @contextlib.contextmanager
+    def slow_start(*args, **kwargs):
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("shard-*"))) < SHARDS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with real(*args, **kwargs) as connected:
+            yield connected
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("workers started although the driver had collected every shard")
+
+    monkeypatch.setattr(DRIVER, "_starts_local", lambda address: True)
+    monkeypatch.setattr(DRIVER, "connect", slow_start)
+    monkeypatch.setattr(DRIVER, "_Run", no_workers)
+    col = lmscope.collect(lm, TEXTS, out_dir=out, progress=False, **OPTIONS, **RAY)
+    assert_same(reference, col)
+    assert manifest(col)["timings"]["driver_shards"] == SHARDS
+
+
+def test_an_error_in_the_drivers_shards_stops_the_job(cluster, lm, tmp_path, monkeypatch) -> None:
+    collect_module = sys.modules["lmscope.analysis.collect"]  # (the package's name "collect" is the function)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the driver's batch failed")
+
+    monkeypatch.setattr(DRIVER, "_starts_local", lambda address: True)
+    monkeypatch.setattr(collect_module, "batch_part", broken)  # the driver's shards only: workers are processes
+    out = tmp_path / "acts"
+    with pytest.raises(RuntimeError, match="the driver's batch failed"):
+        lmscope.collect(lm, TEXTS, out_dir=out, progress=False, **OPTIONS, **RAY)
+    assert not (out / "collection.json").exists() and (out / "collection.partial.json").exists()
+    assert not [t for t in threading.enumerate() if t.name == "lmscope-driver-shards"]

@@ -14,6 +14,8 @@ finished shard) and ``collection.json`` (last); a job that is stopped and run ag
 shard that is complete on disk and redoes the others.
 
 Only the driver needs the texts; the model goes to the workers once, through Ray's object store.
+While a local cluster that the job starts comes up, the driver collects the first shards itself
+(:mod:`lmscope.distributed._driver`), so the seconds Ray takes to start are not lost.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 from lmscope._files import TEMP_PREFIX
 from lmscope.analysis._collection import META, PARTIAL, Collection, write_json
 from lmscope.analysis.collect import Job, _batches, _resume, _run_batch, manifest
-from lmscope.distributed._cluster import connect, local_cpus
+from lmscope.distributed._cluster import connect, local_cpus, require_ray
+from lmscope.distributed._driver import Helper
 from lmscope.distributed._worker import EXIT_HOOK, Worker
 from lmscope.errors import LmscopeError
 
@@ -139,20 +142,40 @@ def collect_on_ray(
     todo = [n for n in range(len(shards)) if n not in done]
     timings: dict[int, dict[str, Any]] = {}
     retried = 0
-    started = time.perf_counter()
+    started = cluster = time.perf_counter()
     count = workers or 1
+    helper = None
     if todo:
         local = max(1, workers or local_cpus() // worker_cpus)  # workers of a local cluster
         gpus = None if workers is None and worker_gpus else worker_gpus * local  # None: as many as there are
-        with connect(address, local * worker_cpus, gpus) as ray:
-            count = _fit(ray, worker_cpus, worker_gpus, workers)
-            run = _Run(ray, job, root, count, worker_cpus, worker_gpus)
-            try:
-                started = time.perf_counter()
-                batches = {n: [[(starts[i], job.ids[i]) for i in group] for group in shards[n]] for n in todo}
-                timings, retried = run.collect(todo, batches, tokens, done, save_record, progress, len(shards))
-            finally:
-                run.stop()
+        batches = {n: [[(starts[i], job.ids[i]) for i in group] for group in shards[n]] for n in todo}
+        payload = _payload(job)  # before the driver's own shards run the model (their hooks come and go)
+        if _starts_local(address):  # the driver collects while the cluster starts
+            helper = Helper(job, root, batches, deque(todo))
+            helper.start()
+        try:
+            with connect(address, local * worker_cpus, gpus) as ray:
+                started = cluster = time.perf_counter()
+                if helper is None or helper.pending:  # (a small job may be done before any worker is needed)
+                    count = _fit(ray, worker_cpus, worker_gpus, workers)
+                    run = _Run(ray, job, root, count, worker_cpus, worker_gpus, payload)
+                    try:
+                        started = time.perf_counter()
+                        rest = helper.finish() if helper is not None else todo
+                        timings, retried = run.collect(rest, batches, tokens, done, save_record, progress, len(shards))
+                    finally:
+                        run.stop()
+            if helper is not None:
+                helper.join()  # the shard in hand
+        finally:
+            if helper is not None:
+                helper.abort()  # (stopped early: the thread writes nothing more)
+        if helper is not None:
+            if helper.error is not None:
+                raise helper.error
+            timings.update(helper.done)
+            done.update(helper.done)
+            save_record()
     seconds = time.perf_counter() - began
     collected = sum(tokens[n] for n in timings)
     shard_rows = [
@@ -167,7 +190,9 @@ def collect_on_ray(
         "timings": {
             "seconds": round(seconds, 3),
             "startup_seconds": round(started - began, 3),
-            "tokens_per_second": round(collected / max(time.perf_counter() - started, 1e-9), 1),
+            "cluster_seconds": round(max(cluster - began, 0.0), 3),  # until Ray answered (the driver collecting)
+            "driver_shards": len(helper.done) if helper is not None else 0,
+            "tokens_per_second": round(collected / max(seconds, 1e-9), 1),  # start and stop included
             "shards_retried": retried,
             "shards": shard_rows,
         },
@@ -176,6 +201,21 @@ def collect_on_ray(
     write_json(root / META, meta)  # last: the folder now holds a finished collection
     (root / PARTIAL).unlink(missing_ok=True)
     return Collection(meta, [root / name for name in names], root)
+
+
+def _starts_local(address: str | None) -> bool:
+    """Whether the job starts a local cluster of its own (not joining one, nor using this process's connection)."""
+    return address is None and not require_ray().is_initialized()
+
+
+def _payload(job: Job) -> bytes:
+    """The model as the workers receive it: ``torch.save`` bytes of the ``LoadedModel``."""
+    import torch
+
+    buffer = io.BytesIO()
+    with _without_local_hooks(job.loaded.model):
+        torch.save(job.loaded, buffer)
+    return buffer.getvalue()
 
 
 def _fit(ray: Any, cpus: int, gpus: float, workers: int | None) -> int:
@@ -197,15 +237,10 @@ def _fit(ray: Any, cpus: int, gpus: float, workers: int | None) -> int:
 class _Run:
     """The actors of one job, and the loop that hands them shards."""
 
-    def __init__(self, ray: Any, job: Job, root: Path, count: int, cpus: int, gpus: float):
-        import torch
-
+    def __init__(self, ray: Any, job: Job, root: Path, count: int, cpus: int, gpus: float, payload: bytes):
         self.ray, self.job = ray, job
-        buffer = io.BytesIO()
-        with _without_local_hooks(job.loaded.model):
-            torch.save(job.loaded, buffer)
-        self.model = ray.put(buffer.getvalue())  # kept while the job runs: restarted workers fetch it again
-        del buffer
+        self.pids: set[int] = set()  # this machine's worker processes, which stop() waits for
+        self.model = ray.put(payload)  # kept while the job runs: restarted workers fetch it again
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=RESTARTS, max_task_retries=0)(Worker)
         hook = os.environ.get(EXIT_HOOK)
         self.actors = [remote.remote([self.model], str(root), cpus, gpus > 0, hook) for _ in range(count)]
@@ -214,7 +249,6 @@ class _Run:
         except ray.exceptions.RayError as error:
             self.stop()
             raise LmscopeError(f"the Ray workers could not start: {_cause(error)}") from None
-        self.pids: set[int] = set()  # this machine's worker processes, which stop() waits for
         for answer in checks:
             self._note(answer)
         errors = [c["error"] for c in checks if c["error"]]
