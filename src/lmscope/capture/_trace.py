@@ -149,7 +149,7 @@ class Trace:
     encoder: Trace | None = None
     # Attention kept as q/k (the default): per kind ("self", "cross") one recipe entry per captured layer
     # (scaling, soft-cap, mask, bias: see ``capture._lazy_attention``); None where probabilities are stored.
-    attn_recipe: Mapping[str, Any] | None = None
+    attn_recipe: Mapping[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not getattr(self.tensors, "read_only", False):  # a stored trace's mapped tensors stay as they are
