@@ -12,7 +12,10 @@ bias is stored once per stack (``attn_bias [bias, head, pos_q, pos_k]``). :func:
 rebuilds exactly the mask rows asked for and calls the same
 :func:`~lmscope.capture._attention.attention_probs` capture used to call for the whole layer, so the
 probabilities are the ones a trace that stored them holds, for just the layers, heads and query rows
-asked for, computed in blocks of bounded size.
+asked for, computed in blocks of bounded size. Blocks of rows go through the same matrix-product
+kernel as the whole layer (blocks of fewer than ``_MIN_ROWS`` rows are padded, as CPU BLAS switches
+kernels for tiny products), which gives identical bits on the CPU builds tested here; another BLAS or
+a GPU may differ from stored probabilities by float rounding (~1e-7).
 
 A layer whose mask or bias cannot be described this way (a per-head mask, an additive mask with
 more than two values such as ALiBi, a family that computes its own attention) makes the recorder
