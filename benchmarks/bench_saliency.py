@@ -9,8 +9,10 @@ On the embedded model (SmolLM2-135M), 10 tokens generated after a 15-token promp
     embeddings), and one training-style forward + backward (loss over the sequence, gradients of
     every parameter);
 - lmscope end to end under each matmul routing, in the same rounds: the automatic choice (decided
-  from a trial of the batched backward itself, see ``lmscope.analysis._onednn``; the choice and its
-  trial timings are printed), PyTorch's own products (MKL), and oneDNN forced;
+  from a trial of the gradient pass itself, its forward and batched backward, see
+  ``lmscope.analysis._onednn``; the choice and its trial timings are printed), PyTorch's own
+  products (MKL), and oneDNN forced (both oneDNN ways multiply only the backward's rows that the
+  causal mask does not make zero, 195 of 240 here);
 - integrated gradients (20 steps, 10 outputs) at the row budget chosen for the machine, timed in
   rounds alternating with the batched grad_x_input, and their ratio (the goal: at most 20x, as IG
   does 20x the backward work); without ``--quick`` also each of 2,048 and 256 rows in a fresh
