@@ -4,9 +4,10 @@ For each mode (``memory``: an ordinary Trace; ``store``: ``lm.trace(..., store=F
 tensors written layer by layer and read back memory-mapped), in a fresh process so that peaks are
 separate: the plain forward pass of the same input (no capture), the trace with the default
 sites, the logit lens of the last position, ``rankings_watch``, the attention head view of one
-layer (sparsified: the strongest ``--top-k`` keys per query), and the flow graph of the last
-position. Each step's time is reported as a ratio to the plain forward, with the process's peak
-resident memory (``VmHWM``) after it.
+layer (sparsified: the strongest ``--top-k`` keys per query, ``analysis.attention.top_keys``,
+computed a head and a block of rows at a time), and the flow graph of the last position. Each
+step's time is reported as a ratio to the plain forward, with the process's peak resident
+memory (``VmHWM``) after it.
 
 ``--flow-all 2048``: the flow graph for every position of a 2,048-token trace (in memory): its
 time vs the forward of the same input, and its peak extra memory (``VmHWM`` reset before it).
@@ -72,6 +73,7 @@ def child(mode: str, n: int, store_dir: str | None, layer: int, top_k: int, thre
     import torch
 
     import lmscope
+    from lmscope.analysis.attention import top_keys
 
     if threads:
         torch.set_num_threads(threads)
@@ -97,7 +99,7 @@ def child(mode: str, n: int, store_dir: str | None, layer: int, top_k: int, thre
         result["trace_bytes"] = out.trace.nbytes()
         step("lens", lambda: out.layer_predictions(position=-1, topk=5))
         step("rankings_watch", lambda: out.rankings_watch([" the", " of", " and"], position=-1))
-        step("attention_head_view", lambda: out.attention(layer, view="head", top_k=top_k))
+        step("attention_head_view", lambda: top_keys(out.trace, layer, top_k))
         step("flow", lambda: out.flow(position=-1))
     finally:
         if folder is not None:
