@@ -1,7 +1,8 @@
 """Streaming layer similarity over a large collection: time and peak memory.
 
 Linear CKA of every pair of ``resid_post`` layers of the embedded model (SmolLM2-135M: 30 blocks,
-d_model 576) over a collection of ``--tokens`` tokens, read one shard at a time
+d_model 576: 30 x 30 pairs; issue 16's "31 x 31" counts the embeddings too, as ``hidden_states`` does)
+over a collection of ``--tokens`` tokens, read one shard at a time
 (:func:`lmscope.analysis.streaming.layer_similarity`). Memory is measured as the peak resident set
 size of this process during the analysis minus its size before it (the collection is written by a
 separate process, so writing it does not count); the goal is under 1 GiB.
@@ -10,15 +11,20 @@ By default the collection is synthetic: random activations in lmscope's on-disk 
 (safetensors shards plus ``collection.json``) with the embedded model's shapes, ``--length``-token
 texts, each layer the previous one plus noise, and a large first-token activation like the
 model's attention sink. ``--real`` collects UD English EWT sentences with the embedded model
-instead (slow on 2 cores: about 600 tokens/s). The cost of the analysis does not depend on the
-values, only on tokens, layers and features: time grows linearly with tokens, memory does not.
+instead (slow on 2 cores: about 600 tokens/s; dev and test hold about 60,000 tokens, so a larger
+collection takes them again), in one process or with ``--engine ray`` on Ray workers. ``--collection
+DIR`` reuses a collection folder written earlier (by this script with ``--collection``, or by
+``lmscope collect``), or keeps the one it writes there. The cost of the analysis does not depend on
+the values, only on tokens, layers and features: time grows linearly with tokens, memory does not.
 
 Measured on 2 shared cores (load about 15), synthetic, 1 BLAS thread, ``--memory-mb 512`` (3 passes):
 10,000 tokens in 71 CPU-seconds, 30,000 in 216 (139 tokens per CPU-second: 100,000 take about 12
 minutes of one core), the process growing by 807 MiB for both.
 
+    python benchmarks/bench_streaming.py --tokens 5000            # a quick check (synthetic)
     python benchmarks/bench_streaming.py --tokens 100000          # synthetic, 6.9 GB on disk
-    python benchmarks/bench_streaming.py --tokens 100000 --real   # a real collection
+    python benchmarks/bench_streaming.py --tokens 100000 --real --engine ray --collection /tmp/ud100k
+    python benchmarks/bench_streaming.py --collection /tmp/ud100k  # the analysis again, on the same collection
 """
 
 from __future__ import annotations
@@ -78,19 +84,22 @@ def write_synthetic(root: Path, tokens: int, length: int, shard_mb: float, seed:
     write_json(root / META, meta)
 
 
-def write_real(root: Path, tokens: int) -> None:
-    """A collection of UD English EWT sentences (about ``tokens`` tokens) from the embedded model."""
+def write_real(root: Path, tokens: int, shard_mb: float, engine: str, workers: int | None) -> None:
+    """A collection of UD English EWT sentences (about ``tokens`` tokens, the sentences taken again when
+    they run out) from the embedded model, collected in this process or on Ray."""
     import lmscope
-    from lmscope.probing import load_ud
+    from lmscope.analysis.collect import read_texts
+    from lmscope.probing import ud_file
 
     lm = lmscope.from_pretrained()
+    sentences = read_texts(ud_file("dev")) + read_texts(ud_file("test"))
     texts, total = [], 0
-    for sentence in load_ud(10**9):
-        texts.append(sentence.text)
-        total += len(lm.tokenizer(sentence.text)["input_ids"])
-        if total >= tokens:
-            break
-    lmscope.collect(lm, texts, sites="resid_post", out_dir=root, progress=True)
+    while total < tokens:
+        text = sentences[len(texts) % len(sentences)]
+        texts.append(text)
+        total += len(lm.tokenizer(text)["input_ids"])
+    ray = dict(engine="ray", workers=workers) if engine == "ray" else {}
+    lmscope.collect(lm, texts, sites="resid_post", out_dir=root, shard_mb=shard_mb, progress=True, **ray)
 
 
 def main() -> None:
@@ -101,12 +110,14 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=float, default=512.0, help="bound on the statistics (float64)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (0: numpy's default)")
     parser.add_argument("--real", action="store_true", help="collect real activations with the embedded model")
-    parser.add_argument("--dir", help="use (or keep) the collection in this folder")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="--real: how to collect")
+    parser.add_argument("--workers", type=int, default=None, help="--real --engine ray: Ray workers")
+    parser.add_argument("--collection", "--dir", dest="dir", help="use (or keep) the collection in this folder")
     parser.add_argument("--write", help=argparse.SUPPRESS)  # internal: write the collection and exit
     args = parser.parse_args()
     if args.write:
         if args.real:
-            write_real(Path(args.write), args.tokens)
+            write_real(Path(args.write), args.tokens, args.shard_mb, args.engine, args.workers)
         else:
             write_synthetic(Path(args.write), args.tokens, args.length, args.shard_mb)
         return
@@ -118,6 +129,7 @@ def main() -> None:
             started = time.perf_counter()
             command = [sys.executable, __file__, "--write", str(root), "--tokens", str(args.tokens),
                        "--length", str(args.length), "--shard-mb", str(args.shard_mb)]  # fmt: skip
+            command += ["--engine", args.engine] + (["--workers", str(args.workers)] if args.workers else [])
             subprocess.run(command + (["--real"] if args.real else []), check=True)
             print(f"wrote the collection in {time.perf_counter() - started:.0f} s")
         import lmscope
@@ -125,7 +137,8 @@ def main() -> None:
 
         col = lmscope.load_collection(root)
         size = sum(p.stat().st_size for p in root.glob("shard-*.safetensors")) / 2**30
-        kind = "real (embedded model, UD English EWT)" if args.real else "synthetic (random, the model's shapes)"
+        synthetic = col.model.name.startswith("synthetic")
+        kind = "synthetic (random, the model's shapes)" if synthetic else f"real ({col.model.name}, {len(col)} texts)"
         before = _rss_mb()
         started, cpu = time.perf_counter(), time.process_time()
         result = streaming.layer_similarity(
