@@ -8,8 +8,10 @@ leaves no file reading as a trace.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -99,6 +101,15 @@ def test_saving_a_stored_trace_copies_its_file(tmp_path: Path) -> None:
     _same_trace(out.trace, load_trace(copy))
     assert out.trace.save(tmp_path / "a.safetensors") == tmp_path / "a.safetensors"  # onto itself: kept as it is
     assert str(out.rankings()) == str(tiny("gpt2").trace(TEXT).rankings())
+
+
+def test_a_stored_trace_copied_or_pickled_maps_its_file_again(tmp_path: Path) -> None:
+    trace = tiny("llama").trace(TEXT, store=tmp_path).trace
+    pickled = pickle.dumps(trace)
+    assert len(pickled) < 10_000  # the file's path, not its tensors
+    for other in (copy.deepcopy(trace), pickle.loads(pickled)):
+        assert other.stored == trace.stored and other.tensors is not trace.tensors
+        _same_trace(trace, other)
 
 
 def test_the_estimate_is_close_to_what_a_trace_holds() -> None:

@@ -264,6 +264,9 @@ class _Descriptor:
     def __del__(self) -> None:
         os.close(self.fd)
 
+    def __reduce__(self) -> Any:
+        raise TypeError("an open trace file cannot be copied or pickled")
+
 
 class StoredTensors(Mapping[str, torch.Tensor]):
     """A trace file's tensors, memory-mapped; every access checks the file is still there and whole."""
@@ -276,6 +279,11 @@ class StoredTensors(Mapping[str, torch.Tensor]):
         self.metadata = metadata  # the safetensors header's metadata strings
         self.whole = tensors if whole is None else whole  # every tensor of the file
         self.spans: dict[str, tuple[int, int]] = {}  # name -> (offset in the file, bytes)
+
+    def __reduce__(self) -> Any:
+        """Copied or pickled (another process): the file is mapped again there, by its path."""
+        names = {name: next(k for k, v in self.whole.items() if v is tensor) for name, tensor in self._tensors.items()}
+        return _remapped, (str(self.path), names)
 
     def subset(self, tensors: dict[str, torch.Tensor]) -> StoredTensors:
         """Some of the file's tensors (under the names given), watched like these."""
@@ -353,6 +361,12 @@ def map_file(path: Path) -> StoredTensors:
     stored = StoredTensors(path, tensors, end, handle, metadata)
     stored.spans = {name: (offset, count * _NUMPY[code]().itemsize) for name, (code, _, offset, count) in spans.items()}
     return stored
+
+
+def _remapped(path: str, names: dict[str, str]) -> StoredTensors:
+    """``names`` (name in the trace -> name in the file) of the trace file at ``path``, mapped."""
+    stored = map_file(Path(path))
+    return stored.subset({name: stored.whole[source] for name, source in names.items()})
 
 
 def scan_file(stored: StoredTensors, checksums: dict[str, str] | None, probabilities: tuple[str, ...]) -> str | None:
