@@ -11,9 +11,13 @@ Where the time goes: every target's gradient w.r.t. the source must be pulled ba
 encoder, so any exact method does one forward pass and ``n`` backward passes' worth of products.
 Sharing the encoder's forward pass alone gives ``n (F + B) / (F + n B)`` (about 1.8x for 10
 targets with a backward pass ``B`` costing about a forward pass ``F``); the rest of the gain comes
-from doing the ``n`` pull-backs as a few large products instead of many small ones, which counts
-for most on a busy machine or with many threads. The benchmark prints that first figure (from
-the measured ``F`` and ``B``) next to the measured ratio, and the load average.
+from running the ``n`` pull-backs well (see :mod:`lmscope.analysis._seq2seq_gradients`): all 10
+targets in one pass (the default row budget used to split them 7 + 3, running the encoder twice),
+attention by the eager function during the pass (SDPA's fused CPU backward has no batching rule,
+so the batched backward ran it once per target and stacked the results), and the batched
+products routed to oneDNN where the trial pass finds it faster. The benchmark prints that first
+figure (from the measured ``F`` and ``B``) next to the measured ratio, the routing chosen, and the
+load average.
 
 Repeats are interleaved (one of each per round) and medians reported, since machines are shared.
 Run: ``python benchmarks/bench_seq2seq_saliency.py --threads 2 [--repeats 5]``.
@@ -32,6 +36,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).parent))
 import lmscope
 from _timing import interleaved
+from lmscope.analysis._onednn import choices
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SOURCE, GENERATE = 128, 10
@@ -99,6 +104,8 @@ def main() -> None:
         for a, b in zip((ours.source_attributions[i], ours.attributions[i]), pair, strict=True)
     )
     print(f"max |lmscope - per-token loop| over all attributions (source and decoder): {diff:.2e}")
+    for choice in choices().values():
+        print(f"  batched backward products: {choice}")
     load = os.getloadavg()
     med = interleaved(
         {"forward": forward, "forward+backward": forward_backward, "per-token loop": loop, "lmscope": batched},

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.analysis._seq2seq_gradients import seq2seq_embeddings
+from lmscope.analysis._gradients import gauss_legendre
+from lmscope.analysis._seq2seq_gradients import eager_attention, seq2seq_embeddings
 from lmscope.analysis._seq2seq_saliency import Seq2SeqSaliency
 from lmscope.errors import LmscopeError
 
@@ -22,21 +23,38 @@ SOURCE = "The old lighthouse keeper climbed the stairs"
 TARGET = "Der alte Leuchtturm"
 
 
-@pytest.fixture(scope="module", params=["t5", "bart"])
+@pytest.fixture(scope="module", params=["t5", "bart", "marian"])
 def seq2seq(request: pytest.FixtureRequest) -> tuple[lmscope.LM, lmscope.Output]:
     lm = lmscope.from_pretrained(f"tiny-{request.param}")
     return lm, lm.trace(SOURCE, target=TARGET)
+
+
+def _encoder_scale(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """What the encoder multiplies its embeddings by on the token-id path but not for ``inputs_embeds``.
+
+    Marian's and Pegasus's encoders (transformers 5) scale by ``√d_model`` only when given ids, so
+    a reference through ``inputs_embeds`` passes the embeddings scaled; 1 for the others.
+    """
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        want = encoder(input_ids=ids[None]).last_hidden_state
+        embeds = model.get_input_embeddings()(ids[None])
+        for scale in (1.0, float(getattr(encoder, "embed_scale", 1.0) or 1.0)):
+            if torch.allclose(encoder(inputs_embeds=embeds * scale).last_hidden_state, want, atol=1e-6):
+                return scale
+    raise AssertionError("the encoder's embedding scale is neither 1 nor its embed_scale")
 
 
 def _loop(lm: lmscope.LM, out: lmscope.Output, method: str, foil: int | None = None) -> list[tuple[np.ndarray, ...]]:
     """The per-token loop: a whole forward pass (encoder included) and a backward pass per target."""
     model = lm.model
     src, dec = seq2seq_embeddings(model, out.trace.encoder.token_ids, out.token_ids)
+    scale = _encoder_scale(model, out.trace.encoder.token_ids)
     rows = []
     for t in range(1, len(out.tokens)):
         s = src[None].clone().requires_grad_(True)
         d = dec[None, :t].clone().requires_grad_(True)
-        logits = model(inputs_embeds=s, decoder_inputs_embeds=d, use_cache=False).logits[0, -1].float()
+        logits = model(inputs_embeds=s * scale, decoder_inputs_embeds=d, use_cache=False).logits[0, -1].float()
         token = int(out.token_ids[t])
         f = logits[token] - logits[foil] if foil is not None else torch.softmax(logits, -1)[token]
         g_s, g_d = (g[0] for g in torch.autograd.grad(f, (s, d)))
@@ -111,14 +129,51 @@ def test_integrated_gradients_complete_over_source_and_prefix(seq2seq: tuple[lms
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_integrated_gradients_equal_the_per_token_loop(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    """Each target's path integral, step by step, through the model's own forward (SDPA attention)."""
+    lm, out = seq2seq
+    steps, token = 6, 5
+    result = out.saliency("integrated_gradients", target="logit", steps=steps, baseline=token)
+    model = lm.model
+    src, dec = seq2seq_embeddings(model, out.trace.encoder.token_ids, out.token_ids)
+    base_s, base_d = seq2seq_embeddings(model, torch.tensor([token]), torch.tensor([token]))  # [1, d_model] each
+    alphas, weights = gauss_legendre(steps)
+    scale = _encoder_scale(model, out.trace.encoder.token_ids)
+    for i, t in enumerate(result.positions):
+        total_s, total_d = torch.zeros_like(src), torch.zeros_like(dec[:t])
+        for alpha, weight in zip(alphas, weights, strict=True):
+            s = (base_s + float(alpha) * (src - base_s))[None].requires_grad_(True)
+            d = (base_d + float(alpha) * (dec[:t] - base_d))[None].requires_grad_(True)
+            logits = model(inputs_embeds=s * scale, decoder_inputs_embeds=d, use_cache=False).logits[0, -1].float()
+            g_s, g_d = torch.autograd.grad(logits[int(out.token_ids[t])], (s, d))
+            total_s += float(weight) * g_s[0]
+            total_d += float(weight) * g_d[0]
+        a_s, a_d = (total_s * (src - base_s)).sum(-1), (total_d * (dec[:t] - base_d)).sum(-1)
+        np.testing.assert_allclose(result.source_attributions[i], a_s.numpy(), atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(result.attributions[i], a_d.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_passes_restore_the_attention_implementation(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
+    lm, out = seq2seq
+    before = lm.model.config._attn_implementation
+    out.saliency("gradient")
+    assert lm.model.config._attn_implementation == before
+    with pytest.raises(RuntimeError, match="inside"), eager_attention(lm.model):
+        assert lm.model.config._attn_implementation == "eager"
+        raise RuntimeError("inside")
+    assert lm.model.config._attn_implementation == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())  # scoped hooks
+
+
 def test_occlusion_equals_rerunning_without_each_token(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:
     lm, out = seq2seq
     result = out.saliency("occlusion", target="logit", positions=[2, len(out.tokens) - 1])
     src, dec = seq2seq_embeddings(lm.model, out.trace.encoder.token_ids, out.token_ids)
+    scale = _encoder_scale(lm.model, out.trace.encoder.token_ids)
 
     def logit(s: torch.Tensor, d: torch.Tensor, t: int) -> float:
         with torch.no_grad():
-            logits = lm.model(inputs_embeds=s[None], decoder_inputs_embeds=d[None, :t], use_cache=False).logits
+            logits = lm.model(inputs_embeds=s[None] * scale, decoder_inputs_embeds=d[None, :t], use_cache=False).logits
         return float(logits[0, -1, int(out.token_ids[t])])
 
     for i, t in enumerate(result.positions):

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmscope.analysis._gradients import Targets, default_rows, frozen_parameters
+from lmscope.analysis._gradients import Targets, frozen_parameters
 from lmscope.analysis._seq2seq_gradients import (
     embedding_modules,
     seq2seq_embeddings,
     seq2seq_gradients,
     seq2seq_integrated_gradients,
     seq2seq_occlusion,
+    seq2seq_rows,
     seq2seq_scores,
 )
 from lmscope.analysis.saliency import _SIGNED, Saliency, _foils, _output_positions, _strings, _token_id
@@ -130,7 +131,7 @@ def seq2seq_attributions(
     dec_rows = torch.zeros(n, len(dec))
     values = np.zeros(n, dtype=np.float32)
     base_values = errors = None
-    rows = default_rows(lm) if batch_size is None else batch_size
+    rows = seq2seq_rows(lm) if batch_size is None else batch_size
     with frozen_parameters(model):
         if method == "occlusion":
             bases = _baselines(lm, baseline, src, dec)
