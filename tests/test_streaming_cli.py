@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -82,3 +83,11 @@ def test_bad_input_is_one_line(folder, capsys, tmp_path, target, argv, message) 
     assert main(["similarity", str(path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_terminal_sees_a_progress_bar_over_the_shards(folder, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["similarity", str(folder)]) == 0
+    err = capsys.readouterr().err
+    shards = len(load_collection(folder)._shards)
+    assert "statistics" in err and f"{shards}/{shards}" in err
