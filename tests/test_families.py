@@ -237,3 +237,29 @@ def test_neuron_view_of_disentangled_attention() -> None:
             for query in range(len(result.tokens)):
                 scores = neuron_scores_of(result, layer, head, query)
                 np.testing.assert_allclose(scores.probs, eager[layer, head, query], atol=2e-6, rtol=0)
+
+
+def test_mpt_with_clipped_qkv_and_a_scaling_of_its_own() -> None:
+    """MPT's ``clip_qkv`` clamps q, k and v, and ``softmax_scale`` replaces ``1/√d``: both read from the module."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "mpt", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=300, max_seq_len=64,
+        attn_config={"clip_qkv": 0.05, "softmax_scale": 0.8},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    lm = lmscope.wrap(model, tiny("mpt").tokenizer)
+    ids = torch.arange(3, 15)
+    out = lm.trace(ids, sites=["attn_probs", "q", "k", "v", "position_bias", "attn_out"])
+    trace, arch = out.trace, lm.arch
+    assert trace.attn_scaling == (0.8, 0.8) and float(trace.get("v").abs().max()) <= 0.05 + 1e-7
+    for layer in range(arch.n_layers):
+        q, k = trace.at("q", layer).transpose(0, 1), trace.at("k", layer).transpose(0, 1)  # [head, pos, d_head]
+        scores = q @ k.transpose(-1, -2) * 0.8 + trace.at("position_bias", layer)
+        scores = scores.masked_fill(torch.ones(len(ids), len(ids), dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(torch.softmax(scores, -1), trace.attention(layer), atol=ATOL, rtol=0)
+        values = trace.at("v", layer).transpose(0, 1)  # [head, pos, d_head]
+        mixed = (trace.attention(layer) @ values).transpose(0, 1).reshape(len(ids), -1)
+        with torch.no_grad():
+            torch.testing.assert_close(arch.o_proj(layer)(mixed), trace.at("attn_out", layer), atol=ATOL, rtol=0)

@@ -336,12 +336,17 @@ def _own_attention_hooks(recorder: Recorder, layers: tuple[int, ...]) -> list[to
 
     def keep_probs(layer: int):
         def hook(module, args, kwargs, output):
-            scaling = float(arch.d_head**-0.5 if family.attn_scaling is None else family.attn_scaling)
+            scaling = getattr(module, family.scaling_attr, None) if family.scaling_attr else None
+            scaling = family.attn_scaling if scaling is None else scaling
+            scaling = float(arch.d_head**-0.5 if scaling is None else scaling)
             recorder.attn_scaling[layer] = scaling
             recorder.attn_softcap[layer] = None
             bias = kwargs.get(family.alibi) if family.alibi else None
             probs = output[1]  # [batch, head, pos_q, pos_k], or None (SDPA)
             parts = pending.pop(layer, None)
+            clip = getattr(module, family.qkv_clip, None) if family.qkv_clip else None
+            if parts is not None and clip:  # MPT clamps the fused projection's output
+                parts = {name: part.clamp(min=-clip, max=clip) for name, part in parts.items()}
             if parts is not None:
                 q, k, v = (parts[s].view(*parts[s].shape[:2], -1, arch.d_head).transpose(1, 2) for s in "qkv")
                 if family.rotary and bias is None:  # [batch, (kv_)head, pos, d_head]

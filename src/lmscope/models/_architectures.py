@@ -176,6 +176,9 @@ class Family:
         alibi_in_mask: the model folds the (scaled) ALiBi bias into the attention mask it gives
             the module (Falcon), so that mask, with the float minimum on masked keys, is the
             recorded ``position_bias``.
+        scaling_attr, qkv_clip: attributes of such a module holding the factor it multiplies
+            ``q·kᵀ`` by and the bound it clamps its fused projection's output to (MPT's
+            ``softmax_scale`` and ``clip_qkv``; ``None`` values mean the default and no clamp).
         eager_differs: why transformers' eager ``output_attentions`` path is not the attention this
             family runs (Falcon), so ``lmscope verify`` compares its probabilities with the attention
             output they make (the blocks check) instead of with eager attention.
@@ -235,6 +238,8 @@ class Family:
     rotary: bool = False
     output_attentions: bool = False
     eager_differs: str | None = None
+    scaling_attr: str | None = None
+    qkv_clip: str | None = None
     experts: Experts | None = None
 
 
@@ -643,6 +648,8 @@ FAMILIES: tuple[Family, ...] = (
         fused=(Fused("attn.Wqkv", _QKV),),
         qkv=("attn.Wqkv",),
         alibi="position_bias",
+        scaling_attr="softmax_scale",
+        qkv_clip="clip_qkv",
     ),
     Family(
         name="falcon",
