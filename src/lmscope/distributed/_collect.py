@@ -159,6 +159,7 @@ def collect_on_ray(
                 if helper is None or helper.pending:  # (a small job may be done before any worker is needed)
                     count = _fit(ray, worker_cpus, worker_gpus, workers)
                     run = _Run(ray, job, root, count, worker_cpus, worker_gpus, payload)
+                    payload = b""  # (Ray's object store holds it now)
                     try:
                         started = time.perf_counter()
                         rest = helper.finish() if helper is not None else todo

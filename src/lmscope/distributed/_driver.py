@@ -6,7 +6,9 @@ the model, loaded and warm, with CPU to spare. :class:`Helper` is a thread that 
 the front of the queue and writes them exactly as a worker does (the same batches, the same
 :func:`lmscope.analysis.collect.batch_part` and :func:`lmscope.analysis._collection.write_shard`),
 until the workers are ready: then it finishes the shard in hand and takes no other. A small job
-may be done before the workers are needed at all.
+may be done before the workers are needed at all. It runs the model on one torch thread: Ray's
+processes need the other cores while they start (a busy machine can make Ray's start time out),
+and the results do not depend on the number of threads.
 
 Only a cluster the job starts itself is helped this way: a job that joins a cluster (``address``)
 may run on a machine that is not meant to compute.
@@ -66,7 +68,8 @@ class Helper(threading.Thread):
         from lmscope.analysis._collection import write_shard
         from lmscope.analysis.collect import batch_part
 
-        job = self.job
+        job, threads = self.job, torch.get_num_threads()
+        torch.set_num_threads(1)  # the other cores are for Ray's processes while they start (the driver runs no model)
         try:
             with torch.no_grad():  # (grad mode is per thread)
                 while (number := self._take()) is not None:
@@ -82,3 +85,5 @@ class Helper(threading.Thread):
                     self.done[number]["worker"] = "driver"
         except BaseException as error:  # handed to the driver's thread, which raises it
             self.error = error
+        finally:
+            torch.set_num_threads(threads)
