@@ -5,20 +5,20 @@ narrower than the CPU's vector units, while oneDNN, which PyTorch bundles as wel
 width: on a 2-core AMD EPYC with AVX-512, a ``[240, 1536] @ [1536, 576]`` product runs at about
 450 GFLOPS through oneDNN against about 200 through MKL. Saliency's passes are made of such
 products: the forward over the sequence (one row per position) and the batched backward (one row
-per target and position). :func:`onednn_matmuls` is a context
-in which the 2-D float32 CPU ``mm`` and ``addmm`` calls that PyTorch actually runs go to oneDNN's
-inner-product primitive. It registers kernels of its own over PyTorch's CPU kernels of
-``aten::mm`` and ``aten::addmm`` for the length of the scope (:func:`_routing`), so it sees the
-products below autograd and below vmap (a batched backward arrives with every target's rows
-already folded into one product) and costs a Python call per product only. A ``TorchDispatchMode``
-would see the same products, but it costs a Python call for every operation (about 10 µs; a batched
-backward through a 30-layer model runs about 5,500 of them, against about 400 products in the whole
-pass): measured on SmolLM2-135M, 10 targets, one thread, the batched backward took 441 ms under
-such a mode and 383 ms under these kernels, with equal results. The kernels route only the
-products of the threads that opened a scope; every other thread's products go to PyTorch's own
-kernels (their ``out=`` forms). The results are float32 products summed in another order (they
-differ from MKL's at the ~1e-6 relative level, as any two BLAS libraries do), so capture never
-uses them, since its logits must equal the model's bit for bit.
+per target and position). :func:`onednn_matmuls` is a context in which the 2-D float32 CPU ``mm``
+and ``addmm`` calls that PyTorch actually runs go to oneDNN's inner-product primitive. It registers
+kernels of its own over PyTorch's CPU kernels of ``aten::mm`` and ``aten::addmm`` for the length of
+the scope (:func:`_routing`), so it sees the products below autograd and below vmap (a batched
+backward arrives with every target's rows already folded into one product) and costs a Python call
+per product only. A ``TorchDispatchMode`` would see the same products, but it costs a Python call
+for every operation (about 10 µs; a batched backward through a 30-layer model runs about 5,500 of
+them, against about 400 products in the whole pass): measured on SmolLM2-135M, 10 targets, one
+thread, the batched backward took 441 ms of CPU time under such a mode and 383 ms under these
+kernels (both skipping zero rows), with equal results. The kernels route only the products of the
+threads that opened a scope; every other thread's products go to PyTorch's own kernels (their
+``out=`` forms). The results are float32 products summed in another order (they differ from MKL's
+at the ~1e-6 relative level, as any two BLAS libraries do), so capture never uses them, since its
+logits must equal the model's bit for bit.
 
 Products of a batched backward have rows that are zero by construction: a target's gradient is
 zero at every position after the one that predicts it. Given those rows (:class:`ZeroRows`), a
