@@ -168,12 +168,12 @@ class Recorder:
         for kind, book in self.books.items():
             if not book.fallback:
                 wanted = [s for s in QK_SITES[kind] if s not in self.sites]
-                out.update({s: torch.stack([data[s][layer] for layer in self.layers], dim=1) for s in wanted})
+                out.update({s: _stack(data.pop(s), self.layers) for s in wanted})  # popped: one site at a time
                 out.update(book.tensors(kind, lambda t: self._kept(t)[None]))  # [batch, ...]
         for site in self.sites:
             if site in lazy:
                 continue  # computed on demand from q and k (see attn_recipe)
-            per_layer = data.get(site, {})
+            per_layer = data.pop(site, {})  # the per-layer tensors go as their stack is made
             if site == "position_bias" and not per_layer:
                 continue  # only families with a relative position bias (T5) have this site
             missing = [layer for layer in self.layers if layer not in per_layer]
@@ -183,7 +183,8 @@ class Recorder:
                     f"{self.lm.name}: site {site!r} was not reached in layers {missing}{where} "
                     "(the architecture table may not match this model)"
                 )
-            out[site] = torch.stack([per_layer[layer] for layer in self.layers], dim=1)
+            out[site] = _stack(per_layer, self.layers)
+            del per_layer
         return out
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -212,6 +213,15 @@ class Recorder:
             heads, rows = torch.arange(query.shape[1]), torch.arange(query.shape[0])
             probs = compute(query, key, entry, masks, biases, heads, rows)
             per_layer[layer] = probs.to(query.dtype)[None]  # [batch, head, pos_q, pos_k]
+
+
+def _stack(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+    """``[batch, layer, ...]`` from one site's per-layer tensors (emptied as it goes, to keep the peak low)."""
+    first = per_layer[layers[0]]
+    out = first.new_empty((first.shape[0], len(layers), *first.shape[1:]))
+    for i, layer in enumerate(layers):
+        out[:, i] = per_layer.pop(layer)
+    return out
 
 
 @contextmanager
