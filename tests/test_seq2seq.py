@@ -280,7 +280,7 @@ def test_command_line_takes_a_target(capsys: pytest.CaptureFixture[str]) -> None
     assert lens["tokens"] and len(lens["layers"]) == 2  # the decoder's layers
     assert main(["nmf", SOURCE, "--components", "2", "--model", "tiny-t5", "--json"]) == 0  # the encoder's
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == len(ids(load("tiny-t5"), SOURCE)[0])
-    assert main(["probe", "--model", "tiny-t5"]) == 2
+    assert main(["causal-trace", SOURCE, "--subject", "old", "--model", "tiny-t5"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
 
 

@@ -263,7 +263,7 @@ def _one_stack(lm: Any, what: str) -> None:
     if lm.is_seq2seq:
         raise LmscopeError(
             f"{what} does not support encoder-decoder models ({lm.name}) yet: use lens, rankings, watch, saliency, "
-            "attention, flow or nmf (one text) on them"
+            "attention, flow or nmf (one text), or collect and probe (the encoder) on them"
         )
 
 
@@ -526,11 +526,12 @@ def _layer_range(text: str | None) -> slice:
     return slice(start, stop)
 
 
-def _layers(lm: Any, text: str | None) -> tuple[int, ...]:
-    """The model's layers that ``--layers`` selects (at least one, else a clear error)."""
+def _layers(lm: Any, text: str | None, stack: str | None = None) -> tuple[int, ...]:
+    """The model's layers that ``--layers`` selects (at least one, else a clear error); ``stack="encoder"``:
+    an encoder-decoder model's encoder layers."""
     from lmscope.capture import resolve_layers
 
-    n_layers = lm.loaded.arch.n_layers
+    n_layers = (lm.loaded.arch.encoder if stack == "encoder" else lm.loaded.arch).n_layers
     chosen = resolve_layers(_layer_range(text), n_layers)
     if not chosen:
         raise LmscopeError(f"--layers {text} selects no layer: this model has layers 0..{n_layers - 1}")
@@ -649,8 +650,7 @@ def _cmd_collect(args: argparse.Namespace) -> None:
     elif (args.address, args.workers, args.worker_cpus, args.worker_gpus) != (None, None, 1, 0):
         raise LmscopeError("--address, --workers, --worker-cpus and --worker-gpus need --engine ray")
     lm = _load(args)
-    _one_stack(lm, "lmscope collect")
-    layers = _layers(lm, args.layers)
+    layers = _layers(lm, args.layers, "encoder" if lm.is_seq2seq else None)  # the texts are an encoder's sources
     progress = sys.stderr.isatty()
     options = dict(progress=progress, restart=args.restart, shard_mb=args.shard_mb, **ray)
     col = collect(lm, texts, sites, layers, args.batch_size, args.out, **options)
@@ -786,13 +786,12 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     _layer_range(args.layers)
     sites = _sites(args.sites)
     lm = _load(args)
-    _one_stack(lm, "lmscope probe")
     dataset = ProbingDataset.build(lm.tokenizer, sentences, args.task)
     result = probe(
         lm,
         dataset,
         sites=sites,
-        layers=_layers(lm, args.layers),
+        layers=_layers(lm, args.layers, "encoder" if lm.is_seq2seq else None),  # an encoder-decoder's encoder
         seeds=args.seeds,
         pool=args.pool,
         epochs=args.epochs,

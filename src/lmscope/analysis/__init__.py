@@ -6,7 +6,7 @@ from lmscope.analysis.attention import Attention, EncoderDecoderAttention, atten
 from lmscope.analysis.collect import Collection, collect, load_collection
 from lmscope.analysis.components import ContributionMap, HeadShares, Promoted, TopNeurons
 from lmscope.analysis.flow import FlowGraph, flow
-from lmscope.analysis.layer_similarity import LayerSimilarity, layer_similarity
+from lmscope.analysis.layer_similarity import LayerSimilarity, layer_similarity, stack_similarity
 from lmscope.analysis.lens import LayerPredictions, layer_predictions, lens_logits
 from lmscope.analysis.neurons import Activations, Factors, activations, factorize
 from lmscope.analysis.rankings import Rankings, RankingsWatch, rankings, rankings_watch
@@ -46,6 +46,7 @@ __all__ = [
     "pwcca",
     "rankings",
     "rankings_watch",
+    "stack_similarity",
     "streaming",
     "svcca",
 ]

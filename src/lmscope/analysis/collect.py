@@ -36,6 +36,12 @@ row's place on the concatenated token axis), with ``collection.json`` holding to
 Memory stays bounded by one shard plus one batch however large the corpus; ``get`` reads one
 tensor from each shard. With ``out_dir=None`` the shards stay in memory.
 
+Encoder-decoder models (T5, BART, Marian, ...): the texts are sources, and the encoder stack is
+collected (``stack="encoder"``, the default for them): the encoder alone runs, each text tokenized as
+``lm.trace(text, target=...)`` tokenizes its source, layers are the encoder's, and ``collection.json``
+records ``"stack": "encoder"``. The decoder's states need a target for every text: trace each pair
+with ``lm.trace(source, target=...)`` instead.
+
 Engines: ``engine="local"`` (the default) runs every batch in this process; ``engine="ray"`` splits
 the same batches into the same shards and has Ray workers collect them, on this machine or on a
 cluster (:mod:`lmscope.distributed`; needs ``pip install 'lmscope[distributed]'``). Both write the
@@ -85,7 +91,17 @@ from lmscope.capture import (
 )
 from lmscope.errors import LmscopeError
 
-__all__ = ["TOKEN_SITES", "Collection", "Job", "batch_part", "collect", "load_collection", "manifest", "read_texts"]
+__all__ = [
+    "TOKEN_SITES",
+    "Collection",
+    "Job",
+    "batch_part",
+    "collect",
+    "collected_stack",
+    "load_collection",
+    "manifest",
+    "read_texts",
+]
 
 TOKEN_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act", "q", "k", "v")
 
@@ -122,30 +138,56 @@ def _batches(ids: list[list[int]], batch_size: int) -> Iterable[list[int]]:
         yield order[start : start + batch_size]
 
 
+def collected_stack(loaded: Any, stack: str | None) -> str | None:
+    """The stack a collection reads: ``"encoder"`` for an encoder-decoder model, else ``None`` (the only one)."""
+    if not getattr(loaded, "is_seq2seq", False):
+        if stack is not None:
+            raise LmscopeError(f"stack={stack!r} applies to encoder-decoder models; {loaded.name} has one stack")
+        return None
+    if stack not in (None, "encoder"):
+        raise LmscopeError(
+            f"collect reads the encoder of an encoder-decoder model over source texts (stack='encoder'), not "
+            f"stack={stack!r}: the decoder needs a target for each text: trace the pairs with "
+            "lm.trace(source, target=...)"
+        )
+    return "encoder"
+
+
 def _run_batch(
-    loaded: Any, ids: list[list[int]], sites: tuple[str, ...], layers: tuple[int, ...], pad: int
-) -> dict[str, torch.Tensor]:
-    """Forward one right-padded batch; returns ``site -> [batch, layer, pos, features]`` (float32, CPU)."""
+    loaded: Any, ids: list[list[int]], sites: tuple[str, ...], layers: tuple[int, ...], pad: int,
+    stack: str | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Forward one right-padded batch; returns ``site -> [batch, layer, pos, features]`` (float32, CPU).
+
+    ``stack="encoder"``: the encoder of an encoder-decoder model runs alone, and its sites are returned.
+    """
     longest = max(map(len, ids))
     batch = torch.full((len(ids), longest), pad, dtype=torch.long)  # [batch, pos]
     mask = torch.zeros((len(ids), longest), dtype=torch.long)
     for row, seq in enumerate(ids):
         batch[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    last = loaded.arch.blocks[layers[-1]]
-    with recording(loaded, sites, layers) as recorder:
+    encoder = stack == "encoder"
+    last = (loaded.arch.encoder if encoder else loaded.arch).blocks[layers[-1]]
+    inputs = {"input_ids": batch.to(loaded.device), "attention_mask": mask.to(loaded.device)}
+    # the encoder's sites ride on an empty recorder of the decoder, which never runs
+    plan = ((), (0,), (sites, layers)) if encoder else (sites, layers, None)
+    with recording(loaded, *plan) as recorder:
 
         def stop(module, args, output):
             raise _Stop
 
         handle = last.register_forward_hook(stop)
         try:
-            loaded.model(input_ids=batch.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+            if encoder:
+                loaded.model.get_encoder()(**inputs)
+            else:
+                loaded.model(**inputs, use_cache=False)
         except _Stop:
             pass
         finally:
             handle.remove()
-    stacked = recorder.stacked()  # site -> [batch, layer, pos, ...]
+    stacked = (recorder.encoder if encoder else recorder).stacked()  # site -> [batch, layer, pos, ...]
     return {site: t.flatten(3).float().cpu() for site, t in stacked.items()}
 
 
@@ -166,6 +208,7 @@ def collect(
     workers: int | None = None,
     worker_cpus: int = 1,
     worker_gpus: float = 0,
+    stack: str | None = None,
 ) -> Collection:
     """Collect per-token activations of ``sites`` at ``layers`` for every text (see the module docstring).
 
@@ -179,6 +222,9 @@ def collect(
     job; ``workers`` (default: as many as the cluster's CPUs or GPUs allow) each hold the model and use
     ``worker_cpus`` CPUs (and torch threads) and ``worker_gpus`` GPUs. ``out_dir`` is required and
     must be a folder every worker sees.
+
+    ``stack``: for an encoder-decoder model, ``"encoder"`` (the default; the texts are sources);
+    the decoder is refused with a clear error (it needs targets).
     """
     if engine not in ("local", "ray"):
         raise LmscopeError(f"engine must be 'local' or 'ray', not {engine!r}")
@@ -191,6 +237,9 @@ def collect(
     elif (address, workers, worker_cpus, worker_gpus) != (None, None, 1, 0):
         raise LmscopeError("address, workers, worker_cpus and worker_gpus apply to engine='ray' only")
     loaded, max_tokens = getattr(lm, "loaded", lm), getattr(lm, "max_tokens", None)
+    stack = collected_stack(loaded, stack)
+    if stack is not None and engine == "ray":
+        raise LmscopeError("engine='ray' does not collect an encoder-decoder model's encoder yet: use engine='local'")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise LmscopeError("no texts to collect: give a list of strings")
@@ -200,7 +249,7 @@ def collect(
     other = [s for s in chosen_sites if s not in TOKEN_SITES]
     if other:
         raise LmscopeError(f"collect stores per-token sites ({', '.join(TOKEN_SITES)}), not {', '.join(other)}")
-    chosen_layers = resolve_layers(layers, loaded.arch.n_layers)
+    chosen_layers = resolve_layers(layers, (loaded.arch.encoder if stack else loaded.arch).n_layers)
     if not chosen_layers:
         raise LmscopeError("no layers chosen: give layers within the model's range")
     root = None if out_dir is None else _prepare(Path(out_dir))
@@ -211,7 +260,7 @@ def collect(
     flat = token_strings(loaded, [t for seq in ids for t in seq])
     pad = _pad_id(loaded.tokenizer)
 
-    info = model_info(loaded)
+    info = model_info(loaded, stack)
     plan = _plan(info, chosen_sites, chosen_layers, batch_size, shard_mb, ids)
     if engine == "ray":
         from lmscope.distributed import collect_on_ray
@@ -248,7 +297,7 @@ def collect(
     try:
         for number, group in enumerate(batches[done:], start=done):
             group_ids, group_starts = [ids[i] for i in group], [int(starts[i]) for i in group]
-            part = batch_part(loaded, group_ids, group_starts, chosen_sites, chosen_layers, pad)
+            part = batch_part(loaded, group_ids, group_starts, chosen_sites, chosen_layers, pad, stack)
             features.update({site: part[f"{site}.{chosen_layers[0]}"].shape[1] for site in chosen_sites})
             buffer.append(part)
             buffered += sum(a.nbytes for a in part.values())
@@ -262,7 +311,7 @@ def collect(
     names = [p.name for p in shards] if root is not None else []
     seconds = time.perf_counter() - began
     rows = rows if root is not None and len(rows) == len(names) else []  # (a record of an older lmscope lacks them)
-    run = {"engine": "local", "workers": 1, "shard_tokens": rows}
+    run = {"engine": "local", "workers": 1, "shard_tokens": rows, **({"stack": stack} if stack else {})}
     run["timings"] = {"seconds": round(seconds, 3), "tokens_per_second": round(int(lengths.sum()) / seconds, 1)}
     meta = manifest(info, chosen_sites, chosen_layers, features, texts, ids, flat, names, run)
     if root is not None:
@@ -315,12 +364,14 @@ def batch_part(
     sites: tuple[str, ...],
     layers: tuple[int, ...],
     pad: int,
+    stack: str | None = None,
 ) -> dict[str, np.ndarray]:
     """One batch's rows, as a shard stores them: ``"dest"`` ``[row]`` and ``"<site>.<layer>"`` ``[row, features]``.
 
-    ``ids`` are the batch's texts (token ids) and ``starts`` their places on the concatenated token axis.
+    ``ids`` are the batch's texts (token ids) and ``starts`` their places on the concatenated token axis;
+    ``stack``: ``"encoder"`` for an encoder-decoder model's encoder.
     """
-    captured = _run_batch(loaded, ids, sites, layers, pad)
+    captured = _run_batch(loaded, ids, sites, layers, pad, stack)
     part = {
         "dest": np.concatenate([np.arange(start, start + len(seq)) for start, seq in zip(starts, ids, strict=True)])
     }

@@ -13,6 +13,14 @@ larger than the others', and one token holding most of the (centered) squared no
 for every layer pair that shares it. The result records, per site, the position with the largest
 share (:class:`~lmscope.analysis._positions.Dominance`), the views warn above 50%, and
 ``skip_first=True`` or ``positions=`` leave such positions out.
+
+Encoder-decoder models: ``stack="encoder"`` (or ``"decoder"``) compares the layers of one stack,
+token by token, on a Trace or on a collection of the encoder (:func:`lmscope.collect`). The two
+stacks have no token in common (the encoder reads the source, the decoder the target), so
+:func:`stack_similarity` compares encoder layers with decoder layers over a corpus of (source,
+target) pairs, by sentence: each pair's states mean-pooled over its tokens in each stack, the
+sentence representations Kudugunta et al. (2019, "Investigating Multilingual NMT Representations
+at Scale") compare with SVCCA across the layers of translation models.
 """
 
 from __future__ import annotations
@@ -28,7 +36,12 @@ from lmscope.analysis.similarity import MEASURES, compare, prepare, ready
 from lmscope.capture import Trace
 from lmscope.errors import LmscopeError
 
-__all__ = ["LayerSimilarity", "chosen_layers", "layer_similarity"]
+__all__ = ["LayerSimilarity", "chosen_layers", "layer_similarity", "stack_similarity"]
+
+_ACROSS = (
+    "the encoder reads the source tokens and the decoder the target tokens, so no token has states in both: "
+    "compare the stacks over a corpus of (source, target) pairs with lmscope.analysis.stack_similarity(lm, pairs)"
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,24 @@ def chosen_layers(source: Any, layers: Any) -> tuple[int, ...]:
     return chosen
 
 
+def _of_stack(source: Any, stack: str | None, other_stack: str | None) -> Any:
+    """The Trace or Collection of ``stack``; two different stacks are refused (see :func:`stack_similarity`)."""
+    if other_stack is not None and other_stack != (stack or "decoder"):
+        raise LmscopeError(_ACROSS)
+    if stack is None:
+        return source
+    if stack not in ("encoder", "decoder"):
+        raise LmscopeError(f"unknown stack {stack!r}: use 'encoder' or 'decoder'")
+    if isinstance(source, Trace) and source.encoder is not None:
+        return source.stack(stack)
+    have = getattr(source.model, "stack", "") or ""
+    if have != stack:
+        what = "trace" if isinstance(source, Trace) else "collection"
+        holds = f"the {have} stack" if have else "a model with one stack"
+        raise LmscopeError(f"this {what} holds {holds}, not the {stack}: leave stack out")
+    return source
+
+
 _STREAM_BYTES = 2**30  # stream a collection whose compared activations in float64 exceed this
 
 
@@ -119,9 +150,14 @@ def layer_similarity(
     positions: Any = None,
     skip_first: bool = False,
     stream: bool | None = None,
+    stack: str | None = None,
+    other_stack: str | None = None,
     **options: Any,
 ) -> LayerSimilarity:
     """Compare ``site_a`` and ``site_b`` at every pair of ``layers`` (default: every captured layer).
+
+    ``stack``: ``"encoder"`` or ``"decoder"`` of an encoder-decoder Trace (a collection holds the
+    encoder). ``other_stack`` other than ``stack`` is refused: see :func:`stack_similarity`.
 
     ``options`` pass to the measure (``kernel``, ``dims``, ``epsilon``, ...). For CKA without an
     explicit ``debiased``, the unbiased estimator is used when features outnumber tokens, and the
@@ -135,6 +171,7 @@ def layer_similarity(
     """
     if method not in MEASURES:
         raise LmscopeError(f"unknown similarity {method!r}: choose from {', '.join(MEASURES)}")
+    source = _of_stack(source, stack, other_stack)
     if _streams(source, method, site_a, site_b, stream, options):
         from lmscope.analysis import streaming
 
@@ -181,4 +218,71 @@ def layer_similarity(
         n_tokens=n_tokens,
         selection=selection,
         dominance=(found_a,) if site_b == site_a else (found_a, found_b),
+    )
+
+
+def _pooled(out: Any, site: str, layers: tuple[int, ...]) -> list[np.ndarray]:
+    """``[layer][features]``: the trace's ``site`` at each of ``layers``, mean over its positions."""
+    return [out.at(site, layer).float().reshape(out.n_pos, -1).mean(0).cpu().numpy() for layer in layers]
+
+
+def stack_similarity(
+    lm: Any,
+    pairs: Any,
+    method: str = "cka",
+    site: str = "resid_post",
+    *,
+    encoder_layers: Any = None,
+    layers: Any = None,
+    **options: Any,
+) -> LayerSimilarity:
+    """Every encoder layer (rows) against every decoder layer (columns), over sentences.
+
+    ``pairs``: ``(source, target)`` texts; each is traced teacher-forced (``lm.trace(source,
+    target=target)``) and ``site`` is mean-pooled over the source tokens in the encoder and over the
+    decoder's tokens (start token and target) in the decoder: one row per pair on each side, so the
+    measures compare ``[pair, features]`` matrices (``n_tokens`` of the result counts pairs).
+    Sentence means are what the two stacks share; token-level comparison within one stack is
+    :func:`layer_similarity` with ``stack=``. Use many more pairs than the measure needs (CKA is
+    debiased when features outnumber pairs; CCA needs more pairs than features).
+    """
+    if not getattr(lm, "is_seq2seq", False):
+        raise LmscopeError(
+            f"{getattr(lm, 'name', 'this model')} has one stack: compare its layers with layer_similarity"
+        )
+    if method not in MEASURES:
+        raise LmscopeError(f"unknown similarity {method!r}: choose from {', '.join(MEASURES)}")
+    pairs = [tuple(p) for p in pairs]
+    if len(pairs) < 3 or any(len(p) != 2 or not all(isinstance(t, str) and t.strip() for t in p) for p in pairs):
+        raise LmscopeError("give at least 3 (source, target) pairs of non-empty texts to compare the stacks over")
+    rows_a: list[list[np.ndarray]] = []
+    rows_b: list[list[np.ndarray]] = []
+    chosen_a = chosen_b = ()
+    for source, target in pairs:
+        out = lm.trace(source, target=target, sites=(site,), layers=layers, encoder_layers=encoder_layers).trace
+        chosen_a, chosen_b = tuple(out.encoder.layers), tuple(out.layers)
+        rows_a.append(_pooled(out.encoder, site, chosen_a))
+        rows_b.append(_pooled(out, site, chosen_b))
+    side_a = [
+        prepare(np.stack([r[i] for r in rows_a]), name=f"encoder {site}", what=method) for i in range(len(chosen_a))
+    ]
+    side_b = [
+        prepare(np.stack([r[j] for r in rows_b]), name=f"decoder {site}", what=method) for j in range(len(chosen_b))
+    ]
+    if method == "cka" and "debiased" not in options:
+        options = {**options, "debiased": len(pairs) < max(side_a[0].n_features, side_b[0].n_features)}
+    if method != "cka" or "debiased" in options:
+        side_a = [ready(p, method, **options) for p in side_a]
+        side_b = [ready(p, method, **options) for p in side_b]
+    matrix = np.array([[compare(a, b, method, **options) for b in side_b] for a in side_a])  # [enc_layer, layer]
+    return LayerSimilarity(
+        method=method,
+        options=options,
+        site_a=f"encoder {site}",
+        site_b=f"decoder {site}",
+        layers_a=chosen_a,
+        layers_b=chosen_b,
+        matrix=matrix,
+        n_tokens=len(pairs),
+        selection="each pair's mean over its tokens (the source in the encoder, the target in the decoder)",
     )

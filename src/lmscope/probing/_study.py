@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmscope.analysis._result import Result
-from lmscope.analysis.collect import collect
+from lmscope.analysis.collect import collect, collected_stack
 from lmscope.capture import resolve_layers
 from lmscope.errors import LmscopeError
 from lmscope.probing._align import POOLING
@@ -128,6 +128,7 @@ def probe(
     collect_batch_size: int = 16,
     memory_mb: float = 1024,
     progress: bool = False,
+    stack: str | None = None,
 ) -> ProbingResult:
     """Probe ``lm`` for ``task`` at every chosen (site, layer), with control tasks, over several seeds.
 
@@ -144,6 +145,8 @@ def probe(
         epochs, learning_rates, batch_size: probe training (Adam; defaults follow the Ecco paper).
         memory_mb: bound on the activations held at once (layers are collected a few at a time).
         progress: show a progress bar over (site, layer) × seed on stderr.
+        stack: for an encoder-decoder model, ``"encoder"`` (the default): the sentences are its
+            sources and the encoder's layers are probed (the decoder would need targets).
     """
     started = time.perf_counter()
     chosen_sites = [sites] if isinstance(sites, str) else list(sites)
@@ -157,7 +160,9 @@ def probe(
         raise LmscopeError("give at least one seed")
     if dataset is None:
         dataset = ProbingDataset.build(lm.tokenizer, load_ud(tokens, data), task)
-    chosen_layers = resolve_layers(layers, lm.arch.n_layers)
+    stack = collected_stack(getattr(lm, "loaded", lm), stack)
+    arch = lm.arch.encoder if stack == "encoder" else lm.arch
+    chosen_layers = resolve_layers(layers, arch.n_layers)
     layer_sites = [s for s in SITES[1:] if s in chosen_sites]
     configs = [("embeddings", 0)] if "embeddings" in chosen_sites else []
     configs += [(site, layer) for layer in chosen_layers for site in layer_sites]
@@ -197,17 +202,19 @@ def probe(
         texts = dataset.texts
         if "embeddings" in chosen_sites:
             bar.set_postfix_str("collecting embeddings")
-            col = collect(lm, texts, sites=("resid_pre",), layers=[0], batch_size=collect_batch_size, progress=False)
+            col = collect(lm, texts, sites=("resid_pre",), layers=[0], batch_size=collect_batch_size, progress=False,
+                          stack=stack)  # fmt: skip
             dataset.check(col)
             fit("embeddings", 0, dataset.features(col, "resid_pre", 0, pool))
             del col
         n_tokens = sum(len(a.token_ids) for a in dataset.alignments)
         config = lm.model.config
-        neurons = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * lm.arch.d_model
-        width = sum(neurons if site == "mlp_act" else lm.arch.d_model for site in layer_sites)
+        neurons = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * arch.d_model
+        width = sum(neurons if site == "mlp_act" else arch.d_model for site in layer_sites)
         for chunk in _chunks(chosen_layers, n_tokens * width * 4, memory_mb) if layer_sites else []:
             bar.set_postfix_str(f"collecting layers {chunk[0]}-{chunk[-1]}")
-            col = collect(lm, texts, sites=layer_sites, layers=chunk, batch_size=collect_batch_size, progress=False)
+            col = collect(lm, texts, sites=layer_sites, layers=chunk, batch_size=collect_batch_size, progress=False,
+                          stack=stack)  # fmt: skip
             dataset.check(col)
             for layer in chunk:
                 for site in layer_sites:
