@@ -164,7 +164,7 @@ def check_finite(lm: LoadedModel, tensors: dict[str, torch.Tensor], layers: tupl
     final = tensors.get("logits")
     if final is None and tensors:
         final = next(reversed(tensors.values()))
-    if final is None or bool(torch.isfinite(final).all()):
+    if final is None or all(bool(torch.isfinite(block).all()) for block in final.split(1024)):  # bounded memory
         return
     where, first = "the logits", None
     order = ("resid_pre", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")  # as computed in a block
