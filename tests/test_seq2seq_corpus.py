@@ -107,8 +107,8 @@ def test_stack_similarity_compares_sentence_means(seq2seq: lmscope.LM, method: s
         expected = [[cka(enc_a[:, i], dec_a[:, j], debiased=True) for j in range(n_dec)] for i in range(n_enc)]
         np.testing.assert_allclose(result.matrix, np.array(expected), atol=1e-6)
     assert "encoder resid_post" in str(result)
-    with pytest.raises(LmscopeError, match="at least 3"):
-        stack_similarity(lm, PAIRS[:2])
+    with pytest.raises(LmscopeError, match="at least 5"):
+        stack_similarity(lm, PAIRS[:4])
     with pytest.raises(LmscopeError, match="one stack"):
         stack_similarity(lmscope.from_pretrained("tiny-gpt2"), PAIRS)
 

@@ -253,8 +253,8 @@ def stack_similarity(
     if method not in MEASURES:
         raise LmscopeError(f"unknown similarity {method!r}: choose from {', '.join(MEASURES)}")
     pairs = [tuple(p) for p in pairs]
-    if len(pairs) < 3 or any(len(p) != 2 or not all(isinstance(t, str) and t.strip() for t in p) for p in pairs):
-        raise LmscopeError("give at least 3 (source, target) pairs of non-empty texts to compare the stacks over")
+    if len(pairs) < 5 or any(len(p) != 2 or not all(isinstance(t, str) and t.strip() for t in p) for p in pairs):
+        raise LmscopeError("give at least 5 (source, target) pairs of non-empty texts to compare the stacks over")
     rows_a: list[list[np.ndarray]] = []
     rows_b: list[list[np.ndarray]] = []
     chosen_a = chosen_b = ()
