@@ -7,7 +7,6 @@ process of it may outlive the tests. The model is a tiny random Llama, the corpu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -364,7 +363,7 @@ class FirstShards(DRIVER.Helper):
         return super()._take()
 
 
-def test_while_a_local_cluster_starts_the_driver_collects_the_first_shards(
+def test_while_local_workers_start_the_driver_collects_the_first_shards(
     cluster, lm, reference, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setattr(DRIVER, "_starts_local", lambda address: True)  # as if this job started the cluster
@@ -376,31 +375,6 @@ def test_while_a_local_cluster_starts_the_driver_collects_the_first_shards(
     assert [s.get("worker") for s in timings["shards"]] == ["driver", "driver", None, None, None, None]
     assert [s["attempts"] for s in timings["shards"]] == [1] * SHARDS
     assert not [t for t in threading.enumerate() if t.name == "lmscope-driver-shards"]
-
-
-def test_a_job_the_driver_finishes_while_the_cluster_starts_starts_no_worker(
-    cluster, lm, reference, tmp_path, monkeypatch
-) -> None:
-    out = tmp_path / "acts"
-    real = DRIVER.connect
-
-    @contextlib.contextmanager
-    def slow_start(*args, **kwargs):
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("shard-*"))) < SHARDS and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with real(*args, **kwargs) as connected:
-            yield connected
-
-    def no_workers(*args, **kwargs):
-        raise AssertionError("workers started although the driver had collected every shard")
-
-    monkeypatch.setattr(DRIVER, "_starts_local", lambda address: True)
-    monkeypatch.setattr(DRIVER, "connect", slow_start)
-    monkeypatch.setattr(DRIVER, "_Run", no_workers)
-    col = lmscope.collect(lm, TEXTS, out_dir=out, progress=False, **OPTIONS, **RAY)
-    assert_same(reference, col)
-    assert manifest(col)["timings"]["driver_shards"] == SHARDS
 
 
 def test_an_error_in_the_drivers_shards_stops_the_job(cluster, lm, tmp_path, monkeypatch) -> None:

@@ -14,8 +14,8 @@ finished shard) and ``collection.json`` (last); a job that is stopped and run ag
 shard that is complete on disk and redoes the others.
 
 Only the driver needs the texts; the model goes to the workers once, through Ray's object store.
-While a local cluster that the job starts comes up, the driver collects the first shards itself
-(:mod:`lmscope.distributed._driver`), so the seconds Ray takes to start are not lost.
+While the workers of a local cluster that the job starts come up, the driver collects the first
+shards itself (:mod:`lmscope.distributed._driver`), so the seconds they take to start are not lost.
 """
 
 from __future__ import annotations
@@ -150,22 +150,22 @@ def collect_on_ray(
         gpus = None if workers is None and worker_gpus else worker_gpus * local  # None: as many as there are
         batches = {n: [[(starts[i], job.ids[i]) for i in group] for group in shards[n]] for n in todo}
         payload = _payload(job)  # before the driver's own shards run the model (their hooks come and go)
-        if _starts_local(address):  # the driver collects while the cluster starts
-            helper = Helper(job, root, batches, deque(todo))
-            helper.start()
+        helps = _starts_local(address)
         try:
             with connect(address, local * worker_cpus, gpus) as ray:
-                started = cluster = time.perf_counter()
-                if helper is None or helper.pending:  # (a small job may be done before any worker is needed)
-                    count = _fit(ray, worker_cpus, worker_gpus, workers)
-                    run = _Run(ray, job, root, count, worker_cpus, worker_gpus, payload)
-                    payload = b""  # (Ray's object store holds it now)
-                    try:
-                        started = time.perf_counter()
-                        rest = helper.finish() if helper is not None else todo
-                        timings, retried = run.collect(rest, batches, tokens, done, save_record, progress, len(shards))
-                    finally:
-                        run.stop()
+                cluster = time.perf_counter()
+                if helps:  # the driver collects while the workers start (not before: Ray's start has a time limit)
+                    helper = Helper(job, root, batches, deque(todo))
+                    helper.start()
+                count = _fit(ray, worker_cpus, worker_gpus, workers)
+                run = _Run(ray, job, root, count, worker_cpus, worker_gpus, payload)
+                payload = b""  # (Ray's object store holds it now)
+                try:
+                    started = time.perf_counter()
+                    rest = helper.finish() if helper is not None else todo
+                    timings, retried = run.collect(rest, batches, tokens, done, save_record, progress, len(shards))
+                finally:
+                    run.stop()
             if helper is not None:
                 helper.join()  # the shard in hand
         finally:
@@ -191,7 +191,7 @@ def collect_on_ray(
         "timings": {
             "seconds": round(seconds, 3),
             "startup_seconds": round(started - began, 3),
-            "cluster_seconds": round(max(cluster - began, 0.0), 3),  # until Ray answered (the driver collecting)
+            "cluster_seconds": round(max(cluster - began, 0.0), 3),  # until Ray answered
             "driver_shards": len(helper.done) if helper is not None else 0,
             "tokens_per_second": round(collected / max(seconds, 1e-9), 1),  # start and stop included
             "shards_retried": retried,

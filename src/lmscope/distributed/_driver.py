@@ -1,14 +1,14 @@
-"""The driver's own shards: while a local Ray cluster and its workers start, the driver collects.
+"""The driver's own shards: while the workers of a local Ray cluster start, the driver collects.
 
-Starting a local cluster takes seconds (Ray's own processes start one after the other, then each
-worker imports torch and transformers and receives the model), and during them the driver holds
-the model, loaded and warm, with CPU to spare. :class:`Helper` is a thread that takes shards from
-the front of the queue and writes them exactly as a worker does (the same batches, the same
-:func:`lmscope.analysis.collect.batch_part` and :func:`lmscope.analysis._collection.write_shard`),
-until the workers are ready: then it finishes the shard in hand and takes no other. A small job
-may be done before the workers are needed at all. It runs the model on one torch thread: Ray's
-processes need the other cores while they start (a busy machine can make Ray's start time out),
-and the results do not depend on the number of threads.
+Workers take seconds to start (each imports torch and transformers, then receives and loads the
+model), and during them the driver holds the model, loaded and warm. :class:`Helper` is a thread
+that takes shards from the front of the queue and writes them exactly as a worker does (the same
+batches, the same :func:`lmscope.analysis.collect.batch_part` and
+:func:`lmscope.analysis._collection.write_shard`), until the workers are ready: then it finishes
+the shard in hand and takes no other. It runs the model on one torch thread, leaving the other
+cores to the starting workers (the results do not depend on the number of threads). It starts
+once Ray answers, not before: Ray gives its own processes a fixed time to start (30 s), which a
+busy machine can exceed when the driver computes meanwhile.
 
 Only a cluster the job starts itself is helped this way: a job that joins a cluster (``address``)
 may run on a machine that is not meant to compute.
@@ -69,7 +69,7 @@ class Helper(threading.Thread):
         from lmscope.analysis.collect import batch_part
 
         job, threads = self.job, torch.get_num_threads()
-        torch.set_num_threads(1)  # the other cores are for Ray's processes while they start (the driver runs no model)
+        torch.set_num_threads(1)  # the other cores are for the starting workers (the driver runs no model)
         try:
             with torch.no_grad():  # (grad mode is per thread)
                 while (number := self._take()) is not None:
