@@ -115,6 +115,8 @@ BAD: dict[str, list[str]] = {
     "--device-map": ["everywhere", ""],
     "--device-memory": ["cpu", "cpu=lots", ""],
     "--offload-folder": ["{tmp}/a_file", ""],
+    "--max-memory": ["x", "0", "-1", "4XB", "", "nan"],
+    "--store": ["{tmp}/missing/trace.safetensors", "{tmp}/a_file/trace.safetensors"],
     "--json": [],
     "--html": ["{tmp}/missing/view.html", "{tmp}", "{tmp}/a_file/view.html"],
     "--position": ["x", "99", "-99", ""],
