@@ -30,8 +30,16 @@ the per-token loop). The rest comes from running those pull-backs well:
   per target and stacks the results (a quarter of the pass, with the copies it adds), while
   eager attention's products and softmax batch over the targets;
 - the batched backward's float32 products routed to oneDNN where that is measured faster
-  (:func:`lmscope.analysis._onednn.routed`), about twice MKL's speed on the AMD CPUs measured,
-  for the ``[n · pos, d_model]`` products the batch makes.
+  (:func:`lmscope.analysis._onednn.routed`): on the 2-core AMD EPYC measured, up to twice MKL's
+  speed for the ``[n · pos, d_model]`` products the batch makes (whole trial passes took 0.68x
+  and 0.73x PyTorch's time; under heavy load one trial was a tie and kept PyTorch's).
+
+Measured so (``benchmarks/bench_seq2seq_saliency.py``, 2 threads on a 2-core machine shared with
+other jobs): 3.9x faster than the per-token loop at load 2.4, 4.1x at load 9 and 9.3x at load 16
+(the loop's many small operations suffer most from a busy machine), against 2.0-2.2x before these
+changes. The 5x goal is not reached on a quiet machine: what remains is the ``n`` pull-backs
+through the encoder themselves (one forward pass and ten backward passes take 4.5 forward passes'
+time, against 1.8 per target in the loop).
 
 The embeddings are swapped in by scoped forward hooks on the two stacks' embedding modules
 (removed on exit, even on error): the model is called with its ordinary token ids, so every
