@@ -87,6 +87,9 @@ class Recorder:
         self.books = {kind: Book() for kind in KINDS if lazy and PROBS_SITE[kind] in sites and PROBS_SITE[kind]
                       not in stored}  # fmt: skip
         self._data: dict[str, dict[int, torch.Tensor]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # site -> [batch, layer, ...], filled as layers arrive
+        self._unbuffered: set[str] = set()  # sites whose layers differ in shape
+        self._index = {layer: i for i, layer in enumerate(layers)}
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
         has_attention = self.arch.family.attn is not None  # a state-space model (Mamba) has none
         self._attn_layer = {id(self.arch.attn(layer)): layer for layer in layers} if has_attention else {}
@@ -105,7 +108,24 @@ class Recorder:
         if self.sink is not None:
             self.sink.put(site, layer, tensor.detach())
             return
-        self._data.setdefault(site, {})[layer] = self._kept(tensor)
+        self._keep(site, layer, self._kept(tensor))
+
+    def _keep(self, site: str, layer: int, kept: torch.Tensor) -> None:
+        """Copy one layer's tensor into its slice of the site's ``[batch, layer, ...]`` buffer, made when
+        the site's first layer arrives, so that stacking at the end copies nothing and the peak is the
+        trace itself, not the trace plus a site. A layer whose shape differs is kept on its own."""
+        index = self._index.get(layer)
+        buffer = self._buffers.get(site)
+        if buffer is None and index is not None and site not in self._unbuffered:
+            buffer = kept.new_empty((kept.shape[0], len(self.layers), *kept.shape[1:]))
+            self._buffers[site] = buffer
+        if buffer is not None and index is not None and buffer[:, index].shape == kept.shape:
+            buffer[:, index].copy_(kept)
+            kept = buffer[:, index]
+        elif buffer is not None:
+            self._unbuffered.add(site)
+            del self._buffers[site]
+        self._data.setdefault(site, {})[layer] = kept
 
     def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
         """Detached, on the capture device (a model placed over devices makes each layer's tensors on its own)."""
@@ -148,7 +168,7 @@ class Recorder:
             self.put("cross_attn_probs", layer, probs.to(query.dtype))  # [batch, head, pos, enc_pos]
         for site, tensor in (("cross_q", query), ("cross_k", key), ("cross_v", value)):
             if site in self.sites or (book is not None and site != "cross_v"):
-                self._data.setdefault(site, {})[layer] = self._kept(tensor.transpose(1, 2))  # [batch, pos, head, d_hd]
+                self._keep(site, layer, self._kept(tensor.transpose(1, 2)))  # [batch, pos, head, d_head]
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """``site -> [batch, layer, ...]``; ``resid_mid`` (and ``resid_cross``) derived where blocks are pre-norm."""
@@ -156,10 +176,12 @@ class Recorder:
         pre_norm = not self.arch.family.post_norm
         if ("resid_mid" in self.sites or ("resid_cross" in self.sites and pre_norm)) and "resid_mid" not in data:
             pre, attn = data.get("resid_pre", {}), data.get("attn_out", {})
-            data["resid_mid"] = {layer: pre[layer] + attn[layer] for layer in self.layers}
+            for layer in self.layers:
+                self._keep("resid_mid", layer, pre[layer] + attn[layer])
         if "resid_cross" in self.sites and "resid_cross" not in data and pre_norm:
             mid, cross = data.get("resid_mid", {}), data.get("cross_attn_out", {})
-            data["resid_cross"] = {layer: mid[layer] + cross[layer] for layer in self.layers}
+            for layer in self.layers:
+                self._keep("resid_cross", layer, mid[layer] + cross[layer])
         for kind, book in self.books.items():
             if book.fallback:  # some layer could not be described: store every layer's probabilities
                 self._store_probs(kind, book)
@@ -168,7 +190,9 @@ class Recorder:
         for kind, book in self.books.items():
             if not book.fallback:
                 wanted = [s for s in QK_SITES[kind] if s not in self.sites]
-                out.update({s: _stack(data.pop(s), self.layers) for s in wanted})  # popped: one site at a time
+                out.update(
+                    {s: _stack(data.pop(s), self.layers, self._buffers.pop(s, None)) for s in wanted}
+                )  # popped: one site at a time
                 out.update(book.tensors(kind, lambda t: self._kept(t)[None]))  # [batch, ...]
         for site in self.sites:
             if site in lazy:
@@ -183,7 +207,7 @@ class Recorder:
                     f"{self.lm.name}: site {site!r} was not reached in layers {missing}{where} "
                     "(the architecture table may not match this model)"
                 )
-            out[site] = _stack(per_layer, self.layers)
+            out[site] = _stack(per_layer, self.layers, self._buffers.pop(site, None))
             del per_layer
         return out
 
@@ -215,8 +239,17 @@ class Recorder:
             per_layer[layer] = probs.to(query.dtype)[None]  # [batch, head, pos_q, pos_k]
 
 
-def _stack(per_layer: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
-    """``[batch, layer, ...]`` from one site's per-layer tensors (emptied as it goes, to keep the peak low)."""
+def _stack(
+    per_layer: dict[int, torch.Tensor], layers: tuple[int, ...], buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[batch, layer, ...]`` from one site's per-layer tensors: the site's buffer itself when every
+    layer was copied into it, else a new stack (the per-layer tensors emptied as it goes)."""
+    if buffer is not None and all(
+        per_layer[layer].data_ptr() == buffer[:, i].data_ptr() and per_layer[layer].shape == buffer[:, i].shape
+        for i, layer in enumerate(layers)
+    ):
+        per_layer.clear()
+        return buffer
     first = per_layer[layers[0]]
     out = first.new_empty((first.shape[0], len(layers), *first.shape[1:]))
     for i, layer in enumerate(layers):
