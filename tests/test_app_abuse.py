@@ -100,6 +100,8 @@ WRONG_TYPES = {
     "workers": "2",
     "queue_size": {"n": 8},
     "allowed_hosts": "example.org",
+    "max_trace_mb": "512",
+    "trace_dir": 5,
 }
 
 

@@ -73,6 +73,13 @@ def test_a_saved_intervened_trace_refuses_to_run_again(tmp_path) -> None:
     loaded = lm.load_trace(tmp_path / "run.lmscope")
     with pytest.raises(LmscopeError, match="recorded under interventions"):
         loaded.primary_attributions()
+    # The neuron view needs queries and keys: the trace recorded them under the interventions (attention
+    # is kept as q and k), so the loaded trace shows the intervened run without running it again.
+    live, saved = out.attention(view="neuron", layer=0), loaded.attention(view="neuron", layer=0)
+    assert live.weights.shape[0] == 1
+    torch.testing.assert_close(saved.weights, live.weights, rtol=0, atol=0)
+    # Stored probabilities without q and k: the neuron view would have to run the model again, and refuses.
+    stored = lm.trace(TEXT, interventions=ABLATIONS[:1], sites=("resid_post", "attn_probs_stored"))
+    stored.save(tmp_path / "stored.lmscope")
     with pytest.raises(LmscopeError, match="recorded under interventions"):
-        loaded.attention(view="neuron", layer=0)
-    assert out.attention(view="neuron", layer=0).weights.shape[0] == 1  # the live Output re-runs intervened
+        lm.load_trace(tmp_path / "stored.lmscope").attention(view="neuron", layer=0)
