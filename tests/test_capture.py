@@ -203,3 +203,27 @@ def test_overflow_in_half_precision_is_a_clear_error() -> None:
         lm.trace(TEXT)
     with pytest.raises(LmscopeError, match="dtype='float32' or 'bfloat16'"):
         lm.trace(TEXT, sites=["resid_post"])
+
+
+def test_resid_pre_and_resid_post_share_memory_only_while_equal() -> None:
+    """resid_pre of block i+1 is resid_post of block i: one buffer holds both, unless the stream changes."""
+    lm = tiny("llama")
+    trace = lm.trace(TEXT).trace
+    pre, post = trace.get("resid_pre"), trace.get("resid_post")
+    assert pre.untyped_storage().data_ptr() == post.untyped_storage().data_ptr()
+    assert torch.equal(pre[1:], post[:-1])
+    held = sum(t.numel() * t.element_size() for t in trace.tensors.values())
+    assert trace.nbytes() == held - post[:-1].numel() * post.element_size()
+
+    block = lm.loaded.arch.blocks[1]
+    handle = block.register_forward_pre_hook(lambda module, args, kwargs: ((args[0] + 1.0, *args[1:]), kwargs),
+                                             with_kwargs=True)  # fmt: skip
+    try:
+        changed = lm.trace(TEXT).trace
+    finally:
+        handle.remove()
+    pre, post = changed.get("resid_pre"), changed.get("resid_post")
+    assert pre.untyped_storage().data_ptr() != post.untyped_storage().data_ptr()
+    torch.testing.assert_close(pre[1], post[0] + 1.0, rtol=0, atol=0)
+    assert torch.equal(pre[2:], post[1:-1])
+    torch.testing.assert_close(changed.get("resid_mid"), pre + changed.get("attn_out"), rtol=0, atol=0)

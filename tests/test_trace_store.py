@@ -226,8 +226,8 @@ def test_a_stored_trace_is_not_held_in_memory(tmp_path: Path) -> None:
                           env=env, timeout=900, check=True)  # fmt: skip
     runs = json.loads(done.stdout.strip().splitlines()[-1])
     base, stored, memory = runs["one site"]["growth"], runs["stored"], runs["memory"]
-    n_bytes = stored["nbytes"]
-    assert n_bytes == memory["nbytes"] > 200 * 2**20
+    n_bytes = memory["nbytes"]  # in memory resid_pre and resid_post share a buffer; the file holds both
+    assert stored["nbytes"] >= n_bytes > 200 * 2**20
     assert memory["growth"] > base + 0.5 * n_bytes  # in memory: the trace (some of it in the forward's freed space)
     assert stored["growth"] < base + 0.1 * n_bytes, runs  # about one layer's tensors more
 

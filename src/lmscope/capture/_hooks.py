@@ -63,6 +63,9 @@ def resolve_layers(layers: Iterable[int] | int | slice | None, n_layers: int) ->
     return tuple(sorted(set(out)))
 
 
+_SHARED = ("resid_pre", "resid_post")
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -90,6 +93,8 @@ class Recorder:
         self._buffers: dict[str, torch.Tensor] = {}  # site -> [batch, layer, ...], filled as layers arrive
         self._unbuffered: set[str] = set()  # sites whose layers differ in shape
         self._index = {layer: i for i, layer in enumerate(layers)}
+        self._shared = True  # resid_pre and resid_post share one buffer until they differ (``_new_buffer``)
+        self._written: set[tuple[str, int]] = set()
         self.batch_pos: tuple[int, int] | None = None  # set from the first block's input
         has_attention = self.arch.family.attn is not None  # a state-space model (Mamba) has none
         self._attn_layer = {id(self.arch.attn(layer)): layer for layer in layers} if has_attention else {}
@@ -117,15 +122,46 @@ class Recorder:
         index = self._index.get(layer)
         buffer = self._buffers.get(site)
         if buffer is None and index is not None and site not in self._unbuffered:
-            buffer = kept.new_empty((kept.shape[0], len(self.layers), *kept.shape[1:]))
-            self._buffers[site] = buffer
+            buffer = self._new_buffer(site, kept)
         if buffer is not None and index is not None and buffer[:, index].shape == kept.shape:
-            buffer[:, index].copy_(kept)
+            partner = self._partner(site, index)
+            if partner is None or partner not in self._written:
+                buffer[:, index].copy_(kept)
+            elif not torch.equal(buffer[:, index], kept.to(buffer.device)):  # the stream changed between blocks
+                self._split()
+                buffer = self._buffers[site]
+                buffer[:, index].copy_(kept)
+            self._written.add((site, index))
             kept = buffer[:, index]
         elif buffer is not None:
             self._unbuffered.add(site)
             del self._buffers[site]
         self._data.setdefault(site, {})[layer] = kept
+
+    def _new_buffer(self, site: str, kept: torch.Tensor) -> torch.Tensor:
+        """The site's ``[batch, layer, ...]`` buffer. ``resid_pre`` of a block is ``resid_post`` of the one
+        before, so over consecutive layers the two sites are views of one ``[batch, layer + 1, ...]``
+        buffer, which saves a site's memory (checked equal as each layer arrives; split if not)."""
+        n = len(self.layers)
+        if site in _SHARED and self._shared and self.layers == tuple(range(self.layers[0], self.layers[0] + n)):
+            both = kept.new_empty((kept.shape[0], n + 1, *kept.shape[1:]))
+            self._buffers.update(resid_pre=both[:, :n], resid_post=both[:, 1:])
+        else:
+            self._buffers[site] = kept.new_empty((kept.shape[0], n, *kept.shape[1:]))
+        return self._buffers[site]
+
+    def _partner(self, site: str, index: int) -> tuple[str, int] | None:
+        """The other site's slot that shares memory with ``site``'s slot ``index``, if any."""
+        if not self._shared or site not in _SHARED or site not in self._buffers:
+            return None
+        return ("resid_post", index - 1) if site == "resid_pre" else ("resid_pre", index + 1)
+
+    def _split(self) -> None:
+        """Give ``resid_pre`` a buffer of its own (a model whose stream changes between blocks)."""
+        self._shared = False
+        pre = self._buffers["resid_pre"].clone()
+        self._buffers["resid_pre"] = pre
+        self._data["resid_pre"] = {layer: pre[:, self._index[layer]] for layer in self._data.get("resid_pre", {})}
 
     def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
         """Detached, on the capture device (a model placed over devices makes each layer's tensors on its own)."""

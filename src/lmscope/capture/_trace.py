@@ -256,8 +256,7 @@ class Trace:
 
     def nbytes(self) -> int:
         """Memory held by the captured tensors (both stacks)."""
-        own = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        return own + (self.encoder.nbytes() if self.encoder is not None else 0)
+        return _held_bytes(self.tensors.values()) + (self.encoder.nbytes() if self.encoder is not None else 0)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file: the tensors with checksums, plus JSON metadata with tokens and
@@ -265,6 +264,30 @@ class Trace:
         from lmscope.capture._trace_file import save_trace
 
         return save_trace(self, path)
+
+
+def _held_bytes(tensors: Any) -> int:
+    """Bytes of ``tensors``, counting once what views of one buffer share (``resid_pre`` and
+    ``resid_post`` overlap in all but one layer)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    total = 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        if not t.is_contiguous() or t.device.type == "meta":
+            total += size
+            continue
+        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + size))
+    for ranges in spans.values():
+        end = None
+        for lo, hi in sorted(ranges):
+            if end is None or lo >= end:
+                total += hi - lo
+                end = hi
+            elif hi > end:
+                total += hi - end
+                end = hi
+    return total
 
 
 def _ranges(values: tuple[int, ...]) -> str:

@@ -95,6 +95,18 @@ def _text_checksum(text: str) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of each tensor that shares memory with one before it (``resid_pre`` and ``resid_post``
+    are views of one buffer), as safetensors writes each tensor on its own."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
+
+
 def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     """Write ``trace`` to ``path`` (a temporary name first, then renamed: never half a file)."""
     from safetensors import SafetensorError
@@ -111,6 +123,7 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         encoder = trace.encoder
         for name, t in (*encoder.tensors.items(), ("token_ids", encoder.token_ids)):
             tensors[_ENCODER + name] = t.detach().cpu().contiguous()
+    tensors = _unshared(tensors)
     whole = _whole_file(trace)  # a stored trace: its file, as it is
     if whole is not None and path.resolve() == whole.resolve():
         return path
