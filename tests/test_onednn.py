@@ -92,18 +92,27 @@ def mm_kernel() -> str:
 
 
 @needs_onednn
-def test_kernels_are_registered_only_while_a_scope_is_open() -> None:
-    pytorch_kernel = mm_kernel()
-    assert "_onednn.py" not in pytorch_kernel
+def test_kernels_route_only_inside_a_scope_of_this_thread(to_onednn) -> None:
+    """Registered once (never removed, as another thread may be running them); products outside a
+    scope, or in another thread, are PyTorch's own, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(8, 16, generator=g), torch.randn(16, 5, generator=g)
+    expected = torch.ops.aten.mm.out(a, b, out=a.new_empty(8, 5))
     with onednn_matmuls():
         assert "_onednn.py" in mm_kernel()
-        with onednn_matmuls():
-            pass
-        assert "_onednn.py" in mm_kernel()  # the outer scope is still open
-    assert mm_kernel() == pytorch_kernel
+        inside = len(to_onednn)
+        a @ b
+        assert len(to_onednn) == inside + 1
+        other = []
+        thread = threading.Thread(target=lambda: other.append(a @ b))
+        thread.start()
+        thread.join()
+        assert len(to_onednn) == inside + 1 and torch.equal(other[0], expected)
+    count = len(to_onednn)
+    assert torch.equal(a @ b, expected) and len(to_onednn) == count
     with pytest.raises(ValueError, match="inside"), onednn_matmuls():
         raise ValueError("inside")
-    assert mm_kernel() == pytorch_kernel
+    assert torch.equal(a @ b, expected) and len(to_onednn) == count
 
 
 @needs_onednn

@@ -189,8 +189,7 @@ def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float 
 
 _local = threading.local()  # .scopes: this thread's open routing scopes, innermost last (their ZeroRows or None)
 _kernels_lock = threading.Lock()
-_kernels: list[object] = []  # [the torch.library.Library that holds _mm and _addmm] while any scope is open
-_open_scopes = 0
+_kernels: list[object] = []  # [the torch.library.Library that holds _mm and _addmm] once any scope was opened
 
 
 @contextmanager
@@ -198,20 +197,20 @@ def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
     """Route this thread's eligible float32 CPU ``mm`` and ``addmm`` to oneDNN in this scope.
 
     The first scope opened in the process registers :func:`_mm` and :func:`_addmm` over PyTorch's
-    CPU kernels of ``aten::mm`` and ``aten::addmm``; the last one closed removes them. Other
-    threads' products, and products that are not eligible, go to PyTorch's own kernels (their
-    ``out=`` forms, which compute the same thing), so only this thread's products change.
+    CPU kernels of ``aten::mm`` and ``aten::addmm``, for the rest of the process: other threads'
+    products, products outside a scope, and products that are not eligible go to PyTorch's own
+    kernels (their ``out=`` forms, the same code), so only this thread's products in this scope
+    change. The kernels are never removed: PyTorch's dispatcher is not safe against a kernel
+    being removed while another thread runs it (two app workers computing saliency at once).
     """
-    global _open_scopes
     with _kernels_lock:
-        if _open_scopes == 0:
+        if not _kernels:
             library = torch.library.Library("aten", "IMPL")
             with warnings.catch_warnings():  # PyTorch warns that a kernel is overridden: that is the point
                 warnings.simplefilter("ignore")
                 library.impl("mm", _mm, "CPU")
                 library.impl("addmm", _addmm, "CPU")
             _kernels.append(library)
-        _open_scopes += 1
     scopes = getattr(_local, "scopes", None)
     if scopes is None:
         scopes = _local.scopes = []
@@ -220,10 +219,6 @@ def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
         yield
     finally:
         scopes.pop()
-        with _kernels_lock:
-            _open_scopes -= 1
-            if _open_scopes == 0:
-                _kernels.pop()._destroy()
 
 
 @dataclass(frozen=True)
