@@ -92,27 +92,46 @@ def mm_kernel() -> str:
 
 
 @needs_onednn
-def test_kernels_route_only_inside_a_scope_of_this_thread(to_onednn) -> None:
-    """Registered once (never removed, as another thread may be running them); products outside a
-    scope, or in another thread, are PyTorch's own, bit for bit."""
+def test_kernels_are_registered_only_while_a_scope_is_open(to_onednn) -> None:
+    pytorch_kernel = mm_kernel()
+    assert "_onednn.py" not in pytorch_kernel
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(8, 16, generator=g), torch.randn(16, 5, generator=g)
-    expected = torch.ops.aten.mm.out(a, b, out=a.new_empty(8, 5))
+    expected = a @ b
     with onednn_matmuls():
         assert "_onednn.py" in mm_kernel()
-        inside = len(to_onednn)
-        a @ b
-        assert len(to_onednn) == inside + 1
-        other = []
+        with onednn_matmuls():
+            pass
+        assert "_onednn.py" in mm_kernel()  # the outer scope is still open
+        other = []  # another thread's products are PyTorch's own, bit for bit
         thread = threading.Thread(target=lambda: other.append(a @ b))
         thread.start()
         thread.join()
-        assert len(to_onednn) == inside + 1 and torch.equal(other[0], expected)
-    count = len(to_onednn)
-    assert torch.equal(a @ b, expected) and len(to_onednn) == count
+        assert torch.equal(other[0], expected) and not to_onednn
+    assert mm_kernel() == pytorch_kernel
     with pytest.raises(ValueError, match="inside"), onednn_matmuls():
         raise ValueError("inside")
-    assert torch.equal(a @ b, expected) and len(to_onednn) == count
+    assert mm_kernel() == pytorch_kernel
+
+
+@needs_onednn
+def test_kept_kernels_stay_and_route_only_inside_a_scope(to_onednn, monkeypatch) -> None:
+    """The app's choice (model workers are threads): registered once, never removed."""
+    monkeypatch.setattr(_onednn, "_keep", False)
+    _onednn.keep_kernels()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(8, 16, generator=g), torch.randn(16, 5, generator=g)
+    expected = a @ b
+    try:
+        with onednn_matmuls():
+            a @ b
+        assert "_onednn.py" in mm_kernel() and len(to_onednn) == 1
+        assert torch.equal(a @ b, expected) and len(to_onednn) == 1
+    finally:
+        with _onednn._kernels_lock:
+            if _onednn._open_scopes == 0 and _onednn._kernels:
+                _onednn._kernels.pop()._destroy()
+    assert "_onednn.py" not in mm_kernel()
 
 
 @needs_onednn

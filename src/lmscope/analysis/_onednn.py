@@ -57,6 +57,7 @@ __all__ = [
     "available",
     "choices",
     "forget_choices",
+    "keep_kernels",
     "matmul_backend",
     "onednn_matmuls",
     "routed",
@@ -189,7 +190,21 @@ def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float 
 
 _local = threading.local()  # .scopes: this thread's open routing scopes, innermost last (their ZeroRows or None)
 _kernels_lock = threading.Lock()
-_kernels: list[object] = []  # [the torch.library.Library that holds _mm and _addmm] once any scope was opened
+_kernels: list[object] = []  # [the torch.library.Library that holds _mm and _addmm] while registered
+_open_scopes = 0
+_keep = False  # set by keep_kernels(): never remove the kernels (processes that run torch in several threads)
+
+
+def keep_kernels() -> None:
+    """Keep the routing kernels registered once they are, for the rest of the process.
+
+    PyTorch's dispatcher is not safe against a kernel being removed while another thread runs it,
+    so a process that computes saliency while other threads run PyTorch (the web app's model
+    workers) calls this at start. The price: once registered, every CPU ``mm``/``addmm`` of the
+    process passes through a Python call (PyTorch's own kernel outside a routing scope).
+    """
+    global _keep
+    _keep = True
 
 
 @contextmanager
@@ -197,12 +212,12 @@ def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
     """Route this thread's eligible float32 CPU ``mm`` and ``addmm`` to oneDNN in this scope.
 
     The first scope opened in the process registers :func:`_mm` and :func:`_addmm` over PyTorch's
-    CPU kernels of ``aten::mm`` and ``aten::addmm``, for the rest of the process: other threads'
-    products, products outside a scope, and products that are not eligible go to PyTorch's own
-    kernels (their ``out=`` forms, the same code), so only this thread's products in this scope
-    change. The kernels are never removed: PyTorch's dispatcher is not safe against a kernel
-    being removed while another thread runs it (two app workers computing saliency at once).
+    CPU kernels of ``aten::mm`` and ``aten::addmm``; the last one closed removes them (unless
+    :func:`keep_kernels` was called). Other threads' products, and products that are not
+    eligible, go to PyTorch's own kernels (their ``out=`` forms, which compute the same thing), so
+    only this thread's products change.
     """
+    global _open_scopes
     with _kernels_lock:
         if not _kernels:
             library = torch.library.Library("aten", "IMPL")
@@ -211,6 +226,7 @@ def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
                 library.impl("mm", _mm, "CPU")
                 library.impl("addmm", _addmm, "CPU")
             _kernels.append(library)
+        _open_scopes += 1
     scopes = getattr(_local, "scopes", None)
     if scopes is None:
         scopes = _local.scopes = []
@@ -219,6 +235,10 @@ def _routing(rows: ZeroRows | None = None) -> Iterator[None]:
         yield
     finally:
         scopes.pop()
+        with _kernels_lock:
+            _open_scopes -= 1
+            if _open_scopes == 0 and not _keep:
+                _kernels.pop()._destroy()
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ def create_app(config: AppConfig | str | Path | None = None) -> FastAPI:
     if not isinstance(config, AppConfig):
         config = load_config(config)
     state = App(config)
+    from lmscope.analysis._onednn import keep_kernels
+
+    keep_kernels()  # the model workers are threads: saliency's product kernels must not be removed under them
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
