@@ -91,8 +91,17 @@ def mm_kernel() -> str:
     return next(line for line in torch._C._dispatch_dump_table("aten::mm").splitlines() if line.startswith("CPU:"))
 
 
+def drop_kept_kernels() -> None:
+    """Remove kernels that an app made earlier in this process keeps (``keep_kernels``)."""
+    with _onednn._kernels_lock:
+        if _onednn._open_scopes == 0 and _onednn._kernels:
+            _onednn._kernels.pop()._destroy()
+
+
 @needs_onednn
-def test_kernels_are_registered_only_while_a_scope_is_open(to_onednn) -> None:
+def test_kernels_are_registered_only_while_a_scope_is_open(to_onednn, monkeypatch) -> None:
+    monkeypatch.setattr(_onednn, "_keep", False)  # an app created earlier in this process keeps them
+    drop_kept_kernels()
     pytorch_kernel = mm_kernel()
     assert "_onednn.py" not in pytorch_kernel
     g = torch.Generator().manual_seed(5)
@@ -118,6 +127,7 @@ def test_kernels_are_registered_only_while_a_scope_is_open(to_onednn) -> None:
 def test_kept_kernels_stay_and_route_only_inside_a_scope(to_onednn, monkeypatch) -> None:
     """The app's choice (model workers are threads): registered once, never removed."""
     monkeypatch.setattr(_onednn, "_keep", False)
+    drop_kept_kernels()
     _onednn.keep_kernels()
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(8, 16, generator=g), torch.randn(16, 5, generator=g)
@@ -128,9 +138,7 @@ def test_kept_kernels_stay_and_route_only_inside_a_scope(to_onednn, monkeypatch)
         assert "_onednn.py" in mm_kernel() and len(to_onednn) == 1
         assert torch.equal(a @ b, expected) and len(to_onednn) == 1
     finally:
-        with _onednn._kernels_lock:
-            if _onednn._open_scopes == 0 and _onednn._kernels:
-                _onednn._kernels.pop()._destroy()
+        drop_kept_kernels()
     assert "_onednn.py" not in mm_kernel()
 
 
