@@ -332,7 +332,7 @@ def test_the_driver_redoes_a_dead_workers_shard_and_waits_for_its_restart() -> N
     fake = FakeRay({("run", 0): [None, died], ("check", 0): [restarting, restarting]})
     run = object.__new__(DRIVER._Run)
     run.ray, run.actors = fake, [fake.actor(0)]  # one worker: the job must wait for its restart
-    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0})()
+    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0, "stack": None})()
     done: set[int] = set()
     timings, retried = run.collect([0, 1, 2, 3, 4], {n: [] for n in range(5)}, [10] * 5, done, lambda: None, False, 5)
     assert done == set(range(5)) and retried == 1
@@ -347,7 +347,7 @@ def test_a_shard_whose_workers_keep_dying_is_a_clear_error() -> None:
     fake = FakeRay({("run", 0): [died] * 9, ("run", 1): [died] * 9})
     run = object.__new__(DRIVER._Run)
     run.ray, run.actors = fake, [fake.actor(0), fake.actor(1)]
-    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0})()
+    run.job = type("Job", (), {"sites": ("resid_post",), "layers": (0,), "pad": 0, "stack": None})()
     with pytest.raises(LmscopeError, match="failed 4 times, its worker dying each time"):
         run.collect([0, 1], {n: [] for n in range(2)}, [10] * 2, set(), lambda: None, False, 2)
 

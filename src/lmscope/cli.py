@@ -263,7 +263,7 @@ def _one_stack(lm: Any, what: str) -> None:
     if lm.is_seq2seq:
         raise LmscopeError(
             f"{what} does not support encoder-decoder models ({lm.name}) yet: use lens, rankings, watch, saliency, "
-            "attention, flow or nmf (one text), or collect and probe (the encoder) on them"
+            "attention, flow, nmf or collect (either stack), or probe (the encoder) on them"
         )
 
 
@@ -527,14 +527,15 @@ def _layer_range(text: str | None) -> slice:
 
 
 def _layers(lm: Any, text: str | None, stack: str | None = None) -> tuple[int, ...]:
-    """The model's layers that ``--layers`` selects (at least one, else a clear error); ``stack="encoder"``:
-    an encoder-decoder model's encoder layers."""
+    """The model's layers that ``--layers`` selects (at least one, else a clear error); ``stack``: of an
+    encoder-decoder model, ``"encoder"`` or ``"decoder"``."""
     from lmscope.capture import resolve_layers
 
     n_layers = (lm.loaded.arch.encoder if stack == "encoder" else lm.loaded.arch).n_layers
     chosen = resolve_layers(_layer_range(text), n_layers)
     if not chosen:
-        raise LmscopeError(f"--layers {text} selects no layer: this model has layers 0..{n_layers - 1}")
+        held = f"this model's {stack}" if stack else "this model"
+        raise LmscopeError(f"--layers {text} selects no layer: {held} has layers 0..{n_layers - 1}")
     return chosen
 
 
@@ -558,6 +559,30 @@ def _texts(args: argparse.Namespace) -> list[str]:
     return texts[: args.limit] if args.limit is not None else texts
 
 
+def _targets(args: argparse.Namespace) -> list[str] | None:
+    """``--targets FILE``: the decoder's target of each text, read as ``--file`` reads texts (``--limit`` applies)."""
+    if args.targets is None:
+        return None
+    from lmscope.analysis.collect import read_texts
+
+    targets = read_texts(args.targets)
+    return targets[: args.limit] if args.limit is not None else targets
+
+
+def _stack_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--stack`` and ``--targets FILE``: which stack of an encoder-decoder model a corpus command reads."""
+    parser.add_argument(
+        "--stack", choices=("encoder", "decoder"), default=None, help=f"encoder-decoder models: the stack ({default})"
+    )
+    parser.add_argument(
+        "--targets",
+        default=None,
+        metavar="FILE",
+        help="encoder-decoder models: the decoder's target of each text, one per line in the texts' order "
+        "(the decoder runs teacher-forced on each pair)",
+    )
+
+
 def _add_nmf(commands: Any) -> None:
     parser = commands.add_parser("nmf", help="factor explorer: NMF (or PCA/ICA) of FFN activations")
     _text_arg(parser, corpus=True)
@@ -570,12 +595,7 @@ def _add_nmf(commands: Any) -> None:
     parser.add_argument("--nonneg", choices=("clip", "shift", "error"), default="clip", help="negative values (NMF)")
     parser.add_argument("--seed", type=_int(0, 2**32 - 1), default=0, help="random seed (default 0)")
     parser.add_argument("--limit", type=_int(1), default=None, help="use at most this many texts")
-    parser.add_argument(
-        "--stack",
-        choices=("encoder", "decoder"),
-        default=None,
-        help="encoder-decoder models: the stack (default: the decoder with --target, else the encoder)",
-    )
+    _stack_args(parser, "default: the decoder with --target or --targets, else the encoder")
     _target_arg(parser)
     _model_args(parser)
     _output_args(parser)
@@ -585,28 +605,33 @@ def _add_nmf(commands: Any) -> None:
 def _cmd_nmf(args: argparse.Namespace) -> None:
     from lmscope.analysis import collect, factorize
 
-    texts = _texts(args)
+    texts, targets = _texts(args), _targets(args)
     _layer_range(args.layers)  # a malformed range fails before the model loads
     lm = _load(args)
-    layers = _layers(lm, args.layers)
     options = dict(method=args.method, site=args.site, nonneg=args.nonneg, seed=args.seed)
+    progress = sys.stderr.isatty()
     if lm.is_seq2seq:
-        if len(texts) > 1:
-            _one_stack(lm, "nmf over several texts")
-        stack = args.stack or ("decoder" if args.target_text is not None else "encoder")
-        if stack == "encoder":
-            from lmscope.capture import resolve_layers
-
-            layers = resolve_layers(_layer_range(args.layers), lm.arch.encoder.n_layers) or layers
-        chosen = {"layers": layers} if stack == "decoder" else {"encoder_layers": layers}
-        args.text = texts[0]
-        source = _traced(lm, args, [args.site], **chosen).trace.stack(stack)
-    elif args.stack is not None or args.target_text is not None:
-        raise LmscopeError(f"--stack and --target apply to encoder-decoder models, and {lm.name} is not one")
-    elif len(texts) == 1:
-        source = lm.trace(texts[0], sites=[args.site], layers=layers).trace
+        given = args.target_text is not None or targets is not None
+        stack = args.stack or ("decoder" if given else "encoder")
+        layers = _layers(lm, args.layers, stack)  # the layers of the stack read
+        if len(texts) > 1 or targets is not None:  # a corpus: collected
+            if args.target_text is not None:
+                raise LmscopeError(
+                    "--target is the target of one text: give several texts their targets with --targets"
+                )
+            source = collect(lm, texts, [args.site], layers, progress=progress, stack=stack, targets=targets)
+        else:
+            chosen = {"layers": layers} if stack == "decoder" else {"encoder_layers": layers}
+            args.text = texts[0]
+            source = _traced(lm, args, [args.site], **chosen).trace.stack(stack)
+    elif args.stack is not None or args.target_text is not None or targets is not None:
+        raise LmscopeError(f"--stack, --target and --targets apply to encoder-decoder models, and {lm.name} is not one")
     else:
-        source = collect(lm, texts, sites=[args.site], layers=layers, progress=sys.stderr.isatty())
+        layers = _layers(lm, args.layers)
+        if len(texts) == 1:
+            source = lm.trace(texts[0], sites=[args.site], layers=layers).trace
+        else:
+            source = collect(lm, texts, sites=[args.site], layers=layers, progress=progress)
     _emit(factorize(source, args.components, layers[0], layers[-1] + 1, **options), args)
 
 
@@ -630,14 +655,16 @@ def _add_collect(commands: Any) -> None:
     parser.add_argument(
         "--shard-mb", type=_float(0.001, 1e6), default=64.0, help="activations per shard in MB (default 64)"
     )
+    _stack_args(parser, "default: the decoder with --targets, else the encoder")
     _model_args(parser)
     parser.set_defaults(run=_cmd_collect)
 
 
 def _cmd_collect(args: argparse.Namespace) -> None:
     from lmscope.analysis import collect
+    from lmscope.analysis.collect import collected_stack
 
-    texts, sites = _texts(args), _sites(args.sites)
+    texts, sites, targets = _texts(args), _sites(args.sites), _targets(args)
     _layer_range(args.layers)
     ray = {}
     if args.engine == "ray":  # a missing package or an address that does not answer fails before the model loads
@@ -650,12 +677,13 @@ def _cmd_collect(args: argparse.Namespace) -> None:
     elif (args.address, args.workers, args.worker_cpus, args.worker_gpus) != (None, None, 1, 0):
         raise LmscopeError("--address, --workers, --worker-cpus and --worker-gpus need --engine ray")
     lm = _load(args)
-    layers = _layers(lm, args.layers, "encoder" if lm.is_seq2seq else None)  # the texts are an encoder's sources
+    stack = collected_stack(lm.loaded, args.stack, targets)  # bad combinations fail before any work
+    layers = _layers(lm, args.layers, stack)  # the layers of the stack collected
     progress = sys.stderr.isatty()
-    options = dict(progress=progress, restart=args.restart, shard_mb=args.shard_mb, **ray)
-    col = collect(lm, texts, sites, layers, args.batch_size, args.out, **options)
+    options = dict(progress=progress, restart=args.restart, shard_mb=args.shard_mb, stack=stack, targets=targets)
+    col = collect(lm, texts, sites, layers, args.batch_size, args.out, **options, **ray)
     summary = {"out": str(col.root), "texts": len(col), "tokens": col.n_tokens, "sites": list(col.sites)}
-    summary["layers"] = list(col.layers)
+    summary.update(layers=list(col.layers), **({"stack": col.stack} if col.stack else {}))
     print(json.dumps(summary) if args.json else repr(col))
 
 
@@ -697,11 +725,12 @@ def _cmd_similarity(args: argparse.Namespace) -> None:
     layer_range = _layer_range(args.layers)
     col = load_collection(folder)
     layers = None
-    if args.layers is not None:
+    if args.layers is not None:  # (col.model describes the stack collected: an encoder-decoder's encoder or decoder)
         layers = resolve_layers(layer_range, col.model.n_layers)
         if not layers:
+            held = f"the collection's {col.stack} stack" if col.stack else "the model"
             raise LmscopeError(
-                f"--layers {args.layers} selects no layer: the model has layers 0..{col.model.n_layers - 1}"
+                f"--layers {args.layers} selects no layer: {held} has layers 0..{col.model.n_layers - 1}"
             )
     options: dict[str, Any] = {"dims": args.dims} if args.dims is not None else {}
     if args.epsilon:

@@ -47,14 +47,20 @@ class Collection:
         self.layers: tuple[int, ...] = tuple(meta["layers"])
         self.features: dict[str, int] = dict(meta["features"])
         self.model = ModelInfo(**meta["model"])
+        # an encoder-decoder model's stack ("encoder"/"decoder"; "" for a model of one stack); model describes it
+        self.stack: str = meta.get("stack") or self.model.stack
+        targets, sources = meta.get("targets"), meta.get("source_token_ids")
+        self.targets: tuple[str, ...] | None = None if targets is None else tuple(targets)
+        self.source_token_ids: list[list[int]] | None = None if sources is None else [list(s) for s in sources]
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __repr__(self) -> str:
         where = f", {str(self.root)!r}" if self.root else ", in memory"
+        stack = f", stack={self.stack!r}" if self.stack else ""
         return (
-            f"Collection({self.model.name!r}, {len(self)} texts, {self.n_tokens} tokens, "
+            f"Collection({self.model.name!r}{stack}, {len(self)} texts, {self.n_tokens} tokens, "
             f"sites={list(self.sites)}, layers={len(self.layers)}{where})"
         )
 

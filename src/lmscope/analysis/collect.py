@@ -4,6 +4,7 @@ API (stable; the probing and NMF analyses build on it)::
 
     col = lmscope.collect(lm, texts, sites=("resid_post",), layers=None, batch_size=16,
                           out_dir=None, progress=True)          # -> Collection
+    col = lmscope.collect(lm, sources, targets=targets)         # encoder-decoder: the decoder's states
     col = lmscope.load_collection(out_dir)                      # the same Collection, read lazily
 
     col.texts        tuple of the input strings, in order
@@ -14,7 +15,9 @@ API (stable; the probing and NMF analyses build on it)::
     col.span(i)      slice of text i on the concatenated token axis
     col.sites        captured sites, e.g. ("resid_post",)
     col.layers       captured layers (model layer numbers, ascending)
-    col.model        ModelInfo of the model that produced it
+    col.model        ModelInfo of the model (of the collected stack) that produced it
+    col.stack        "encoder" / "decoder" for an encoder-decoder model, else ""
+    col.targets      the decoder's targets, one per text (stack "decoder"), else None
     col.get(site, layer) -> np.ndarray [n_tokens, features], float32, texts concatenated in input
                      order, padding removed (features: d_model, or neuron for mlp_act)
 
@@ -36,11 +39,18 @@ row's place on the concatenated token axis), with ``collection.json`` holding to
 Memory stays bounded by one shard plus one batch however large the corpus; ``get`` reads one
 tensor from each shard. With ``out_dir=None`` the shards stay in memory.
 
-Encoder-decoder models (T5, BART, Marian, ...): the texts are sources, and the encoder stack is
-collected (``stack="encoder"``, the default for them): the encoder alone runs, each text tokenized as
-``lm.trace(text, target=...)`` tokenizes its source, layers are the encoder's, and ``collection.json``
-records ``"stack": "encoder"``. The decoder's states need a target for every text: trace each pair
-with ``lm.trace(source, target=...)`` instead.
+Encoder-decoder models (T5, BART, Marian, ...): the texts are sources. ``stack="encoder"`` (the
+default without targets) collects the encoder: it runs alone, each text tokenized as
+``lm.trace(text, target=...)`` tokenizes its source, and layers are the encoder's. ``stack="decoder"``
+(the default with ``targets``, one target per text) collects the decoder, teacher-forced on each
+(source, target) pair as ``lm.trace(source, target=target)`` runs it: the tokens are the decoder's
+(its start token first, then the target as the tokenizer makes labels of it), layers are the
+decoder's, and the decoder's sites include ``resid_cross``, ``cross_attn_out`` and ``cross_q``.
+Sources and targets are right-padded separately; the encoder's attention mask hides padded sources
+from every query, and the decoder's causal mask keeps padded targets behind the real ones.
+``collection.json`` records the stack (``col.stack``; ``col.model`` describes that stack, so
+``col.model.n_layers`` is its layer count) and, for the decoder, the targets (``col.targets``)
+and the source token ids (``col.source_token_ids``).
 
 Engines: ``engine="local"`` (the default) runs every batch in this process; ``engine="ray"`` splits
 the same batches into the same shards and has Ray workers collect them, on this machine or on a
@@ -83,6 +93,7 @@ from lmscope.analysis._collection import (
 )
 from lmscope.capture import (
     check_length,
+    encode_target,
     model_info,
     recording,
     resolve_layers,
@@ -92,6 +103,7 @@ from lmscope.capture import (
 from lmscope.errors import LmscopeError
 
 __all__ = [
+    "DECODER_SITES",
     "TOKEN_SITES",
     "Collection",
     "Job",
@@ -104,6 +116,8 @@ __all__ = [
 ]
 
 TOKEN_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act", "q", "k", "v")
+DECODER_SITES = (*TOKEN_SITES, "resid_cross", "cross_attn_out", "cross_q")
+"""Per-token sites of an encoder-decoder model's decoder (``cross_k``/``cross_v`` run over source tokens)."""
 
 
 class _Stop(Exception):
@@ -138,38 +152,80 @@ def _batches(ids: list[list[int]], batch_size: int) -> Iterable[list[int]]:
         yield order[start : start + batch_size]
 
 
-def collected_stack(loaded: Any, stack: str | None) -> str | None:
-    """The stack a collection reads: ``"encoder"`` for an encoder-decoder model, else ``None`` (the only one)."""
+def collected_stack(loaded: Any, stack: str | None, targets: Sequence[Any] | None = None) -> str | None:
+    """The stack a collection reads: ``"encoder"`` or ``"decoder"`` for an encoder-decoder model (the decoder
+    when ``targets`` are given), else ``None`` (the only one); a one-line error for a combination that cannot be."""
     if not getattr(loaded, "is_seq2seq", False):
         if stack is not None:
             raise LmscopeError(f"stack={stack!r} applies to encoder-decoder models; {loaded.name} has one stack")
+        if targets is not None:
+            raise LmscopeError(
+                f"targets apply to encoder-decoder models (the decoder's tokens); {loaded.name} has one stack: "
+                "leave targets out (or append each target to its text)"
+            )
         return None
-    if stack not in (None, "encoder"):
+    if stack not in (None, "encoder", "decoder"):
+        raise LmscopeError(f"stack must be 'encoder' or 'decoder', not {stack!r}")
+    if stack == "encoder" and targets is not None:
         raise LmscopeError(
-            f"collect reads the encoder of an encoder-decoder model over source texts (stack='encoder'), not "
-            f"stack={stack!r}: the decoder needs a target for each text: trace the pairs with "
-            "lm.trace(source, target=...)"
+            "targets are the decoder's tokens, and stack='encoder' reads the sources alone: leave targets out, "
+            "or collect stack='decoder'"
         )
-    return "encoder"
+    if stack == "decoder" and targets is None:
+        raise LmscopeError(
+            "the decoder of an encoder-decoder model needs a target for each text (it runs teacher-forced on "
+            "each pair): give targets=[...] (lmscope collect --targets FILE), or collect stack='encoder'"
+        )
+    return stack or ("decoder" if targets is not None else "encoder")
 
 
-def _run_batch(
-    loaded: Any, ids: list[list[int]], sites: tuple[str, ...], layers: tuple[int, ...], pad: int,
-    stack: str | None = None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Forward one right-padded batch; returns ``site -> [batch, layer, pos, features]`` (float32, CPU).
+def _tokenize_targets(loaded: Any, targets: Sequence[Any], n_texts: int, max_tokens: int | None) -> list[list[int]]:
+    """Decoder token ids of each target (the start token, then the target as labels), as ``lm.trace`` makes them."""
+    if len(targets) != n_texts:
+        raise LmscopeError(f"{n_texts} texts but {len(targets)} targets: give one target per text, in the same order")
+    out = []
+    for i, target in enumerate(targets):
+        if not isinstance(target, str) or not target.strip():
+            raise LmscopeError(f"target {i} is empty or not a string: give a non-empty target for every text")
+        try:
+            out.append([int(t) for t in encode_target(loaded, target, max_tokens)])
+        except LmscopeError as error:
+            raise LmscopeError(f"target {i}: {error}") from None
+    return out
 
-    ``stack="encoder"``: the encoder of an encoder-decoder model runs alone, and its sites are returned.
-    """
+
+def _padded(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[batch, pos]`` token ids and their attention mask."""
     longest = max(map(len, ids))
     batch = torch.full((len(ids), longest), pad, dtype=torch.long)  # [batch, pos]
     mask = torch.zeros((len(ids), longest), dtype=torch.long)
     for row, seq in enumerate(ids):
         batch[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
+    return batch, mask
+
+
+def _run_batch(
+    loaded: Any, ids: list[list[int]], sites: tuple[str, ...], layers: tuple[int, ...], pad: int,
+    stack: str | None = None, sources: list[list[int]] | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Forward one right-padded batch; returns ``site -> [batch, layer, pos, features]`` (float32, CPU).
+
+    ``stack="encoder"``: the encoder of an encoder-decoder model runs alone, and its sites are returned.
+    ``stack="decoder"``: ``ids`` are decoder tokens and ``sources`` the encoder's, one per row; the model
+    runs teacher-forced (as ``lm.trace(source, target=...)``) and the decoder's sites are returned.
+    """
+    batch, mask = _padded(ids, pad)
     encoder = stack == "encoder"
     last = (loaded.arch.encoder if encoder else loaded.arch).blocks[layers[-1]]
-    inputs = {"input_ids": batch.to(loaded.device), "attention_mask": mask.to(loaded.device)}
+    if stack == "decoder":
+        if sources is None or len(sources) != len(ids):
+            raise LmscopeError("the decoder stack needs one source per target")
+        source, source_mask = _padded(sources, pad)
+        inputs = {"input_ids": source.to(loaded.device), "attention_mask": source_mask.to(loaded.device)}
+        inputs["decoder_input_ids"] = batch.to(loaded.device)  # causal: padding after a target never reaches it
+    else:
+        inputs = {"input_ids": batch.to(loaded.device), "attention_mask": mask.to(loaded.device)}
     # the encoder's sites ride on an empty recorder of the decoder, which never runs
     plan = ((), (0,), (sites, layers)) if encoder else (sites, layers, None)
     with recording(loaded, *plan) as recorder:
@@ -209,6 +265,7 @@ def collect(
     worker_cpus: int = 1,
     worker_gpus: float = 0,
     stack: str | None = None,
+    targets: Iterable[str] | None = None,
 ) -> Collection:
     """Collect per-token activations of ``sites`` at ``layers`` for every text (see the module docstring).
 
@@ -223,8 +280,9 @@ def collect(
     ``worker_cpus`` CPUs (and torch threads) and ``worker_gpus`` GPUs. ``out_dir`` is required and
     must be a folder every worker sees.
 
-    ``stack``: for an encoder-decoder model, ``"encoder"`` (the default; the texts are sources);
-    the decoder is refused with a clear error (it needs targets).
+    Encoder-decoder models: the texts are sources; ``stack="encoder"`` (the default without
+    ``targets``) collects the encoder, ``stack="decoder"`` (the default with ``targets``, one non-empty
+    target per text) the decoder teacher-forced on each pair, as ``lm.trace(text, target=target)``.
     """
     if engine not in ("local", "ray"):
         raise LmscopeError(f"engine must be 'local' or 'ray', not {engine!r}")
@@ -237,35 +295,43 @@ def collect(
     elif (address, workers, worker_cpus, worker_gpus) != (None, None, 1, 0):
         raise LmscopeError("address, workers, worker_cpus and worker_gpus apply to engine='ray' only")
     loaded, max_tokens = getattr(lm, "loaded", lm), getattr(lm, "max_tokens", None)
-    stack = collected_stack(loaded, stack)
-    if stack is not None and engine == "ray":
-        raise LmscopeError("engine='ray' does not collect an encoder-decoder model's encoder yet: use engine='local'")
     texts = [texts] if isinstance(texts, str) else list(texts)
+    if targets is not None:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+    stack = collected_stack(loaded, stack, targets)
     if not texts:
         raise LmscopeError("no texts to collect: give a list of strings")
     if batch_size < 1:
         raise LmscopeError(f"batch_size must be at least 1, not {batch_size}")
     chosen_sites = resolve_sites(sites, ("resid_post",))
-    other = [s for s in chosen_sites if s not in TOKEN_SITES]
+    allowed = DECODER_SITES if stack == "decoder" else TOKEN_SITES
+    other = [s for s in chosen_sites if s not in allowed]
     if other:
-        raise LmscopeError(f"collect stores per-token sites ({', '.join(TOKEN_SITES)}), not {', '.join(other)}")
-    chosen_layers = resolve_layers(layers, (loaded.arch.encoder if stack else loaded.arch).n_layers)
+        raise LmscopeError(f"collect stores per-token sites ({', '.join(allowed)}), not {', '.join(other)}")
+    chosen_layers = resolve_layers(layers, (loaded.arch.encoder if stack == "encoder" else loaded.arch).n_layers)
     if not chosen_layers:
         raise LmscopeError("no layers chosen: give layers within the model's range")
-    root = None if out_dir is None else _prepare(Path(out_dir))
 
-    ids = _tokenize(loaded, texts, max_tokens)
+    sources = None
+    if stack == "decoder":  # the rows are the decoder's tokens; the texts are the encoder's sources
+        assert targets is not None
+        sources = _tokenize(loaded, texts, max_tokens)
+        ids = _tokenize_targets(loaded, targets, len(texts), max_tokens)
+    else:
+        ids = _tokenize(loaded, texts, max_tokens)
+    root = None if out_dir is None else _prepare(Path(out_dir))
     lengths = np.array([len(seq) for seq in ids], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     flat = token_strings(loaded, [t for seq in ids for t in seq])
     pad = _pad_id(loaded.tokenizer)
 
     info = model_info(loaded, stack)
-    plan = _plan(info, chosen_sites, chosen_layers, batch_size, shard_mb, ids)
+    plan = _plan(info, chosen_sites, chosen_layers, batch_size, shard_mb, ids, sources)
+    job = Job(loaded, texts, ids, flat, chosen_sites, chosen_layers, batch_size, shard_mb, pad, info, plan,
+              stack, sources, targets)  # fmt: skip
     if engine == "ray":
         from lmscope.distributed import collect_on_ray
 
-        job = Job(loaded, texts, ids, flat, chosen_sites, chosen_layers, batch_size, shard_mb, pad, info, plan)
         options = dict(address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
         return collect_on_ray(job, root, restart=restart, progress=progress, **options)
     began = time.perf_counter()
@@ -297,7 +363,8 @@ def collect(
     try:
         for number, group in enumerate(batches[done:], start=done):
             group_ids, group_starts = [ids[i] for i in group], [int(starts[i]) for i in group]
-            part = batch_part(loaded, group_ids, group_starts, chosen_sites, chosen_layers, pad, stack)
+            group_sources = None if sources is None else [sources[i] for i in group]
+            part = batch_part(loaded, group_ids, group_starts, chosen_sites, chosen_layers, pad, stack, group_sources)
             features.update({site: part[f"{site}.{chosen_layers[0]}"].shape[1] for site in chosen_sites})
             buffer.append(part)
             buffered += sum(a.nbytes for a in part.values())
@@ -311,9 +378,9 @@ def collect(
     names = [p.name for p in shards] if root is not None else []
     seconds = time.perf_counter() - began
     rows = rows if root is not None and len(rows) == len(names) else []  # (a record of an older lmscope lacks them)
-    run = {"engine": "local", "workers": 1, "shard_tokens": rows, **({"stack": stack} if stack else {})}
+    run: dict[str, Any] = {"engine": "local", "workers": 1, "shard_tokens": rows}
     run["timings"] = {"seconds": round(seconds, 3), "tokens_per_second": round(int(lengths.sum()) / seconds, 1)}
-    meta = manifest(info, chosen_sites, chosen_layers, features, texts, ids, flat, names, run)
+    meta = manifest(job, features, names, run)
     if root is not None:
         write_json(root / META, meta)  # last: the folder now holds a finished collection
         (root / PARTIAL).unlink(missing_ok=True)
@@ -325,7 +392,7 @@ class Job(NamedTuple):
 
     loaded: Any
     texts: list[str]
-    ids: list[list[int]]  # per text
+    ids: list[list[int]]  # per text: the token ids whose rows are stored (the decoder's for stack="decoder")
     flat: list[str]  # token strings of all texts, concatenated
     sites: tuple[str, ...]
     layers: tuple[int, ...]
@@ -334,27 +401,38 @@ class Job(NamedTuple):
     pad: int
     info: Any  # ModelInfo
     plan: str
+    stack: str | None = None  # "encoder" / "decoder" for an encoder-decoder model
+    sources: list[list[int]] | None = None  # per text: the encoder's token ids (stack="decoder")
+    targets: list[str] | None = None  # per text (stack="decoder")
+
+    def batch(self, group: list[int], starts: Sequence[int]) -> list[tuple[Any, ...]]:
+        """Texts ``group`` as a worker receives them: ``(start, ids)``, or ``(start, ids, source ids)``."""
+        if self.sources is None:
+            return [(int(starts[i]), self.ids[i]) for i in group]
+        return [(int(starts[i]), self.ids[i], self.sources[i]) for i in group]
 
 
-def manifest(info: Any, sites: tuple[str, ...], layers: tuple[int, ...], features: dict[str, int],
-             texts: list[str], ids: list[list[int]], flat: list[str], shards: list[str],
-             run: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def manifest(job: Job, features: dict[str, int], shards: list[str], run: dict[str, Any]) -> dict[str, Any]:
     """The contents of ``collection.json`` (``run``: how it was made: engine, workers, timings...)."""
-    lengths = [len(seq) for seq in ids]
-    split = np.split(np.array(flat, dtype=object), np.cumsum(lengths)[:-1])
-    return {
+    lengths = [len(seq) for seq in job.ids]
+    split = np.split(np.array(job.flat, dtype=object), np.cumsum(lengths)[:-1])
+    meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": asdict(info),
-        "sites": list(sites),
-        "layers": list(layers),
+        "model": asdict(job.info),
+        "sites": list(job.sites),
+        "layers": list(job.layers),
         "features": features,
-        "texts": texts,
-        "token_ids": ids,
+        "texts": job.texts,
+        "token_ids": job.ids,
         "tokens": [list(t) for t in split],
         "shards": shards,
-        **run,
     }
+    if job.stack is not None:
+        meta["stack"] = job.stack
+    if job.stack == "decoder":
+        meta.update(targets=job.targets, source_token_ids=job.sources)
+    return {**meta, **run}
 
 
 def batch_part(
@@ -365,13 +443,15 @@ def batch_part(
     layers: tuple[int, ...],
     pad: int,
     stack: str | None = None,
+    sources: list[list[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One batch's rows, as a shard stores them: ``"dest"`` ``[row]`` and ``"<site>.<layer>"`` ``[row, features]``.
 
     ``ids`` are the batch's texts (token ids) and ``starts`` their places on the concatenated token axis;
-    ``stack``: ``"encoder"`` for an encoder-decoder model's encoder.
+    ``stack``: ``"encoder"`` or ``"decoder"`` for a stack of an encoder-decoder model (the decoder's
+    ``ids`` are decoder tokens, and ``sources`` the encoder's token ids of each row).
     """
-    captured = _run_batch(loaded, ids, sites, layers, pad, stack)
+    captured = _run_batch(loaded, ids, sites, layers, pad, stack, sources)
     part = {
         "dest": np.concatenate([np.arange(start, start + len(seq)) for start, seq in zip(starts, ids, strict=True)])
     }
@@ -408,13 +488,14 @@ def _of_model(path: Path) -> str:
 
 
 def _plan(info: Any, sites: tuple[str, ...], layers: tuple[int, ...], batch_size: int, shard_mb: float,
-          ids: list[list[int]]) -> str:  # fmt: skip
+          ids: list[list[int]], sources: list[list[int]] | None = None) -> str:  # fmt: skip
     """A hash of everything that decides the shards' contents (a resumed run must match it exactly)."""
     digest = hashlib.sha256()
     settings = {"model": asdict(info), "sites": sites, "layers": layers, "batch_size": batch_size, "shard_mb": shard_mb}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    digest.update(np.array([len(seq) for seq in ids], dtype=np.int64).tobytes())
-    digest.update(np.array([t for seq in ids for t in seq], dtype=np.int64).tobytes())
+    for part in (ids,) if sources is None else (ids, sources):  # (the decoder's rows depend on their sources)
+        digest.update(np.array([len(seq) for seq in part], dtype=np.int64).tobytes())
+        digest.update(np.array([t for seq in part for t in seq], dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 

@@ -74,7 +74,8 @@ def _features(job: Job) -> dict[str, int]:
     import torch
 
     with torch.no_grad():
-        captured = _run_batch(job.loaded, [job.ids[0][:1]], job.sites, job.layers, job.pad)
+        sources = None if job.sources is None else [job.sources[0]]
+        captured = _run_batch(job.loaded, [job.ids[0][:1]], job.sites, job.layers, job.pad, job.stack, sources)
     return {site: int(tensor.shape[-1]) for site, tensor in captured.items()}
 
 
@@ -148,7 +149,7 @@ def collect_on_ray(
     if todo:
         local = max(1, workers or local_cpus() // worker_cpus)  # workers of a local cluster
         gpus = None if workers is None and worker_gpus else worker_gpus * local  # None: as many as there are
-        batches = {n: [[(starts[i], job.ids[i]) for i in group] for group in shards[n]] for n in todo}
+        batches = {n: [job.batch(group, starts) for group in shards[n]] for n in todo}
         payload = _payload(job)  # before the driver's own shards run the model (their hooks come and go)
         helps = _starts_local(address)
         try:
@@ -198,7 +199,7 @@ def collect_on_ray(
             "shards": shard_rows,
         },
     }
-    meta = manifest(job.info, job.sites, job.layers, features, job.texts, job.ids, job.flat, names, run_info)
+    meta = manifest(job, features, names, run_info)
     write_json(root / META, meta)  # last: the folder now holds a finished collection
     (root / PARTIAL).unlink(missing_ok=True)
     return Collection(meta, [root / name for name in names], root)
@@ -281,7 +282,7 @@ class _Run:
         def submit(worker: int) -> None:
             if pending:
                 number = pending.popleft()
-                ref = self.actors[worker].run.remote(number, batches[number], job.sites, job.layers, job.pad)
+                ref = self.actors[worker].run.remote(number, batches[number], job.sites, job.layers, job.pad, job.stack)
                 inflight[ref] = (worker, number)
 
         def show() -> None:

@@ -67,6 +67,7 @@ class Helper(threading.Thread):
 
         from lmscope.analysis._collection import write_shard
         from lmscope.analysis.collect import batch_part
+        from lmscope.distributed._worker import unpack
 
         job, threads = self.job, torch.get_num_threads()
         torch.set_num_threads(1)  # the other cores are for the starting workers (the driver runs no model)
@@ -77,8 +78,10 @@ class Helper(threading.Thread):
                     for batch in self.batches[number]:
                         if self.aborted.is_set():
                             return
-                        starts, ids = [start for start, _ in batch], [seq for _, seq in batch]
-                        parts.append(batch_part(job.loaded, ids, starts, job.sites, job.layers, job.pad))
+                        starts, ids, sources = unpack(batch)
+                        parts.append(
+                            batch_part(job.loaded, ids, starts, job.sites, job.layers, job.pad, job.stack, sources)
+                        )
                     write_shard(parts, self.root, number)
                     seconds = round(time.perf_counter() - began, 3)
                     self.done[number] = {"seconds": seconds, "attempts": 1, "host": socket.gethostname()}

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_HOOK", "Worker", "check_folder"]
+__all__ = ["EXIT_HOOK", "Worker", "check_folder", "unpack"]
 
 # Tests set this (``"SHARD:MARKER"``) to make a worker process exit in the middle of shard SHARD once:
 # the first worker to reach it creates the file MARKER and exits, as a crashed machine would.
@@ -44,10 +44,11 @@ class Worker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "error": check_folder(self.root)}
 
     def run(
-        self, number: int, batches: list[list[tuple[int, list[int]]]], sites: tuple[str, ...],
-        layers: tuple[int, ...], pad: int,
+        self, number: int, batches: list[list[tuple[Any, ...]]], sites: tuple[str, ...], layers: tuple[int, ...],
+        pad: int, stack: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """Shard ``number`` from ``batches`` (each a list of (start on the token axis, token ids) per text)."""
+        """Shard ``number`` from ``batches`` (each a list of (start on the token axis, token ids) per text, and
+        for an encoder-decoder model's decoder (``stack="decoder"``) the text's source token ids third)."""
         import torch
 
         from lmscope.analysis._collection import write_shard
@@ -57,8 +58,8 @@ class Worker:
         parts = []
         with torch.no_grad():
             for batch in batches:
-                starts, ids = [start for start, _ in batch], [seq for _, seq in batch]
-                parts.append(batch_part(self.loaded, ids, starts, sites, layers, pad))
+                starts, ids, sources = unpack(batch)
+                parts.append(batch_part(self.loaded, ids, starts, sites, layers, pad, stack, sources))
                 self._maybe_exit(number)
         write_shard(parts, self.root, number)
         rows = sum(len(part["dest"]) for part in parts)
@@ -84,3 +85,11 @@ def check_folder(root: str | os.PathLike[str]) -> str | None:
         why = " ".join((error.strerror or str(error)).split())
         return f"a worker on {socket.gethostname()} cannot write into {root} ({why})"
     return None
+
+
+def unpack(batch: list[tuple[Any, ...]]) -> tuple[list[int], list[list[int]], list[list[int]] | None]:
+    """A batch as the driver sends it (:meth:`lmscope.analysis.collect.Job.batch`): each text's start on the
+    token axis, its token ids, and (a decoder's batch) its source token ids, else None."""
+    starts, ids = [item[0] for item in batch], [item[1] for item in batch]
+    sources = [item[2] for item in batch] if batch and len(batch[0]) > 2 else None
+    return starts, ids, sources
