@@ -119,15 +119,16 @@ def reference(lm: lmscope.LM, tmp_path_factory: pytest.TempPathFactory) -> lmsco
     return lmscope.collect(lm, TEXTS, out_dir=tmp_path_factory.mktemp("single") / "acts", progress=False, **OPTIONS)
 
 
-def assert_same(a: lmscope.Collection, b: lmscope.Collection) -> None:
+def assert_same(a: lmscope.Collection, b: lmscope.Collection, shards: int = SHARDS) -> None:
     """Same texts, tokens in the same order, equal values, and byte-identical shard files."""
     assert a.texts == b.texts and a.tokens == b.tokens and a.token_ids == b.token_ids and a.offsets == b.offsets
     assert a.sites == b.sites and a.layers == b.layers and a.features == b.features and a.model == b.model
+    assert a.stack == b.stack and a.targets == b.targets and a.source_token_ids == b.source_token_ids
     for site in a.sites:
         for layer in a.layers:
             np.testing.assert_array_equal(a.get(site, layer), b.get(site, layer))
     names = sorted(p.name for p in a.root.glob("shard-*"))
-    assert names == sorted(p.name for p in b.root.glob("shard-*")) and len(names) == SHARDS
+    assert names == sorted(p.name for p in b.root.glob("shard-*")) and len(names) == shards
     assert all((a.root / n).read_bytes() == (b.root / n).read_bytes() for n in names)
 
 
@@ -200,6 +201,42 @@ def test_a_stopped_job_resumes_after_its_complete_shards(cluster, lm, reference,
     assert_same(reference, col)
     # the single-process engine resumes a stopped Ray job too (the same plan, the same shards)
     assert_same(reference, lmscope.collect(lm, TEXTS, out_dir=local, progress=False, **OPTIONS))
+
+
+def test_either_stack_of_an_encoder_decoder_model_on_ray(cluster, tmp_path, monkeypatch) -> None:
+    """The encoder over sources, and the decoder over (source, target) pairs, exactly as one process
+    collects them: the encoder's job stopped and run again, the decoder's with a worker dying mid-shard."""
+    t5, sources = tiny("t5"), TEXTS[:12]
+    targets = [f"Satz {i} sagt {'mehr und ' * (i % 3)}etwas." for i in range(12)]
+    options = dict(batch_size=4, shard_mb=0.001, progress=False)  # 3 shards
+
+    def stop_after_one(number: int) -> None:
+        raise Stop
+
+    encoder_local = lmscope.collect(t5, sources, out_dir=tmp_path / "enc-local", **options)
+    out = tmp_path / "enc-ray"
+    monkeypatch.setattr(DRIVER, "_after_shard", stop_after_one)
+    with pytest.raises(Stop):
+        lmscope.collect(t5, sources, out_dir=out, **options, **RAY)
+    monkeypatch.setattr(DRIVER, "_after_shard", None)
+    complete = {int(p.name[6:11]) for p in out.glob("shard-*")}
+    assert 1 <= len(complete) < 3
+    encoder_ray = lmscope.collect(t5, sources, out_dir=out, **options, **RAY)
+    redone = {i for i, s in enumerate(manifest(encoder_ray)["timings"]["shards"]) if not s.get("resumed")}
+    assert redone == {0, 1, 2} - complete  # complete shards kept, the others redone
+    assert encoder_ray.stack == "encoder" and encoder_ray.layers == tuple(range(t5.arch.encoder.n_layers))
+    assert_same(encoder_local, encoder_ray, shards=3)
+    assert manifest(encoder_ray)["stack"] == "encoder"
+
+    decoder = dict(targets=targets, sites=("resid_post", "cross_attn_out"), **options)
+    local = lmscope.collect(t5, sources, out_dir=tmp_path / "dec-local", **decoder)
+    died = tmp_path / "died"
+    monkeypatch.setenv(EXIT_HOOK, f"1:{died}")  # the first worker to reach shard 1 exits after its first batch
+    col = lmscope.collect(t5, sources, out_dir=tmp_path / "dec-ray", **decoder, **RAY)
+    assert died.is_file() and manifest(col)["timings"]["shards_retried"] == 1
+    assert col.stack == "decoder" and col.layers == tuple(range(t5.arch.n_layers)) and col.targets == tuple(targets)
+    assert_same(local, col, shards=3)
+    assert_same(local, lmscope.load_collection(tmp_path / "dec-ray"), shards=3)
 
 
 def test_the_command_line_joins_a_running_cluster(cluster, reference, tmp_path) -> None:
