@@ -78,7 +78,8 @@ class ShardWords:
             words = self.words[number][mask[self.words[number]]]
             dest = shard["dest"].astype(np.int64)
             order = np.argsort(dest)
-            local = order[np.searchsorted(dest[order], self.spans[words])]  # [word, 2] rows in this shard
+            local = np.empty((len(words), 2), dtype=np.int64)  # [word, 2] rows in this shard
+            local[:, 0] = order[np.searchsorted(dest[order], self.spans[words, 0])]  # (a word's end may be past them)
             local[:, 1] = local[:, 0] + (self.spans[words, 1] - self.spans[words, 0])  # a text's rows are in order
             found.append(words)
             parts.append(pool(shard[self.name], local, self.how))
