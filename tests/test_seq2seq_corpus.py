@@ -296,3 +296,22 @@ def test_command_line_collects_the_decoder_and_reads_layers_of_the_stack_held(
     assert main(["collect", *files, "--targets", str(targets), "--out", str(tmp_path / "bad"), *gpt2]) == 2
     assert "targets apply to encoder-decoder models" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())
+
+
+def test_probing_a_collection_reads_the_encoder_layers_collected(tmp_path) -> None:
+    from lmscope.probing import ProbingDataset, load_ud, ud_dir
+    from lmscope.probing._stream import probe_collection
+
+    lm = tiny("t5")
+    dataset = ProbingDataset.build(lm.tokenizer, load_ud(60, ud_dir()), "upos")
+    last = lm.arch.encoder.n_layers - 1  # a layer the decoder does not have
+    col = lmscope.collect(lm, dataset.texts, layers=[last], out_dir=tmp_path / "enc", batch_size=2, shard_mb=0.001,
+                          progress=False)  # fmt: skip
+    assert len(col._shards) > 1
+    result = probe_collection(col, dataset, layers=[last], seeds=1, epochs=2)
+    assert [(row.site, row.layer) for row in result.rows] == [("resid_post", last)]
+    assert 0 <= result.rows[0].accuracy <= 1
+    decoder = lmscope.collect(lm, dataset.texts, targets=dataset.texts, progress=False)  # the decoder's tokens
+    with pytest.raises(LmscopeError, match="tokenized differently") as error:
+        probe_collection(decoder, dataset, seeds=1, epochs=1)
+    assert "\n" not in str(error.value)
