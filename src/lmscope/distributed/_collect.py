@@ -13,6 +13,10 @@ temporary name, then renames it. A worker that dies mid-shard is restarted by Ra
 finished shard) and ``collection.json`` (last); a job that is stopped and run again keeps every
 shard that is complete on disk and redoes the others.
 
+Either stack of an encoder-decoder model is collected as the single-process engine collects it:
+each text of a batch travels as (start on the token axis, token ids) and, for the decoder, its
+source's token ids as well; the workers run the stack the job names (``Job.stack``).
+
 Only the driver needs the texts; the model goes to the workers once, through Ray's object store.
 While the workers of a local cluster that the job starts come up, the driver collects the first
 shards itself (:mod:`lmscope.distributed._driver`), so the seconds they take to start are not lost.
