@@ -131,25 +131,60 @@ def test_nmf_in_mini_batches(col):
 
 
 def test_memory_stays_bounded(tmp_path):
-    """A collection 5× larger than the memory allowed: the statistics and one shard stay within it."""
+    """A collection 5× larger than the memory allowed: the statistics stay within ``memory_mb`` over several
+    passes, and beside them one shard (as read in float32 and stacked in float64: 3× its file) and 1 MiB."""
     import tracemalloc
 
-    limit = 6 * 2**20
-    root = write_collection(tmp_path / "big", layers=4, d=48, texts=3600, length=16, per_shard=150, seed=1)
-    size = sum(p.stat().st_size for p in root.glob("shard-*.safetensors"))
-    assert size > 5 * limit
+    from lmscope.analysis._moments import fixed_bytes, passes
+
+    layers, d = 6, 128
+    root = write_collection(tmp_path / "big", layers=layers, d=d, texts=700, length=16, per_shard=20, seed=1)
+    files = [p.stat().st_size for p in root.glob("shard-*.safetensors")]
     col = load_collection(root)
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        result = layer_similarity(col, "pwcca", "resid_post", "resid_post", stream=True, threads=1)
-        cka_result = streaming.layer_similarity(col, "cka", "resid_post", "resid_post", memory_mb=0.05, threads=1)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB collection"
-    assert result.n_tokens == cka_result.n_tokens == col.n_tokens
-    assert np.allclose(np.diag(cka_result.matrix), 1.0)
+    keys = [("resid_post", layer) for layer in range(layers)]
+    features = dict.fromkeys(keys, d)
+    results = {}
+    for method, memory_mb in (("cka", 1.5), ("pwcca", 3.5)):  # PWCCA keeps each input's decompositions too
+        limit = memory_mb * 2**20 + 3 * max(files) + 2**20
+        assert sum(files) > (5 if method == "cka" else 3) * limit
+        held = fixed_bytes(keys, features, groups=16) + streaming._reserve_mb(col, keys, method) * 2**20
+        assert len(passes(streaming._blocks(keys, keys), features, memory_mb, held)) > 1
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            results[method] = layer_similarity(
+                col, method, "resid_post", "resid_post", stream=True, memory_mb=memory_mb, threads=1
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < limit, f"{method}: peak {peak / 2**20:.2f} MiB, limit {limit / 2**20:.2f} MiB"
+    assert results["cka"].n_tokens == results["pwcca"].n_tokens == col.n_tokens
+    assert np.allclose(np.diag(results["cka"].matrix), 1.0)
+
+
+def test_products_without_scipy_equal_in_memory(col, monkeypatch):
+    """Without scipy's in-place BLAS product the statistics are the same (numpy's product, then added)."""
+    from lmscope.analysis import _moments
+
+    monkeypatch.setattr(_moments, "_dgemm", lambda: None)
+    for method in ("cka", "pwcca"):
+        expected = layer_similarity(col, method, "resid_post", "mlp_act", stream=False)
+        got = layer_similarity(col, method, "resid_post", "mlp_act", memory_mb=0.0)
+        np.testing.assert_allclose(got.matrix, expected.matrix, rtol=1e-5, atol=1e-9)
+
+
+def test_passes_count_what_stays_held():
+    """The auto-products and what the caller keeps stay held in every pass: later passes get what is left."""
+    from lmscope.analysis._moments import passes
+
+    keys = [("resid_post", layer) for layer in range(4)]
+    features = dict.fromkeys(keys, 256)  # a block is 0.5 MiB in float64
+    blocks = streaming._blocks(keys, keys)  # 4 auto-products, 6 cross-products
+    assert [len(p) for p in passes(blocks, features, 5.0)] == [10]
+    assert [len(p) for p in passes(blocks, features, 5.0, held=2 * 2**20)] == [4 + 6]
+    assert [len(p) for p in passes(blocks, features, 5.0, held=3.5 * 2**20)] == [4 + 3, 3]
+    assert [len(p) for p in passes(blocks, features, 0.0, held=2 * 2**20)] == [4 + 1, 1, 1, 1, 1, 1]
 
 
 # --- probes trained shard by shard ----------------------------------------------------------------------------------

@@ -11,10 +11,20 @@ For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate`
 - per position within a text, the sums behind :func:`lmscope.analysis._positions.dominance`
   (centered squared norm per position, and the largest row of each position).
 
-Memory is one shard plus these statistics (the per-position sums are two vectors per input and
-position: texts of up to 64 tokens and 30 inputs of 576 features take 18 MB). When the blocks
-together exceed ``memory_mb`` they are split over several passes (each reads every shard again; a
-caller may use and drop each pass's blocks before the next); one pass when they fit.
+Memory is one shard plus these statistics, and ``memory_mb`` bounds the statistics: the per-position
+sums (two vectors per input and position: texts of up to 64 tokens and 30 inputs of 576 features take
+18 MB), the auto-products (kept to the end), whatever the caller reserves (``reserve_mb``: the
+decompositions it keeps), and the cross-products of one pass. When the cross-products do not fit
+beside the rest they are split over several passes (each reads every shard again; a caller may use
+and drop each pass's blocks before the next); one pass when they fit.
+
+Each pass's cross-products live in one float64 buffer, laid out as strips ``Σ (x_a − c_a)ᵀ [x_b … x_b']``
+over runs of inputs that are adjacent in the shard's stacked matrix ``[row, Σ features]``, so a shard
+costs one large product per strip rather than one small product per block, and with scipy the
+products are added in place (BLAS ``dgemm`` with ``β = 1``: no product-sized temporary, no second
+sweep over the statistics). The buffers are allocated once per pass and freed whole, and each shard
+is stacked into one reused buffer, so the statistics never mix with the shards' short-lived arrays
+in the heap.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import numpy as np
 from lmscope.analysis._positions import select_rows, within_text
 from lmscope.errors import LmscopeError
 
-__all__ = ["Moments", "accumulate", "blas_threads", "passes"]
+__all__ = ["Moments", "accumulate", "blas_threads", "fixed_bytes", "passes"]
 
 Key = tuple[str, int]  # (site, layer)
 
@@ -49,12 +59,24 @@ class Moments:
         self.group_energy: dict[Key, np.ndarray] = {}
         self.group_sums: dict[Key, np.ndarray] = {}
         self.best: dict[Key, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._centered: set[Key] = set()  # auto-products already centered in place
 
     def mean(self, key: Key) -> np.ndarray:  # [features]
         return self.shift[key] + self.sums[key] / self.n
 
     def centered(self, a: Key, b: Key) -> np.ndarray:
-        """``X_aᵀ X_b`` of the centered inputs ``[features_a, features_b]`` (not divided by ``n``)."""
+        """``X_aᵀ X_b`` of the centered inputs ``[features_a, features_b]`` (not divided by ``n``).
+
+        An auto-product ``(a, a)`` is centered in place the first time it is asked for and returned
+        itself, not a copy (callers keep it as the input's Gram matrix and must not modify it).
+        """
+        if a == b and (a, a) in self.blocks:
+            block = self.blocks[a, a]
+            if a not in self._centered:
+                m = self.sums[a] / self.n
+                block -= self.n * np.outer(m, m)
+                self._centered.add(a)
+            return block
         if (a, b) in self.blocks:
             block, ma, mb = self.blocks[a, b], self.sums[a] / self.n, self.sums[b] / self.n
         elif (b, a) in self.blocks:
@@ -82,35 +104,31 @@ class Moments:
             return top, own / total, int(rows[top])
         return top, float(energy[top] / total), None
 
-    def update(self, data: dict[Key, np.ndarray], groups: np.ndarray, rows: np.ndarray, blocks: Sequence[Any],
+    def update(self, data: dict[Key, np.ndarray], groups: np.ndarray, rows: np.ndarray, layout: _Layout,
                first: bool) -> None:  # fmt: skip
-        """Add one shard's rows ``data[key] [row, features]`` (``groups``: position within text; ``rows``: index)."""
+        """Add one shard's rows ``data[key] [row, features]`` (``groups``: position within text; ``rows``: index)
+        to the blocks of ``layout`` (one pass's); ``first``: the pass that also takes the means and positions."""
         if not len(groups):
             return
-        shifted = {}
         runs = None
         if first:
             order = np.argsort(groups, kind="stable")  # rows by position within text
             starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
             runs = (order, starts, groups[order][starts])
-        for key, x in data.items():
-            x = x.astype(np.float64)
+        stacked = layout.stack(len(groups))  # [row, Σ features] float64, column-major
+        for key in layout.keys:
+            x = data.pop(key)  # float32 [row, features]: let go as soon as it is copied
             if key not in self.shift:
-                self.shift[key] = x.mean(axis=0)
-            x -= self.shift[key]
-            shifted[key] = x  # [row, features]
+                self.shift[key] = x.mean(axis=0, dtype=np.float64)
+            shifted = stacked[:, layout.columns[key]]
+            np.subtract(x, self.shift[key], out=shifted)
+            del x
             if runs is not None:
-                self._moments(key, x, groups, rows, runs)
+                self._moments(key, shifted, groups, rows, runs)
         if first:
             self.n += len(groups)
             np.add.at(self.group_count, groups, 1)
-        for a, b in blocks:
-            out = self.blocks.get((a, b))
-            product = shifted[a].T @ shifted[b]  # [features_a, features_b]
-            if out is None:
-                self.blocks[a, b] = product
-            else:
-                out += product
+        layout.add_products(stacked, self)
 
     def _moments(self, key: Key, x: np.ndarray, groups: np.ndarray, rows: np.ndarray, runs: Any) -> None:
         order, starts, present = runs  # rows sorted by position, where each position starts, which positions
@@ -132,20 +150,105 @@ class Moments:
         best_rows[groups[better]] = rows[better]
 
 
-def passes(blocks: Sequence[tuple[Key, Key]], features: dict[Key, int], memory_mb: float) -> list[list[Any]]:
-    """``blocks`` grouped into passes whose float64 statistics fit in ``memory_mb`` (each pass at least one
-    block); the auto-products ``(a, a)`` all go to the first pass, whatever their size."""
-    limit = memory_mb * 2**20
+def fixed_bytes(keys: Sequence[Key], features: dict[Key, int], groups: int) -> float:
+    """Bytes of the statistics held from the first pass to the end: per-position sums and auto-products."""
+    return sum(8.0 * features[k] * (2 * groups + features[k] + 4) + 24.0 * groups for k in keys)
+
+
+def passes(blocks: Sequence[tuple[Key, Key]], features: dict[Key, int], memory_mb: float,
+           held: float = 0.0) -> list[list[Any]]:  # fmt: skip
+    """``blocks`` grouped into passes whose float64 cross-products fit in ``memory_mb`` beside ``held``
+    bytes kept throughout (each pass at least one block); the auto-products ``(a, a)`` all go to the
+    first pass, whatever their size (they are part of ``held``)."""
+    room = memory_mb * 2**20 - held
     out: list[list[Any]] = [[pair for pair in blocks if pair[0] == pair[1]]]
-    used = sum(8.0 * features[a] ** 2 for a, _ in out[0])
+    used = 0.0
     for a, b in (pair for pair in blocks if pair[0] != pair[1]):
         size = 8.0 * features[a] * features[b]
-        if out[-1] and used + size > limit:
+        if any(pair[0] != pair[1] for pair in out[-1]) and used + size > room:
             out.append([])
             used = 0.0
         out[-1].append((a, b))
         used += size
     return out
+
+
+class _Layout:
+    """One pass's blocks as strips over the shard's stacked matrix, with their float64 buffers.
+
+    The shard is stacked column-major, ``[row, Σ features]`` with the inputs ``keys`` side by side,
+    so every input and every run of adjacent inputs is a contiguous ``[row, features]`` matrix. A
+    strip ``(a, run)`` is ``Σ (x_a − c_a)ᵀ X_run`` ``[features_a, Σ features over the run]``, stored
+    column-major, and each block ``(a, b)`` of the run is a contiguous view of it. Auto-products
+    get their own buffer (they outlive the pass); the cross-products share one, freed with the pass.
+    """
+
+    def __init__(self, keys: Sequence[Key], features: dict[Key, int], blocks: Sequence[tuple[Key, Key]]):
+        self.keys = tuple(keys)
+        offsets = np.r_[0, np.cumsum([features[k] for k in self.keys])].astype(int)
+        self.columns = {k: slice(int(offsets[i]), int(offsets[i + 1])) for i, k in enumerate(self.keys)}
+        self.width = int(offsets[-1])
+        strips: list[list[Any]] = []  # [a, first column, end column, [(b, start, end) within the strip]]
+        for a, b in blocks:
+            cols = self.columns[b]
+            last = strips[-1] if strips else None
+            if last is not None and last[0] == a != b and last[2] == cols.start and last[3][-1][0] != a:
+                last[2] = cols.stop
+                last[3].append((b, cols.start - last[1], cols.stop - last[1]))
+            else:
+                strips.append([a, cols.start, cols.stop, [(b, 0, cols.stop - cols.start)]])
+        self.strips = strips
+        self._stack = np.zeros(0)
+
+    def allocate(self, moments: Moments) -> None:
+        """The pass's strips, zeroed, in two buffers (auto-products, cross-products); blocks are views of them."""
+        self.views = []
+        for auto in (True, False):
+            chosen = [strip for strip in self.strips if (strip[0] == strip[3][0][0]) == auto]
+            sizes = [(self.columns[a].stop - self.columns[a].start) * (stop - start) for a, start, stop, _ in chosen]
+            buffer = np.zeros(int(sum(sizes)))
+            at = 0
+            for (a, start, stop, members), size in zip(chosen, sizes, strict=True):
+                strip = buffer[at : at + size].reshape(-1, stop - start, order="F")  # [features_a, run]
+                at += size
+                self.views.append((a, start, stop, strip, auto))
+                for b, lo, hi in members:
+                    moments.blocks[a, b] = strip[:, lo:hi]
+            del buffer
+
+    def stack(self, rows: int) -> np.ndarray:
+        """A ``[rows, Σ features]`` column-major float64 matrix for a shard (one buffer, grown as needed)."""
+        if self._stack.size < rows * self.width:
+            self._stack = np.zeros(0)
+            self._stack = np.empty(rows * self.width)
+        return self._stack[: rows * self.width].reshape(rows, self.width, order="F")
+
+    def add_products(self, stacked: np.ndarray, moments: Moments) -> None:
+        """Add each strip's product of this shard, ``X_aᵀ X_run``, to the statistics."""
+        for a, start, stop, strip, auto in self.views:
+            if auto and a in moments._centered:
+                raise LmscopeError(f"the auto-product of {a} was centered before its last shard was added")
+            _add_product(stacked[:, self.columns[a]], stacked[:, start:stop], strip)
+
+    def release(self) -> None:
+        self.views, self._stack = [], np.zeros(0)
+
+
+def _add_product(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """``out += xᵀ y`` (column-major float64 ``out``), in place with BLAS ``dgemm`` where scipy is installed."""
+    gemm = _dgemm()
+    if gemm is None:
+        out += x.T @ y
+    else:
+        gemm(1.0, x, y, beta=1.0, c=out, trans_a=1, overwrite_c=1)
+
+
+def _dgemm() -> Any:
+    try:
+        from scipy.linalg.blas import dgemm
+    except ImportError:  # numpy alone: a product-sized temporary, then added
+        return None
+    return dgemm
 
 
 def accumulate(
@@ -156,6 +259,7 @@ def accumulate(
     positions: Any = None,
     skip_first: bool = False,
     memory_mb: float = 512.0,
+    reserve_mb: float = 0.0,
     progress: bool = False,
     after_pass: Any = None,
 ) -> tuple[Moments, str]:
@@ -164,7 +268,8 @@ def accumulate(
     ``positions`` / ``skip_first`` choose positions within each text (as in ``Collection.get``).
     ``after_pass(moments, blocks)``, if given, is called after each pass with the blocks it
     accumulated (the means are complete from the first pass on); it may use and delete them, so
-    only one pass's blocks are held at a time.
+    only one pass's blocks are held at a time. ``reserve_mb`` is memory the caller keeps beside the
+    statistics until the end (its decompositions), counted against ``memory_mb``.
     """
     lengths = [len(ids) for ids in collection.token_ids]
     rows, selection = select_rows(lengths, positions, skip_first)
@@ -175,7 +280,8 @@ def accumulate(
     within = within_text(lengths)  # [token] position within its text
     features = {key: int(collection.features[key[0]]) for key in keys}
     moments = Moments(keys, collection.features, int(max(lengths)))
-    groups_of = passes(blocks, features, memory_mb) or [[]]
+    held = fixed_bytes(keys, features, int(max(lengths))) + reserve_mb * 2**20
+    groups_of = passes(blocks, features, memory_mb, held) or [[]]
     from tqdm.auto import tqdm
 
     total = len(groups_of) * len(collection._shards)
@@ -183,15 +289,25 @@ def accumulate(
     try:
         for number, group in enumerate(groups_of):
             first = number == 0
-            needed = list(keys) if first else sorted({k for pair in group for k in pair})
+            wanted = set(keys) if first else {k for pair in group for k in pair}
+            needed = [k for k in keys if k in wanted]  # in the caller's order: runs of adjacent inputs
+            layout = _Layout(needed, features, group)
+            layout.allocate(moments)
             names = ["dest", *(f"{site}.{layer}" for site, layer in needed)]
             for shard in collection.shards(names):
-                dest = shard["dest"].astype(np.int64)  # [row] index on the concatenated token axis
-                chosen = slice(None) if keep is None else keep[dest]
-                data = {key: shard[f"{key[0]}.{key[1]}"][chosen] for key in needed}
-                moments.update(data, within[dest[chosen]], dest[chosen], group, first)
+                dest = shard.pop("dest").astype(np.int64)  # [row] index on the concatenated token axis
+                chosen = None if keep is None else keep[dest]
+                data = {}
+                for key in needed:
+                    x = shard.pop(f"{key[0]}.{key[1]}")
+                    data[key] = x if chosen is None else x[chosen]
+                    del x
+                dest = dest if chosen is None else dest[chosen]
+                moments.update(data, within[dest], dest, layout, first)
                 del shard, data
                 bar.update()
+            layout.release()
+            del layout
             if after_pass is not None:
                 after_pass(moments, group)
     finally:

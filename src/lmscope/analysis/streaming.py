@@ -231,9 +231,17 @@ def similarity(
         positions=positions,
         skip_first=skip_first,
         memory_mb=memory_mb,
+        reserve_mb=_reserve_mb(collection, keys, method),
         progress=progress,
     )
     return compare(moments, ka, kb, method, **options)
+
+
+def _reserve_mb(collection: Any, keys: Sequence[Any], method: str) -> float:
+    """MiB the inputs' decompositions keep beside the statistics: none for CKA (it keeps the auto-products'
+    norms), an eigenbasis and a whitening per input for CCA and PWCCA, and those of the reduced input for SVCCA."""
+    copies = {"cka": 0, "cca": 2, "pwcca": 2, "svcca": 4}.get(method, 0)
+    return sum(8.0 * copies * collection.features[site] ** 2 for site, _ in keys) / 2**20
 
 
 @_threads
@@ -288,6 +296,7 @@ def layer_similarity(
         positions=positions,
         skip_first=skip_first,
         memory_mb=memory_mb,
+        reserve_mb=_reserve_mb(collection, keys, method),
         progress=progress,
         after_pass=measure,
     )
