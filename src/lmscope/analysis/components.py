@@ -288,13 +288,39 @@ def _top_bottom(unembed: Unembed, vectors: torch.Tensor, norm: bool, k: int) -> 
     for chunk in vectors.split(256):
         logits = unembed(chunk, norm=norm)  # [n, vocab]
         top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
-        for ti, tv, bi, bv in zip(top.indices, top.values, bottom.indices, bottom.values, strict=True):
-            out.append(
-                (
-                    tuple(zip(unembed.token_strings(ti.tolist()), tv.tolist(), strict=True)),
-                    tuple(zip(unembed.token_strings(bi.tolist()), bv.tolist(), strict=True)),
-                )
-            )
+        ids = torch.cat([top.indices, bottom.indices], -1).unique().tolist()  # each token decoded once per chunk
+        text = dict(zip(ids, unembed.token_strings(ids), strict=True))
+        for ti, tv, bi, bv in zip(top.indices.tolist(), top.values.tolist(), bottom.indices.tolist(),
+                                  bottom.values.tolist(), strict=True):  # fmt: skip
+            out.append((tuple((text[i], v) for i, v in zip(ti, tv, strict=True)),
+                        tuple((text[i], v) for i, v in zip(bi, bv, strict=True))))  # fmt: skip
+    return out
+
+
+def _dense_neurons(
+    trace: Trace, arch: Architecture, layer: int, positions: Sequence[int], topk: int
+) -> dict[int, tuple[tuple[int, float, float], ...]]:
+    """The ``topk`` neurons of the FFN block output at each of ``positions`` of a dense layer: the parts and
+    proximities of :func:`expert_neuron_contributions`, with the weights read once and a block of
+    positions' parts made at a time."""
+    module = arch.mlp_down(layer)
+    acts = trace.at("mlp_act", layer)  # [pos, neuron]
+    weight = arch.linear_weight(module).detach().float().to(acts.device) * arch.residual_scale  # [d_model, neuron]
+    bias = tensor_of(module, "bias")
+    bias = None if bias is None else bias.detach().float().to(acts.device) * arch.residual_scale
+    block = max(1, (64 << 20) // (4 * (weight.shape[1] + 2) * weight.shape[0]))
+    out = {}
+    for start in range(0, len(positions), block):
+        rows = torch.as_tensor(list(positions[start : start + block]), dtype=torch.long)
+        act = acts[rows].float()  # [row, neuron]
+        whole = trace.at("resid_post", layer)[rows].float()  # [row, d_model]
+        rest = whole - trace.at("mlp_out", layer)[rows].float()
+        extra = torch.stack([rest] if bias is None else [bias.expand_as(rest), rest], 1)  # [row, 1 or 2, d_model]
+        parts = torch.cat([act[:, :, None] * weight.T, extra], 1)  # [row, part, d_model]
+        for i, pos in enumerate(rows.tolist()):
+            c = proximity(parts[i], whole[i])[: act.shape[1]]
+            top = c.topk(min(topk, len(c)))
+            out[pos] = tuple((int(n), float(v), float(act[i, n])) for n, v in zip(top.indices, top.values, strict=True))
     return out
 
 
@@ -361,6 +387,13 @@ def graph_details(
     # updates: attention block at mid nodes, FFN block at FFN nodes, each attention edge
     keys, vectors = [], []
     routed: dict[int, ExpertParts | None] = {}  # per layer: its experts' routing and updates (MoE)
+    dense: dict[int, dict] = {}  # per layer of a dense family: each FFN node's top neurons
+    if arch.family.experts is None:
+        ffn_at: dict[int, list[int]] = {}
+        for n in nodes:
+            if n.kind == "ffn":
+                ffn_at.setdefault(n.layer, []).append(n.pos)
+        dense = {layer: _dense_neurons(trace, arch, layer, at, topk) for layer, at in ffn_at.items()}
     for n in nodes:
         if n.state == "mid":
             keys.append(n.id)
@@ -368,6 +401,9 @@ def graph_details(
         elif n.kind == "ffn":
             keys.append(n.id)
             vectors.append(mlp[index(n.layer), n.pos].float())
+            if n.layer in dense:
+                info[n.id] = {"neurons": dense[n.layer][n.pos]}
+                continue
             if n.layer not in routed:
                 routed[n.layer] = expert_parts(trace, arch, n.layer)
             c, act, ids, experts = expert_neuron_contributions(trace, arch, n.layer, n.pos, routed[n.layer])
