@@ -78,6 +78,8 @@ def proximity(parts: torch.Tensor, whole: torch.Tensor, norm: float = 1) -> torc
     size = torch.linalg.vector_norm(whole, ord=norm, dim=-1)
     prox = (size - torch.linalg.vector_norm(whole - parts, ord=norm, dim=-1)).clamp_min(0)
     total = prox.sum(0)
+    if bool((total > 0).all()):  # no degenerate sum: the even split is not needed (and not computed)
+        return prox / total.clamp_min(torch.finfo(prox.dtype).tiny)
     present = (parts != 0).any(-1)  # [part, ...]
     present = present | ~present.any(0)  # all parts zero: every part counts
     even = present / present.sum(0)

@@ -297,6 +297,30 @@ def _layer_edges(
     return edges, reached
 
 
+def _extract_every_position(
+    trace: Trace, arch: Architecture, threshold: float, mode: str, tolerance: float
+) -> tuple[list[Edge], float]:
+    """The edges :func:`_extract` finds from every position's output, and the error bound: the same
+    weights as :func:`flow_weights`, but computed top-down one layer at a time and let go once that
+    layer's edges are taken, so only one layer's ``[pos, pos_k, head]`` weights are ever held."""
+    n_pos = trace.n_pos
+    reached = torch.ones(n_pos, dtype=torch.bool)
+    rows = torch.arange(n_pos)
+    edges: list[Edge] = []
+    error = 0.0
+    for layer in reversed(trace.layers):
+        c = block_contributions(trace, arch, layer, tolerance)
+        if mode == "renormalize":
+            c = _renormalize(c, threshold)
+        error = max(error, float(c.error.max()))
+        moe = None if c.experts is None else (c.expert_ids.cpu(), c.expert_weights.cpu(), c.experts.cpu())
+        parts = (c.attention.cpu(), c.attn_residual.cpu(), c.mlp.cpu(), c.mlp_residual.cpu(), moe)
+        del c
+        found, reached = _layer_edges(layer, arch.parallel, reached, rows, *parts, threshold)
+        edges += found
+    return edges, error
+
+
 def _extract_streaming(
     trace: Trace, arch: Architecture, starts: Sequence[int], threshold: float, mode: str, tolerance: float
 ) -> tuple[list[Edge], float]:
@@ -415,11 +439,15 @@ def flow(
         raise LmscopeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if stream is None:
         stream = trace.n_pos > STREAM_ABOVE and len(starts) < trace.n_pos
-    if stream:
+    every = len(starts) == trace.n_pos  # the graph of every position: it is its own ``all_edges``
+    if stream or every:
         check_decomposable(arch)
         if list(trace.layers) != list(range(trace.layers[0], trace.layers[-1] + 1)):
             raise LmscopeError("the flow graph needs a run of consecutive layers: trace with layers=None or a slice")
-        edges, error = _extract_streaming(trace, arch, starts, threshold, mode, tolerance)
+        if every:
+            edges, error = _extract_every_position(trace, arch, threshold, mode, tolerance)
+        else:
+            edges, error = _extract_streaming(trace, arch, starts, threshold, mode, tolerance)
         all_edges = edges
     else:
         weights = flow_weights(trace, arch, threshold=threshold, mode=mode, tolerance=tolerance)
