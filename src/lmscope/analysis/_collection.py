@@ -100,6 +100,23 @@ class Collection:
                 with safe_open(str(shard), framework="np") as handle:
                     yield {name: handle.get_tensor(name) for name in names}
 
+    def pieces(self, names: Any, rows: int) -> Any:
+        """Each shard in turn as ``(shard number, {name: [row, ...]})`` pieces of at most ``rows`` rows.
+
+        A piece is read from the file with plain reads at its byte offsets (no memory map is kept), so
+        memory is one piece however large the collector made its shards.
+        """
+        for number, shard in enumerate(self._shards):
+            if isinstance(shard, dict):
+                for start in range(0, len(shard["dest"]), rows):
+                    yield number, {name: shard[name][start : start + rows] for name in names}
+                continue
+            with open(shard, "rb") as file:
+                (size,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(size))
+                for start in range(0, int(header["dest"]["shape"][0]), rows):
+                    yield number, {name: _read_rows(file, 8 + size, header[name], start, rows) for name in names}
+
     def get(
         self, site: str, layer: int, *, positions: Any = None, skip_first: bool = False
     ) -> np.ndarray:  # [n_tokens, features], float32
@@ -176,6 +193,17 @@ def _stream_safetensors(parts: list[dict[str, np.ndarray]], file: Any) -> None:
         for part in parts:
             array = np.ascontiguousarray(part[name], dtype=part[name].dtype.newbyteorder("<"))
             file.write(memoryview(array).cast("B"))
+
+
+def _read_rows(file: Any, base: int, info: dict[str, Any], start: int, rows: int) -> np.ndarray:
+    """Rows ``start:start + rows`` of the safetensors tensor ``info`` (its header entry; data from byte ``base``)."""
+    dtype = np.dtype({code: name for name, code in _DTYPES.items()}[info["dtype"]]).newbyteorder("<")
+    shape = info["shape"]
+    out = np.empty((max(0, min(rows, shape[0] - start)), *shape[1:]), dtype=dtype)
+    file.seek(base + info["data_offsets"][0] + start * (out[0].nbytes if out.size else 0))
+    if out.size and file.readinto(memoryview(out).cast("B")) != out.nbytes:
+        raise LmscopeError(f"{file.name} is truncated: collect again")
+    return out
 
 
 def write_json(path: Path, data: Any) -> Path:
