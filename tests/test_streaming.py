@@ -132,7 +132,8 @@ def test_nmf_in_mini_batches(col):
 
 def test_memory_stays_bounded(tmp_path):
     """A collection 5× larger than the memory allowed: the statistics stay within ``memory_mb`` over several
-    passes, and beside them one shard (as read in float32 and stacked in float64: 3× its file) and 1 MiB."""
+    passes, and beside them one shard (smaller than a piece: as read in float32 and stacked in float64, 3× its
+    file) and 1 MiB."""
     import tracemalloc
 
     from lmscope.analysis._moments import fixed_bytes, passes
@@ -161,6 +162,38 @@ def test_memory_stays_bounded(tmp_path):
         assert peak < limit, f"{method}: peak {peak / 2**20:.2f} MiB, limit {limit / 2**20:.2f} MiB"
     assert results["cka"].n_tokens == results["pwcca"].n_tokens == col.n_tokens
     assert np.allclose(np.diag(results["cka"].matrix), 1.0)
+
+
+def test_large_shards_are_read_in_pieces(tmp_path):
+    """One shard far larger than a piece: pieces rebuild it exactly, and the statistics and memory follow the
+    piece, not the shard."""
+    import tracemalloc
+
+    from lmscope.analysis._moments import accumulate
+
+    root = write_collection(tmp_path / "one", layers=3, d=64, texts=600, length=16, per_shard=600, seed=2)
+    col = load_collection(root)
+    (shard_bytes,) = [p.stat().st_size for p in root.glob("shard-*.safetensors")]
+    names = ["dest", "resid_post.0", "resid_post.2"]
+    (whole,) = col.shards(names)
+    numbers, pieces = zip(*col.pieces(names, 1000), strict=True)
+    assert set(numbers) == {0} and len(pieces) == -(-len(whole["dest"]) // 1000)
+    for name in names:
+        joined = np.concatenate([piece[name] for piece in pieces])
+        assert joined.dtype == whole[name].dtype and np.array_equal(joined, whole[name])
+    keys = [("resid_post", layer) for layer in range(3)]
+    blocks = [(a, b) for i, a in enumerate(keys) for b in keys[i:]]
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        small, _ = accumulate(col, keys, blocks, piece_mb=0.25)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * 2**20 + 2**20 < shard_bytes / 3, f"peak {peak / 2**20:.2f} MiB"
+    whole_shard, _ = accumulate(col, keys, blocks)
+    for a, b in blocks:
+        np.testing.assert_allclose(small.centered(a, b), whole_shard.centered(a, b), rtol=1e-9, atol=1e-6)
 
 
 def test_products_without_scipy_equal_in_memory(col, monkeypatch):

@@ -11,7 +11,9 @@ For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate`
 - per position within a text, the sums behind :func:`lmscope.analysis._positions.dominance`
   (centered squared norm per position, and the largest row of each position).
 
-Memory is one shard plus these statistics, and ``memory_mb`` bounds the statistics: the per-position
+Memory is one piece of a shard (``piece_mb``, 96 MiB by default: its rows as read in float32 and
+stacked in float64; a collector's shards can be far larger) plus these statistics, and ``memory_mb``
+bounds the statistics: the per-position
 sums (two vectors per input and position: texts of up to 64 tokens and 30 inputs of 576 features take
 18 MB), the auto-products (kept to the end), whatever the caller reserves (``reserve_mb``: the
 decompositions it keeps), and the cross-products of one pass. When the cross-products do not fit
@@ -260,6 +262,7 @@ def accumulate(
     skip_first: bool = False,
     memory_mb: float = 512.0,
     reserve_mb: float = 0.0,
+    piece_mb: float = 96.0,
     progress: bool = False,
     after_pass: Any = None,
 ) -> tuple[Moments, str]:
@@ -269,7 +272,9 @@ def accumulate(
     ``after_pass(moments, blocks)``, if given, is called after each pass with the blocks it
     accumulated (the means are complete from the first pass on); it may use and delete them, so
     only one pass's blocks are held at a time. ``reserve_mb`` is memory the caller keeps beside the
-    statistics until the end (its decompositions), counted against ``memory_mb``.
+    statistics until the end (its decompositions), counted against ``memory_mb``. Shards are read
+    in pieces of about ``piece_mb`` (the rows as read in float32 and stacked in float64), whatever
+    their size on disk.
     """
     lengths = [len(ids) for ids in collection.token_ids]
     rows, selection = select_rows(lengths, positions, skip_first)
@@ -294,18 +299,23 @@ def accumulate(
             layout = _Layout(needed, features, group)
             layout.allocate(moments)
             names = ["dest", *(f"{site}.{layer}" for site, layer in needed)]
-            for shard in collection.shards(names):
-                dest = shard.pop("dest").astype(np.int64)  # [row] index on the concatenated token axis
+            rows_per_piece = max(1, int(piece_mb * 2**20 // (12 * max(1, layout.width))))  # float32 read + float64
+            seen = set()
+            for number, piece in collection.pieces(names, rows_per_piece):
+                dest = piece.pop("dest").astype(np.int64)  # [row] index on the concatenated token axis
                 chosen = None if keep is None else keep[dest]
                 data = {}
                 for key in needed:
-                    x = shard.pop(f"{key[0]}.{key[1]}")
+                    x = piece.pop(f"{key[0]}.{key[1]}")
                     data[key] = x if chosen is None else x[chosen]
                     del x
                 dest = dest if chosen is None else dest[chosen]
                 moments.update(data, within[dest], dest, layout, first)
-                del shard, data
-                bar.update()
+                del piece, data
+                if number not in seen:
+                    seen.add(number)
+                    bar.update()
+            bar.update(len(collection._shards) - len(seen))  # shards without rows
             layout.release()
             del layout
             if after_pass is not None:
