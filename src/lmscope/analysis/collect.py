@@ -55,8 +55,10 @@ and the source token ids (``col.source_token_ids``).
 Engines: ``engine="local"`` (the default) runs every batch in this process; ``engine="ray"`` splits
 the same batches into the same shards and has Ray workers collect them, on this machine or on a
 cluster (:mod:`lmscope.distributed`; needs ``pip install 'lmscope[distributed]'``). Both write the
-same shards, so a collection reads the same whichever engine made it; ``collection.json`` also
-records the engine, the workers, the tokens of each shard and the timings.
+same shards, so a collection reads the same whichever engine made it (bit for bit where this process
+and each worker run torch on as many threads: for some shapes, T5's decoder among them, torch's sums
+differ in their last bits between thread counts); ``collection.json`` also records the engine, the
+workers, the tokens of each shard and the timings.
 
 Files are written atomically and ``collection.json`` last. A collection that stopped half-way (an
 error, a full disk, Ctrl+C) leaves ``collection.partial.json`` and its finished shards: calling

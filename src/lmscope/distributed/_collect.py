@@ -160,7 +160,7 @@ def collect_on_ray(
             with connect(address, local * worker_cpus, gpus) as ray:
                 cluster = time.perf_counter()
                 if helps:  # the driver collects while the workers start (not before: Ray's start has a time limit)
-                    helper = Helper(job, root, batches, deque(todo))
+                    helper = Helper(job, root, batches, deque(todo), worker_cpus)
                     helper.start()
                 count = _fit(ray, worker_cpus, worker_gpus, workers)
                 run = _Run(ray, job, root, count, worker_cpus, worker_gpus, payload)

@@ -5,8 +5,10 @@ model), and during them the driver holds the model, loaded and warm. :class:`Hel
 that takes shards from the front of the queue and writes them exactly as a worker does (the same
 batches, the same :func:`lmscope.analysis.collect.batch_part` and
 :func:`lmscope.analysis._collection.write_shard`), until the workers are ready: then it finishes
-the shard in hand and takes no other. It runs the model on one torch thread, leaving the other
-cores to the starting workers (the results do not depend on the number of threads). It starts
+the shard in hand and takes no other. It runs the model on as many torch threads as each worker
+(``worker_cpus``, 1 by default), leaving the other cores to the starting workers: torch's sums can
+differ in their last bits between thread counts for some shapes (T5's decoder, for one), and the
+driver's shards must equal the workers'. It starts
 once Ray answers, not before: Ray gives its own processes a fixed time to start (30 s), which a
 busy machine can exceed when the driver computes meanwhile.
 
@@ -34,9 +36,10 @@ class Helper(threading.Thread):
     ``error`` holds what the work raised, if anything.
     """
 
-    def __init__(self, job: Any, root: Path, batches: dict[int, Any], pending: deque[int]):
+    def __init__(self, job: Any, root: Path, batches: dict[int, Any], pending: deque[int], threads: int = 1):
         super().__init__(name="lmscope-driver-shards", daemon=True)
         self.job, self.root, self.batches, self.pending = job, root, batches, pending
+        self.threads = threads  # torch threads, as each worker has
         self.lock = threading.Lock()  # "stopped?" and "take a shard" happen together
         self.stopped = False
         self.aborted = threading.Event()
@@ -70,7 +73,7 @@ class Helper(threading.Thread):
         from lmscope.distributed._worker import unpack
 
         job, threads = self.job, torch.get_num_threads()
-        torch.set_num_threads(1)  # the other cores are for the starting workers (the driver runs no model)
+        torch.set_num_threads(self.threads)  # as a worker runs; the other cores are for the starting workers
         try:
             with torch.no_grad():  # (grad mode is per thread)
                 while (number := self._take()) is not None:
