@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,31 @@ D_MODEL, N_LAYERS = 576, 30  # the embedded SmolLM2-135M
 def _rss_mb() -> float:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _status_mb() -> dict[str, float]:
+    """This process's resident memory split: anonymous (heap, arrays) and file-backed (mapped files, libraries)."""
+    out = {}
+    with open("/proc/self/status") as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                out[name] = int(value.split()[0]) / 2**10  # kB -> MiB
+    return out
+
+
+class _Sampler(threading.Thread):
+    """The peak of each of :func:`_status_mb`'s figures, sampled every 50 ms while the analysis runs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks = _status_mb()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            for name, value in _status_mb().items():
+                self.peaks[name] = max(self.peaks[name], value)
 
 
 def write_synthetic(root: Path, tokens: int, length: int, shard_mb: float, seed: int = 0) -> None:
@@ -139,12 +166,16 @@ def main() -> None:
         size = sum(p.stat().st_size for p in root.glob("shard-*.safetensors")) / 2**30
         synthetic = col.model.name.startswith("synthetic")
         kind = "synthetic (random, the model's shapes)" if synthetic else f"real ({col.model.name}, {len(col)} texts)"
-        before = _rss_mb()
+        before, split = _rss_mb(), _status_mb()
+        sampler = _Sampler()
+        sampler.start()
         started, cpu = time.perf_counter(), time.process_time()
         result = streaming.layer_similarity(
             col, "cka", "resid_post", "resid_post", memory_mb=args.memory_mb, threads=args.threads or None
         )
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        sampler.done.set()
+        sampler.join()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kB -> MiB
         n = len(result.layers_a)
         figures = {
@@ -162,6 +193,10 @@ def main() -> None:
             "cpu_seconds": round(cpu, 1),  # what it takes on one idle core (this machine is shared)
             "tokens_per_cpu_s": round(col.n_tokens / cpu, 1),
             "peak_rss_mib_beyond_start": round(peak - before, 1),
+            # sampled peaks of each part (they need not peak at the same moment)
+            "peak_anon_mib_beyond_start": round(sampler.peaks["RssAnon"] - split["RssAnon"], 1),
+            "peak_file_mib_beyond_start": round(sampler.peaks["RssFile"] - split["RssFile"], 1),
+            "load_average": round(os.getloadavg()[0], 1),
             "cka_layer0_layer1": round(float(result.matrix[0, 1]), 5),
         }
         print(json.dumps(figures, indent=2))

@@ -13,12 +13,12 @@ For inputs ``x_k [token, features]`` (one per (site, layer)), :func:`accumulate`
 
 Memory is one piece of a shard (``piece_mb``, 96 MiB by default: its rows as read in float32 and
 stacked in float64; a collector's shards can be far larger) plus these statistics, and ``memory_mb``
-bounds the statistics: the per-position
-sums (two vectors per input and position: texts of up to 64 tokens and 30 inputs of 576 features take
-18 MB), the auto-products (kept to the end), whatever the caller reserves (``reserve_mb``: the
-decompositions it keeps), and the cross-products of one pass. When the cross-products do not fit
-beside the rest they are split over several passes (each reads every shard again; a caller may use
-and drop each pass's blocks before the next); one pass when they fit.
+bounds the statistics: the per-position sums (two vectors per input and position: texts of up to 64
+tokens and 30 inputs of 576 features take 18 MB, of up to 347 tokens 91 MB), the auto-products (kept
+to the end), whatever the caller reserves (``reserve_mb``: the decompositions it keeps), and the
+cross-products of one pass. When the cross-products do not fit beside the rest they are split over
+several passes (each reads every shard again; a caller may use and drop each pass's blocks before
+the next); one pass when they fit.
 
 Each pass's cross-products live in one float64 buffer, laid out as strips ``Σ (x_a − c_a)ᵀ [x_b … x_b']``
 over runs of inputs that are adjacent in the shard's stacked matrix ``[row, Σ features]``, so a shard

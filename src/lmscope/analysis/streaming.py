@@ -36,10 +36,15 @@ matrix and do not stream.
 ``layer_similarity`` accumulates every layer's auto-product and every pair's cross-product in one
 pass over the shards when they fit in ``memory_mb``, else in as few passes as fit: the first holds
 the auto-products and some pairs, each later one other pairs, and each pass's matrix entries are
-computed and its cross-products let go before the next. SmolLM2-135M's 30 layers of 576 features
-need 1.15 GiB for every pair at once; under the default ``memory_mb=512`` that is three passes, and
-the process grows by about 0.8 GiB (``benchmarks/bench_streaming.py``). The cost is the products,
-about ``tokens × (layers · features)² / 2`` multiply-adds (the upper triangle), whatever the passes.
+computed and its cross-products let go before the next. ``memory_mb`` bounds everything the
+statistics hold at once: the auto-products (which CKA keeps as the Gram matrices, centered in
+place, not copied), the per-position sums, each CCA-type input's decompositions, and one pass's
+cross-products. Beside them, memory holds one piece of a shard (:mod:`lmscope.analysis._moments`).
+SmolLM2-135M's 30 layers of 576 features need 1.15 GiB for every pair at once; over UD English EWT
+(texts up to 347 tokens: 91 MiB of per-position sums) the default ``memory_mb=512`` makes four
+passes (``benchmarks/bench_streaming.py`` has the measured memory and time). The cost is the
+products, about ``tokens × (layers · features)² / 2`` multiply-adds (the upper triangle), whatever
+the passes: float64 BLAS at its peak rate, in strips of up to ``features × layers · features``.
 
 Every function takes ``threads=``: numpy's BLAS threads during the call (``None``: unchanged). On a
 machine busy with other work one thread can be far faster than several that spin-wait (2 cores under
