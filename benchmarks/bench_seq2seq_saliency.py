@@ -13,11 +13,14 @@ Sharing the encoder's forward pass alone gives ``n (F + B) / (F + n B)`` (about 
 targets with a backward pass ``B`` costing about a forward pass ``F``); the rest of the gain comes
 from running the ``n`` pull-backs well (see :mod:`lmscope.analysis._seq2seq_gradients`): all 10
 targets in one pass (the default row budget used to split them 7 + 3, running the encoder twice),
-attention by the eager function during the pass (SDPA's fused CPU backward has no batching rule,
-so the batched backward ran it once per target and stacked the results), and the batched
-products routed to oneDNN where the trial pass finds it faster. The benchmark prints that first
-figure (from the measured ``F`` and ``B``) next to the measured ratio, the routing chosen, and the
-load average.
+self-attention by the eager function during the pass (SDPA's fused CPU backward has no batching
+rule, so the batched backward ran it once per target and stacked the results), cross-attention
+rewritten so that the encoder's keys and values are not differentiated, and the pass's products
+routed to oneDNN where the trial pass finds it faster. The benchmark prints that first figure
+(from the measured ``F`` and ``B``) next to the measured ratio, the routing chosen, and the load
+average; and, as the floor of any exact method, the time of the products the ``n`` pull-backs
+through the encoder's linear maps must do, run alone through oneDNN (``[n · 128, d_model]`` rows
+through every projection and FFN matrix of the 6 layers: 24.2 G multiply-adds).
 
 Repeats are interleaved (one of each per round) and medians reported, since machines are shared.
 Run: ``python benchmarks/bench_seq2seq_saliency.py --threads 2 [--repeats 5]``.
@@ -36,7 +39,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).parent))
 import lmscope
 from _timing import interleaved
-from lmscope.analysis._onednn import choices
+from lmscope.analysis._onednn import choices, onednn_matmuls
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SOURCE, GENERATE = 128, 10
@@ -91,6 +94,18 @@ def main() -> None:
         with torch.no_grad():
             model(inputs_embeds=src_emb, decoder_inputs_embeds=dec_emb, use_cache=False)
 
+    config = model.config
+    rows = (n - 1) * SOURCE  # every target's rows through the encoder
+    shapes = [(config.d_model, config.d_ff), (config.d_ff, config.d_model)] + 4 * [(config.d_model, config.d_model)]
+    operands = [(torch.randn(rows, k), torch.randn(m, k)) for k, m in shapes]  # [rows, in], weight [out, in]
+    floor_macs = config.num_layers * sum(rows * k * m for k, m in shapes)
+
+    def encoder_products() -> None:  # the n pull-backs' products through the encoder's linear maps, alone
+        with onednn_matmuls():
+            for _ in range(config.num_layers):
+                for x, w in operands:
+                    torch.nn.functional.linear(x, w)
+
     def forward_backward() -> None:  # one target's gradient w.r.t. both inputs
         s = src_emb.clone().requires_grad_(True)
         d = dec_emb.clone().requires_grad_(True)
@@ -108,7 +123,13 @@ def main() -> None:
         print(f"  batched backward products: {choice}")
     load = os.getloadavg()
     med = interleaved(
-        {"forward": forward, "forward+backward": forward_backward, "per-token loop": loop, "lmscope": batched},
+        {
+            "forward": forward,
+            "forward+backward": forward_backward,
+            "per-token loop": loop,
+            "lmscope": batched,
+            "encoder products": encoder_products,
+        },
         repeats=args.repeats,
     )
     after = os.getloadavg()
@@ -124,6 +145,13 @@ def main() -> None:
     print(
         f"  sharing the encoder's forward pass alone would give {shared:.2f}x (one forward + {n - 1} separate "
         "backward passes); the rest is the batched products"
+    )
+    floor = med["encoder products"]
+    print(
+        f"  the encoder pull-backs' products alone ({floor_macs / 1e9:.1f} G multiply-adds through oneDNN, "
+        f"{2 * floor_macs / floor / 1e9:.0f} GFLOP/s): {1000 * floor:.0f} ms, "
+        f"{floor / med['lmscope']:.0%} of lmscope's time; 5x needs lmscope within "
+        f"{1000 * med['per-token loop'] / 5:.0f} ms"
     )
 
 

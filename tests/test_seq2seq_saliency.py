@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.analysis._gradients import gauss_legendre
-from lmscope.analysis._seq2seq_gradients import eager_attention, seq2seq_embeddings
+from lmscope.analysis._cross_attention import rewritten_cross_attention
+from lmscope.analysis._gradients import frozen_parameters, gauss_legendre
+from lmscope.analysis._seq2seq_gradients import seq2seq_embeddings
 from lmscope.analysis._seq2seq_saliency import Seq2SeqSaliency
 from lmscope.errors import LmscopeError
 
@@ -158,11 +159,72 @@ def test_gradient_passes_restore_the_attention_implementation(seq2seq: tuple[lms
     before = lm.model.config._attn_implementation
     out.saliency("gradient")
     assert lm.model.config._attn_implementation == before
-    with pytest.raises(RuntimeError, match="inside"), eager_attention(lm.model):
-        assert lm.model.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="inside"), rewritten_cross_attention(lm.model):
+        assert lm.model.config._attn_implementation == "lmscope_cross_attention_gradients"
         raise RuntimeError("inside")
     assert lm.model.config._attn_implementation == before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())  # scoped hooks
+
+
+def _value_and_grads(model: torch.nn.Module, out: lmscope.Output, rewritten: bool) -> tuple[torch.Tensor, ...]:
+    """The last target's logit and its gradients w.r.t. both stacks' embeddings (eager or rewritten attention)."""
+    src, dec = seq2seq_embeddings(model, out.trace.encoder.token_ids, out.token_ids)
+    s, d = src[None].clone().requires_grad_(True), dec[None, :-1].clone().requires_grad_(True)
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}.values()
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+    try:
+        for config, _ in saved:  # the reference: the families' own eager attention
+            config._attn_implementation_internal = "eager"
+        with frozen_parameters(model), rewritten_cross_attention(model) if rewritten else torch.enable_grad():
+            logits = model(inputs_embeds=s, decoder_inputs_embeds=d, use_cache=False).logits[0, -1]
+            value = logits[int(out.token_ids[-1])]
+            return (value.detach(), *torch.autograd.grad(value, (s, d)))
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+
+
+def _cross_key_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    decoder = model.get_decoder()
+    return [m for name, m in decoder.named_modules() if name.endswith(("EncDecAttention.k", "encoder_attn.k_proj"))]
+
+
+def test_rewritten_cross_attention_equals_eager_and_skips_the_key_projections(
+    seq2seq: tuple[lmscope.LM, lmscope.Output],
+) -> None:
+    lm, out = seq2seq
+    projections = _cross_key_projections(lm.model)
+    assert projections
+    reached = []
+    handles = [m.register_full_backward_hook(lambda *_: reached.append(1)) for m in projections]
+    try:
+        eager = _value_and_grads(lm.model, out, rewritten=False)
+        assert len(reached) == len(projections)  # autograd pulls back through every cross-attention key projection
+        reached.clear()
+        fast = _value_and_grads(lm.model, out, rewritten=True)
+        assert not reached  # the rewrite reaches the encoder output without them
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(fast[0], eager[0])  # the forward is the eager one, bit for bit
+    for a, b in zip(fast[1:], eager[1:], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rewritten_cross_attention_falls_back_where_keys_are_not_a_projection_of_the_states(
+    seq2seq: tuple[lmscope.LM, lmscope.Output],
+) -> None:
+    lm, out = seq2seq
+    shifted = [m.register_forward_hook(lambda _m, _a, y: y * 1.5 + 0.25) for m in _cross_key_projections(lm.model)]
+    try:
+        eager = _value_and_grads(lm.model, out, rewritten=False)
+        fast = _value_and_grads(lm.model, out, rewritten=True)
+    finally:
+        for handle in shifted:
+            handle.remove()
+    assert torch.equal(fast[0], eager[0])
+    for a, b in zip(fast[1:], eager[1:], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_occlusion_equals_rerunning_without_each_token(seq2seq: tuple[lmscope.LM, lmscope.Output]) -> None:

@@ -25,21 +25,27 @@ forward pass and ``n`` backward passes is all that sharing the encoder saves (ab
 the per-token loop). The rest comes from running those pull-backs well:
 
 - all targets in one pass (:func:`seq2seq_rows`): a second chunk re-runs the encoder's forward;
-- attention by each family's eager function during gradient passes (:func:`eager_attention`):
-  SDPA's fused CPU backward has no batching rule, so a batched backward through it runs once
-  per target and stacks the results (a quarter of the pass, with the copies it adds), while
-  eager attention's products and softmax batch over the targets;
-- the batched backward's float32 products routed to oneDNN where that is measured faster
-  (:func:`lmscope.analysis._onednn.routed`): on the 2-core AMD EPYC measured, up to twice MKL's
-  speed for the ``[n · pos, d_model]`` products the batch makes (whole trial passes took 0.68x
-  and 0.73x PyTorch's time; under heavy load one trial was a tie and kept PyTorch's).
+- self-attention by each family's eager function during gradient passes: SDPA's fused CPU
+  backward has no batching rule, so a batched backward through it runs once per target and stacks
+  the results (a quarter of the pass, with the copies it adds); eager attention's products batch
+  over the targets (its softmax backward still runs once per target, a small share);
+- cross-attention rewritten so that the encoder's keys and values are not differentiated
+  (:mod:`lmscope.analysis._cross_attention`): the pull-back to the encoder output goes through
+  products with ``heads × t`` inner terms instead of two ``d_model``-square products per layer
+  and target (the pass's products: 36.1 G multiply-adds before, 32.8 G after);
+- the whole pass's float32 products, forward included, routed to oneDNN where a trial pass
+  finds that faster (:func:`lmscope.analysis._onednn.routed`).
+
+Of the 32.8 G multiply-adds left, 24.2 G are the ``n`` pull-backs through the encoder's linear
+maps (2.4 G per target: ``[n · src_pos, d_model]`` rows through every projection and the FFN) and
+2.8 G the forward pass; no exact method avoids them.
 
 Measured so (``benchmarks/bench_seq2seq_saliency.py``, 2 threads on a 2-core machine shared with
-other jobs): 3.9x faster than the per-token loop at load 2.4, 4.1x at load 9 and 9.3x at load 16
-(the loop's many small operations suffer most from a busy machine), against 2.0-2.2x before these
-changes. The 5x goal is not reached on a quiet machine: what remains is the ``n`` pull-backs
-through the encoder themselves (one forward pass and ten backward passes take 4.5 forward passes'
-time, against 1.8 per target in the loop).
+other jobs): before the cross-attention rewrite, 3.9x faster than the per-token loop at load 2.4,
+4.1x at load 9 and 9.3x at load 16, and 2.7-3.7x on an idle machine (the loop's many small
+operations suffer most from a busy machine). The 5x goal is not reached on a quiet machine: what
+remains is mostly the ``n`` pull-backs through the encoder themselves, which the benchmark times
+alone as the floor of any exact method.
 
 The embeddings are swapped in by scoped forward hooks on the two stacks' embedding modules
 (removed on exit, even on error): the model is called with its ordinary token ids, so every
@@ -54,11 +60,11 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
+from lmscope.analysis._cross_attention import rewritten_cross_attention
 from lmscope.analysis._gradients import Targets, default_rows
 from lmscope.analysis._onednn import routed
 
 __all__ = [
-    "eager_attention",
     "embedding_modules",
     "seq2seq_embeddings",
     "seq2seq_gradients",
@@ -81,25 +87,6 @@ def seq2seq_rows(lm: object) -> int:
     instead of 7 + 3 targets).
     """
     return max(default_rows(lm), _MIN_ROWS)  # type: ignore[arg-type]
-
-
-@contextmanager
-def eager_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Every attention of ``model`` computed by its family's eager function while the block runs.
-
-    The same ``softmax(q·kᵀ + bias + mask)·v`` as SDPA (equal up to float rounding), as plain
-    products and a softmax, whose backward batches over targets under ``is_grads_batched``
-    (SDPA's fused CPU backward runs once per target there). Restored in ``finally``.
-    """
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}.values()
-    saved = [(c, c._attn_implementation_internal) for c in configs if hasattr(c, "_attn_implementation_internal")]
-    try:
-        for config, _ in saved:
-            config._attn_implementation_internal = "eager"
-        yield
-    finally:
-        for config, implementation in saved:
-            config._attn_implementation_internal = implementation
 
 
 def embedding_modules(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -193,24 +180,22 @@ def _vjps(
     inputs in one batched backward pass.
     """
     n = len(chunk)
-    with _head_input(model) as head:
-        values = seq2seq_scores(model, source, decoder, chunk)  # [batch, n]
-    h = head.value  # [batch, dec_pos, d_model]
-    (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)
-    rows = torch.arange(n, device=h.device)
-    index = (chunk.positions - 1).to(h.device)
-    cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, dec_pos, d_model]
-    cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
 
-    def pull_back() -> tuple[torch.Tensor, ...]:  # the graph is kept: a routing trial runs this thrice
-        return torch.autograd.grad(
-            h, (source, decoder), grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-        )
+    def run() -> tuple[torch.Tensor, ...]:  # the whole pass, as a routing trial runs it thrice
+        with _head_input(model) as head:
+            values = seq2seq_scores(model, source, decoder, chunk)  # [batch, n]
+        h = head.value  # [batch, dec_pos, d_model]
+        (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)
+        rows = torch.arange(n, device=h.device)
+        index = (chunk.positions - 1).to(h.device)
+        cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, dec_pos, d_model]
+        cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
+        g_src, g_dec = torch.autograd.grad(h, (source, decoder), grad_outputs=cotangents, is_grads_batched=True)
+        return g_src, g_dec, values.detach()
 
     param = next(model.parameters())
-    g_src, g_dec = routed(pull_back, _workload(model, n * h.shape[0] * (source.shape[1] + decoder.shape[1])),
-                          param.device, param.dtype)  # fmt: skip
-    return g_src, g_dec, values.detach()
+    rows = n * source.shape[0] * (source.shape[1] + decoder.shape[1])
+    return routed(run, _workload(model, rows), param.device, param.dtype)
 
 
 def _workload(model: PreTrainedModel, rows: int) -> tuple[object, ...]:
@@ -245,7 +230,7 @@ def seq2seq_gradients(
     for sl in _chunks(len(targets), size):
         chunk = targets.chunk(sl)
         length = int(chunk.positions.max())  # the last predicting position is length - 1
-        with torch.enable_grad(), eager_attention(model):
+        with torch.enable_grad(), rewritten_cross_attention(model):
             s = source[None].detach().clone().requires_grad_(True)  # [1, src_pos, d_model]
             d = decoder[None, :length].detach().clone().requires_grad_(True)  # [1, dec_pos', d_model]
             g_src, g_dec, values = _vjps(model, s, d, chunk)
@@ -285,7 +270,7 @@ def seq2seq_integrated_gradients(
         for steps_sl in _chunks(steps, per_batch):
             alpha = torch.as_tensor(alphas[steps_sl], dtype=e_s.dtype, device=e_s.device)[:, None, None]  # [batch,1,1]
             weight = torch.as_tensor(weights[steps_sl], dtype=torch.float32, device=e_s.device)  # [batch]
-            with torch.enable_grad(), eager_attention(model):
+            with torch.enable_grad(), rewritten_cross_attention(model):
                 xs = (z_s + alpha * (e_s - z_s)).requires_grad_(True)  # [batch, src_pos, d_model]
                 xd = (z_d + alpha * (e_d - z_d)).requires_grad_(True)  # [batch, dec_pos', d_model]
                 g_src, g_dec, _ = _vjps(model, xs, xd, chunk)  # [n, batch, ..., d_model]
