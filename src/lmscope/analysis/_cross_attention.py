@@ -15,11 +15,17 @@ scores, ``P`` the probabilities). Associating the products the other way round,
 P_hᵀ·(dout_h·W_v,h)``, products with ``heads · t`` inner terms instead of ``d_model``. Both are
 computed with the heads stacked along one axis, so each is one product per target.
 
-The scores and outputs equal the eager ones up to float32 rounding (the products are associated
-differently); :func:`attention` checks that on every call and uses the family's eager function
-where they do not agree, or where a module's keys and values are not plain projections of the
-encoder state it recorded. Self-attention, and any attention that needs a gradient for its bias or
-mask, or runs dropout, also uses the eager function.
+The forward values stay the eager ones bit for bit: the scores are eager's ``q·Kᵀ·scale`` with
+``K`` held fixed, plus ``T − T.detach()`` (exactly zero) for ``T = (q·W_k)·Eᵀ·scale`` computed
+with ``q`` held fixed, so autograd takes ``dq`` from the first term and ``dE`` from the second;
+the output is eager's ``P·V`` with ``V`` held fixed, plus the same zero built from ``(P·E)·W_vᵀ``
+with ``P`` held fixed. :func:`attention` checks on every call that ``T`` and ``(P·E)·W_vᵀ`` (with
+the biases) equal eager's scores and output to float32 rounding, and uses the family's eager
+function where they do not (keys or values that are not plain projections of the encoder state
+the module recorded). Self-attention, and any attention that needs a gradient for its bias or
+mask, or runs dropout, also uses the eager function. Of a batched backward on a t5-small-sized
+model (10 targets, 128 source positions) this leaves 0.8 G of the 4 G multiply-adds that
+cross-attention's pull-back to ``E`` took.
 
 :func:`rewritten_cross_attention` puts this in place for the length of a scope: every attention
 module with ``k``/``v`` (T5) or ``k_proj``/``v_proj`` (BART, mBART, Marian, Pegasus) projections
