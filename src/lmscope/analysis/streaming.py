@@ -44,7 +44,7 @@ SmolLM2-135M's 30 layers of 576 features need 1.15 GiB for every pair at once; o
 (texts up to 347 tokens: 91 MiB of per-position sums) the default ``memory_mb=512`` makes four
 passes (``benchmarks/bench_streaming.py`` has the measured memory and time). The cost is the
 products, about ``tokens × (layers · features)² / 2`` multiply-adds (the upper triangle), whatever
-the passes: float64 BLAS at its peak rate, in strips of up to ``features × layers · features``.
+the passes: float64 BLAS products in strips of up to ``features × layers · features``.
 
 Every function takes ``threads=``: numpy's BLAS threads during the call (``None``: unchanged). On a
 machine busy with other work one thread can be far faster than several that spin-wait (2 cores under
