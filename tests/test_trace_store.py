@@ -56,6 +56,27 @@ def test_stored_trace_equals_the_in_memory_one_for_every_site(family: str, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial file left
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi", "mixtral", "gemma2", "cohere", "bert"])
+def test_stored_logits_written_in_blocks_equal_the_plain_forward(family: str, tmp_path: Path, monkeypatch) -> None:
+    """A stored trace takes its logits from the model's own head a block of positions at a time (never
+    the whole [pos, vocab] at once), bit for bit those of a plain forward; models that change their head's
+    output (soft-capping, logit scale) or take no ``logits_to_keep`` keep the model's logits."""
+    from lmscope.capture import _run
+
+    monkeypatch.setattr(_run, "_LOGIT_ROWS", 3)  # blocks of 8 rows (the fewest taken), the last one short
+    lm = tiny(family)
+    stored = lm.trace(TEXT, store=tmp_path).trace
+    with torch.no_grad():
+        plain = lm.loaded.model(input_ids=stored.token_ids[None]).logits[0]
+    assert stored.tensors["logits"].shape == plain.shape
+    assert torch.equal(stored.tensors["logits"], plain)
+    assert torch.equal(load_trace(stored.stored, mmap=False).tensors["logits"], plain)  # checksums hold
+    if family in ("gemma2", "cohere", "bert"):
+        assert not _run._logits_by_blocks(lm.loaded)
+    else:
+        assert _run._logits_by_blocks(lm.loaded)
+
+
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_every_analysis_is_unchanged_on_a_stored_trace(family: str, tmp_path: Path) -> None:
     lm = tiny(family)

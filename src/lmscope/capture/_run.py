@@ -12,8 +12,10 @@ captured in the same pass (see ``_trace``'s module docstring).
 from __future__ import annotations
 
 import copy
+import inspect
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -164,7 +166,7 @@ def check_finite(lm: LoadedModel, tensors: dict[str, torch.Tensor], layers: tupl
     final = tensors.get("logits")
     if final is None and tensors:
         final = next(reversed(tensors.values()))
-    if final is None or all(bool(torch.isfinite(block).all()) for block in final.split(1024)):  # bounded memory
+    if final is None or all(_finite(block) for block in final.split(_FINITE_ROWS)):  # bounded memory
         return
     where, first = "the logits", None
     order = ("resid_pre", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")  # as computed in a block
@@ -177,6 +179,15 @@ def check_finite(lm: LoadedModel, tensors: dict[str, torch.Tensor], layers: tupl
     dtype = str(lm.dtype).removeprefix("torch.")
     hint = "load the model with dtype='float32' or 'bfloat16'" if dtype == "float16" else "check the model's weights"
     raise LmscopeError(f"{lm.name} in {dtype} produced NaN or infinite values (first in {where}): {hint}")
+
+
+_FINITE_ROWS = 256
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """Whether every value of ``block`` is finite: its sum is (NaN and infinities carry into it; no
+    temporary the size of the block), or, where the sum overflows, each value is."""
+    return bool(torch.isfinite(block.sum())) or bool(torch.isfinite(block).all())
 
 
 @torch.no_grad()
@@ -232,13 +243,18 @@ def trace_ids(
                      n_input=len(ids) if n_input is None else n_input, model=model_info(lm), layers=chosen_layers,
                      tensors={}, segment_b=segment_b, interventions=plan.records)  # fmt: skip
     writer = None if store is None else open_store(store, skeleton, chosen_sites)
+    head = _HeadInput(lm) if writer is not None and _logits_by_blocks(lm) else None
     try:
-        with recording(lm, chosen_sites, chosen_layers) as recorder, intervening(lm, plan):
+        with recording(lm, chosen_sites, chosen_layers) as recorder, intervening(lm, plan), head or nullcontext():
             recorder.sink = writer
+            if head is not None:
+                extra["logits_to_keep"] = 1  # the head runs on the last position; all are written in blocks below
             output = lm.model(input_ids=batch, use_cache=False, **extra)
         logits = getattr(output, "logits", None)  # None for models without an LM head
         tensors = {} if writer else {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
-        if logits is not None:
+        if head is not None and writer is not None:
+            writer.add_blocks("logits", len(ids), head.logits(logits[0, -1], chosen_layers))
+        elif logits is not None:
             tensors["logits"] = logits[0].to(lm.capture_device or logits.device)  # [pos, vocab]
         check_finite(lm, tensors, chosen_layers)
         attn = [layer for layer in chosen_layers if layer in recorder.attn_scaling]
@@ -253,6 +269,73 @@ def trace_ids(
             writer.abort()  # no partial file is left behind
         raise
     return replace(skeleton, tensors=tensors)
+
+
+_LOGIT_ROWS = 512
+"""Positions whose logits a disk-backed trace computes and writes at a time (``[rows, vocab]``)."""
+
+
+def _logits_by_blocks(lm: LoadedModel) -> bool:
+    """Whether a disk-backed trace can take the logits from the model's LM head applied to the final
+    normed states a block of positions at a time: the model takes ``logits_to_keep`` and applies nothing
+    to its head's output (no soft-capping, scale or bias), and is not placed over devices."""
+    arch, config = lm.arch, lm.model.config
+    if arch.lm_head is None or arch.final_norm is None or getattr(lm.model, "hf_device_map", None):
+        return False
+    if getattr(config, "final_logit_softcapping", None) or arch.logit_scale != 1.0 or arch.unembed_scale != 1.0:
+        return False
+    if arch.logits_bias is not None:
+        return False
+    return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+
+
+class _HeadInput:
+    """Records the final norm's output ``[pos, d_model]`` and the LM head's input during the run (hooks
+    removed on exit), then gives the logits ``[pos, vocab]`` a block of positions at a time."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm, self.normed, self.head_input = lm, [], []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _HeadInput:
+        arch = self.lm.arch
+        self.handles = [
+            arch.final_norm.register_forward_hook(lambda module, args, output: self.normed.append(output.detach())),
+            arch.lm_head.register_forward_pre_hook(lambda module, args: self.head_input.append(args[0].detach())),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def logits(self, last: torch.Tensor, layers: tuple[int, ...]) -> Iterator[torch.Tensor]:
+        """``[rows, vocab]`` blocks of ``lm_head(final norm output)``, checked against ``last``, the model's
+        own logits of the last position (its head's input must be the final norm's output)."""
+        if len(self.normed) != 1 or len(self.head_input) != 1:
+            raise LmscopeError(f"{self.lm.name}'s final norm or LM head ran {len(self.normed)} and "
+                               f"{len(self.head_input)} times: trace without store=")  # fmt: skip
+        normed, head_input = self.normed.pop()[0], self.head_input.pop()[0]  # [pos, d_model], [1, d_model]
+        if head_input.shape[0] != 1 or not torch.equal(head_input[-1], normed[-1]):
+            raise LmscopeError(f"{self.lm.name}'s LM head does not take its final norm's output: trace "
+                               "without store=")  # fmt: skip
+        device, n = self.lm.capture_device, normed.shape[0]
+        # CPU BLAS takes another kernel, whose sums can differ in the last bit from the whole input's, for
+        # products of fewer than 8 rows (see ``_lazy_attention``): blocks have 8 rows or more, and a short
+        # last block starts earlier
+        rows = max(8, _LOGIT_ROWS)
+        for start in range(0, n, rows):
+            end = min(n, start + rows)
+            low = max(0, min(start, end - 8))
+            block = self.lm.arch.lm_head(normed[None, low:end])[0, start - low :]  # [rows, vocab]
+            block = block if device is None else block.to(device)
+            if end == n:
+                mine = block[-1].float()
+                if not torch.allclose(mine, last.float().to(mine.device), rtol=1e-4, atol=1e-4):
+                    raise LmscopeError(f"{self.lm.name} changes its LM head's output before returning logits, "
+                                       "which a stored trace cannot reproduce: trace without store=")  # fmt: skip
+            check_finite(self.lm, {"logits": block}, layers)
+            yield block
 
 
 def _trace_seq2seq(

@@ -182,6 +182,24 @@ class StoreWriter:
         self.crc[name] = zlib.crc32(data, self.crc[name])
         self.written[name] = set(range(len(self.layers)))
 
+    def add_blocks(self, name: str, rows: int, blocks: Iterator[torch.Tensor]) -> None:
+        """Write a tensor of ``rows`` rows given as consecutive blocks of rows (``[rows, ...]`` each), placed
+        after the others, so that it is never whole in memory (the logits of a long input)."""
+        done = 0
+        for block in blocks:
+            if done == 0:
+                self._place(name, block.dtype, (rows, *block.shape[1:]))
+            code, shape, (begin, _) = self.table[name]
+            if tuple(block.shape[1:]) != shape[1:] or _DTYPES.get(block.dtype) != code or done + len(block) > rows:
+                raise LmscopeError(f"{name!r} came out in blocks of unlike shapes or types")
+            data = _bytes(block)
+            self._write_at(name, begin + done * (len(data) // max(1, len(block))), data)
+            self.crc[name] = zlib.crc32(data, self.crc[name])
+            done += len(block)
+        if done != rows:
+            raise LmscopeError(f"{name!r} came out {done} rows long, not {rows}")
+        self.written[name] = set(range(len(self.layers)))
+
     def _write_at(self, name: str, begin: int, data: memoryview) -> None:
         position = self.header_room + begin
         try:
