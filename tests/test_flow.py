@@ -284,6 +284,20 @@ def test_subgraph_is_connected_to_the_output_and_above_threshold(family: str, mo
     assert {"layer", "kind", "source", "target", "weight", "heads"} <= set(data["edges"][0])
 
 
+@pytest.mark.parametrize("family", ["llama", "phi", "mixtral"])
+@pytest.mark.parametrize("mode", ["prune", "renormalize"])
+def test_every_position_graph_a_layer_at_a_time_equals_all_weights_at_once(family: str, mode: str) -> None:
+    """``position=None`` takes each layer's weights top-down and lets them go: the same edges, bit for bit,
+    as extracting from every layer's weights held at once."""
+    from lmscope.analysis.flow import _extract
+
+    out = traced(family)
+    graph = out.flow(threshold=0.03, position=None, mode=mode, details=False)
+    weights = flow_weights(out.trace, out.lm.arch, threshold=0.03, mode=mode)
+    assert graph.edges == tuple(_extract(weights, range(out.trace.n_pos), 0.03)) and graph.edges
+    assert graph.all_edges == graph.edges and graph.error == weights.error
+
+
 def test_renormalized_parts_sum_to_one() -> None:
     out = traced("qwen2")
     w = flow_weights(out.trace, out.lm.arch, threshold=0.1, mode="renormalize")
