@@ -27,12 +27,14 @@ so the times are rough). Before, a shard was read whole and copied to float64 (t
 mapped, copied in float32 and in float64 at once), each auto-product was copied again for the Gram
 matrices, the per-position sums (91 MiB for 347-token texts) were not counted in the budget, and
 all of it lived in glibc's heap: the 100,000-token collection grew the process by 1,158 MiB in
-317.8 s (an earlier run); its 6 largest shards (7,089 tokens) by 1,164 MiB (1,070 anonymous and 94 file-backed at
-the peak) in 596 s (156 CPU-seconds). Now the same 6 shards grow it by 642 MiB (641 anonymous, 1
-file-backed: 509 MiB of statistics within the 512 asked, a 96 MiB piece, scipy's import) in 147 s
-(79 CPU-seconds), with the same matrix (to 2e-15). Memory does not grow with the number of shards
-or tokens; time grows linearly with tokens (about ``tokens × 465 × 576²`` multiply-adds for 30
-layers, float64 BLAS).
+317.8 s (an earlier run); its 6 largest shards (7,089 tokens) by 1,164 MiB (1,070 anonymous and
+94 file-backed at the peak) in 596 and 190 s over two runs (156 and 135 CPU-seconds). Now the same 6 shards grow it
+by 642 MiB (641 anonymous, 1 file-backed: 509 MiB of statistics within the 512 asked, a 96 MiB
+piece, scipy's import) in 147 and 232 s (79 and 87 CPU-seconds: the wall times follow the load,
+the CPU time is about 0.6 of before), with the same matrix (to 2e-15). Products in float32 (added
+in float64) were no faster in CPU time here (77 CPU-seconds) and moved CKA by up to 3e-7: not used.
+Memory does not grow with the number of shards or tokens; time grows linearly with tokens
+(about ``tokens × 465 × 576²`` multiply-adds for 30 layers, float64 BLAS).
 
     python benchmarks/bench_streaming.py --tokens 5000            # a quick check (synthetic)
     python benchmarks/bench_streaming.py --tokens 100000          # synthetic, 6.9 GB on disk
