@@ -30,9 +30,11 @@ all of it lived in glibc's heap: the 100,000-token collection grew the process b
 317.8 s (an earlier run); its 6 largest shards (7,089 tokens) by 1,164 MiB (1,070 anonymous and
 94 file-backed at the peak) in 596 and 190 s over two runs (156 and 135 CPU-seconds). Now the same 6 shards grow it
 by 642 MiB (641 anonymous, 1 file-backed: 509 MiB of statistics within the 512 asked, a 96 MiB
-piece, scipy's import) in 147 and 232 s (79 and 87 CPU-seconds: the wall times follow the load,
-the CPU time is about 0.6 of before), with the same matrix (to 2e-15). Products in float32 (added
-in float64) were no faster in CPU time here (77 CPU-seconds) and moved CKA by up to 3e-7: not used.
+piece, scipy's import) in 147 and 232 s (79 and 87 CPU-seconds: the wall times follow the load;
+the CPU time is about 0.6 of before with 2 threads, which spin less between fewer, larger products,
+and the same on 1 thread: 2,000 synthetic tokens, 24 CPU-seconds before, 27 now, load 7),
+with the same matrix (to 2e-15). Products in float32 (added in float64)
+were no faster in CPU time here (77 CPU-seconds) and moved CKA by up to 3e-7: not used.
 Memory does not grow with the number of shards or tokens; time grows linearly with tokens
 (about ``tokens × 465 × 576²`` multiply-adds for 30 layers, float64 BLAS).
 
