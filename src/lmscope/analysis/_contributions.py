@@ -121,7 +121,7 @@ def head_updates(trace: Trace, arch: Architecture, layer: int) -> torch.Tensor:
     n_heads, n_kv = arch.n_heads, v.shape[1]
     v = v.repeat_interleave(n_heads // n_kv, dim=1)  # [pos, head, d_head]
     weight = weight.to(v.device).view(weight.shape[0], n_heads, -1)  # [d_model, head, d_head]
-    return torch.einsum("khe,dhe->khd", v, weight)
+    return torch.einsum("khe,dhe->khd", v, weight).contiguous()  # contiguous: later reshapes are views, not copies
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def attention_proximity(
     magnitude, order = whole.abs().sort(dim=-1)  # [pos_q, d_model], ascending
     ordered = whole.gather(1, order)  # [pos_q, d_model]: y sorted by |y|
     flat = updates.reshape(n_k * n_heads, d_model)  # [pos_k·head, d_model]
-    peak = updates.abs().amax(-1)  # [pos_k, head]
+    peak = torch.maximum(updates.amax(-1), -updates.amin(-1))  # [pos_k, head]: max |u|, with no |u| made
     bound = updates.abs().sum(-1)  # [pos_k, head]
     size = magnitude.sum(-1)  # [pos_q]
     weights = probs.permute(1, 2, 0)  # [pos_q, pos_k, head]
