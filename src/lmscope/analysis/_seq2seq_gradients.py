@@ -33,8 +33,10 @@ the per-token loop). The rest comes from running those pull-backs well:
   (:mod:`lmscope.analysis._cross_attention`): the pull-back to the encoder output goes through
   products with ``heads × t`` inner terms instead of two ``d_model``-square products per layer
   and target (the pass's products: 36.1 G multiply-adds before, 32.8 G after);
-- the whole pass's float32 products, forward included, routed to oneDNN where a trial pass
-  finds that faster (:func:`lmscope.analysis._onednn.routed`).
+- the batched backward's float32 products routed to oneDNN where a trial pass finds that faster
+  (:func:`lmscope.analysis._onednn.routed`). The forward stays on PyTorch's products: routed
+  too, its ~1e-6 differences flip ReLU units near zero, and the source gradients then differ
+  from the per-token loop's by 0.5 % of their largest entry, which the trial rejects.
 
 Of the 32.8 G multiply-adds left, 24.2 G are the ``n`` pull-backs through the encoder's linear
 maps (2.4 G per target: ``[n · src_pos, d_model]`` rows through every projection and the FFN) and
@@ -180,22 +182,24 @@ def _vjps(
     inputs in one batched backward pass.
     """
     n = len(chunk)
+    with _head_input(model) as head:
+        values = seq2seq_scores(model, source, decoder, chunk)  # [batch, n]
+    h = head.value  # [batch, dec_pos, d_model]
+    (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)
+    rows = torch.arange(n, device=h.device)
+    index = (chunk.positions - 1).to(h.device)
+    cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, dec_pos, d_model]
+    cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
 
-    def run() -> tuple[torch.Tensor, ...]:  # the whole pass, as a routing trial runs it thrice
-        with _head_input(model) as head:
-            values = seq2seq_scores(model, source, decoder, chunk)  # [batch, n]
-        h = head.value  # [batch, dec_pos, d_model]
-        (dh,) = torch.autograd.grad(values.sum(), h, retain_graph=True)
-        rows = torch.arange(n, device=h.device)
-        index = (chunk.positions - 1).to(h.device)
-        cotangents = torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)  # [n, batch, dec_pos, d_model]
-        cotangents[rows, :, index] = dh[:, index].transpose(0, 1)
-        g_src, g_dec = torch.autograd.grad(h, (source, decoder), grad_outputs=cotangents, is_grads_batched=True)
-        return g_src, g_dec, values.detach()
+    def pull_back() -> tuple[torch.Tensor, ...]:  # the graph is kept: a routing trial runs this thrice
+        return torch.autograd.grad(
+            h, (source, decoder), grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+        )
 
     param = next(model.parameters())
-    rows = n * source.shape[0] * (source.shape[1] + decoder.shape[1])
-    return routed(run, _workload(model, rows), param.device, param.dtype)
+    g_src, g_dec = routed(pull_back, _workload(model, n * h.shape[0] * (source.shape[1] + decoder.shape[1])),
+                          param.device, param.dtype)  # fmt: skip
+    return g_src, g_dec, values.detach()
 
 
 def _workload(model: PreTrainedModel, rows: int) -> tuple[object, ...]:
