@@ -132,6 +132,7 @@ BAD: dict[str, list[str]] = {
     "--steps": ["0", "-3", "100000", "x"],
     "--style": ["bogus"],
     "--stack": ["bogus"],
+    "--targets": ["", "{tmp}/missing/targets.txt", "{tmp}/a_file"],
     "--config": ["{tmp}/missing.json", "{tmp}", "{tmp}/a_file", "{tmp}/wrong_type.json", "{tmp}/unknown_key.json"],
     "--print-config": [],
     "--host": ["no such host!", "8.8.8.8", ""],
