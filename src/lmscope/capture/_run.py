@@ -252,7 +252,7 @@ def trace_ids(
             output = lm.model(input_ids=batch, use_cache=False, **extra)
         logits = getattr(output, "logits", None)  # None for models without an LM head
         tensors = {} if writer else {site: t[0] for site, t in recorder.stacked().items()}  # drop the batch axis
-        if head is not None and writer is not None:
+        if head is not None:  # (only with a writer)
             writer.add_blocks("logits", len(ids), head.logits(logits[0, -1], chosen_layers))
         elif logits is not None:
             tensors["logits"] = logits[0].to(lm.capture_device or logits.device)  # [pos, vocab]
